@@ -1,0 +1,41 @@
+# The two commands: `make run` (pipeline + demo traffic on a local stack) and
+# `make test` (lint, type-check and the whole suite on the same stack).
+# Both install everything they need first; both are safe to repeat.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+export PYTHON := $(abspath $(BIN)/python)
+
+.PHONY: setup stack topics run test lint unit integration down wipe
+
+setup:
+	@bash deploy/local/install.sh
+
+stack: setup
+	@bash deploy/local/up.sh
+
+topics: stack
+	@$(BIN)/cachesync topology apply
+
+run: topics
+	@$(BIN)/cachesync run all --demo --rate $${RATE:-20}
+
+lint: setup
+	@$(BIN)/ruff check consumers schemas topology tests
+	@$(BIN)/ruff format --check consumers schemas topology tests
+	@$(BIN)/mypy
+
+test: lint stack
+	@$(BIN)/pytest -q $${PYTEST_ARGS:-}
+
+unit: setup
+	@$(BIN)/pytest -q tests/unit
+
+integration: stack
+	@$(BIN)/pytest -q tests/integrations/caching
+
+down:
+	@bash deploy/local/down.sh
+
+wipe:
+	@bash deploy/local/down.sh --wipe

@@ -1,0 +1,102 @@
+"""Purge and warm commands: what the mapper emits and the sinks apply.
+
+They mirror `schemas/avro/commands/*.avsc`; `to_record` / `from_record` convert to
+and from the Avro record. Timestamps are epoch milliseconds throughout.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+_COMMAND_NS = uuid.UUID("6f1c1f0e-9a43-4f1e-b0c5-6d5e0c2a7c11")
+
+
+def command_id(origin_event_id: str, region: str, kind: str, part: str = "") -> str:
+    """Deterministic id: a retried or replayed event yields the same command ids."""
+    return str(uuid.uuid5(_COMMAND_NS, f"{origin_event_id}|{region}|{kind}|{part}"))
+
+
+def to_millis(value: int | datetime) -> int:
+    if isinstance(value, datetime):
+        return int(value.timestamp() * 1000)
+    return int(value)
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    schema_type: ClassVar[str]
+
+    command_id: str
+    origin_event_id: str
+    origin_event_type: str
+    origin_occurred_at: int
+    region: str
+    entity: str
+    version: int
+    issued_at: int
+    replay: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Any:
+        data = dict(record)
+        for name in ("origin_occurred_at", "issued_at", "deadline"):
+            if name in data:
+                data[name] = to_millis(data[name])
+        return cls.model_validate(data)
+
+
+class PurgeCommand(_Command):
+    schema_type: ClassVar[str] = "purge"
+    kind: ClassVar[Literal["purge"]] = "purge"
+
+    scope: str
+    keys: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    urls: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+
+    def to_record(self) -> dict[str, Any]:
+        record = self.model_dump()
+        for name in ("keys", "tags", "urls", "prefixes"):
+            record[name] = list(record[name])
+        return record
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.keys or self.tags or self.urls or self.prefixes)
+
+
+class WarmCommand(_Command):
+    schema_type: ClassVar[str] = "warm"
+    kind: ClassVar[Literal["warm"]] = "warm"
+
+    wedding_id: str | None = None
+    photo_urls: tuple[str, ...] = ()
+    vendor_asset_urls: tuple[str, ...] = ()
+    guest_portal_urls: tuple[str, ...] = ()
+    priority: int = 5
+    deadline: int
+
+    def to_record(self) -> dict[str, Any]:
+        record = self.model_dump()
+        for name in ("photo_urls", "vendor_asset_urls", "guest_portal_urls"):
+            record[name] = list(record[name])
+        return record
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return self.photo_urls + self.vendor_asset_urls + self.guest_portal_urls
+
+
+Command = PurgeCommand | WarmCommand
+COMMAND_TYPES: dict[str, type[PurgeCommand] | type[WarmCommand]] = {
+    "purge": PurgeCommand,
+    "warm": WarmCommand,
+}

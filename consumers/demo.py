@@ -1,0 +1,284 @@
+"""Realistic wedding traffic for `cachesync demo` and `run all --demo`.
+
+A handful of weddings, each with a destination, guests from a few countries, a set
+of vendors and photos, publish events the way the platform does: mostly photo
+uploads in bursts, vendor profile edits, guest-portal updates, the odd wedding
+change. Between events the demo plays the platform's readers, filling each region's
+Redis cache so that purges have something real to delete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+
+from consumers.platform_cache import cache_put
+from consumers.publish import EventPublisher, new_event
+from consumers.settings import Settings
+
+CATEGORIES = [
+    "photographer",
+    "florist",
+    "venue",
+    "caterer",
+    "band",
+    "planner",
+    "baker",
+    "officiant",
+]
+DESTINATIONS = ["IT", "GR", "FR", "ES", "PT", "MX", "US", "TH", "ID", "JP", "AU", "HR", "DO", "MV"]
+GUEST_COUNTRIES = ["US", "GB", "DE", "FR", "IN", "AU", "CA", "IT", "SG", "BR", "NL", "IE"]
+PORTAL_PAGES = ["schedule", "travel", "rsvp", "registry", "faq", "accommodation"]
+
+# Weights of a day on the platform: uploads dominate, weddings change rarely.
+MIX: dict[str, int] = {
+    "photo.uploaded": 40,
+    "photo.updated": 12,
+    "photo.deleted": 4,
+    "album.published": 4,
+    "vendor.updated": 10,
+    "guest_portal.updated": 10,
+    "wedding.updated": 5,
+    "vendor.linked": 4,
+    "vendor.unlinked": 2,
+    "vendor_api.changed": 9,
+}
+
+
+@dataclass
+class Wedding:
+    wedding_id: str
+    destination: str
+    guest_countries: list[str]
+    vendors: set[str] = field(default_factory=set)
+    photos: list[str] = field(default_factory=list)
+    albums: list[str] = field(default_factory=list)
+
+
+class DemoWorld:
+    """The weddings and vendors the demo invents, and the events that change them."""
+
+    def __init__(self, *, weddings: int = 20, vendors: int = 40, seed: int | None = None) -> None:
+        self.rng = random.Random(seed)
+        self.vendors = {f"v-{i:04d}": self.rng.choice(CATEGORIES) for i in range(vendors)}
+        self.weddings: list[Wedding] = []
+        self._photo_seq = 0
+        for i in range(weddings):
+            w = Wedding(
+                wedding_id=f"w-{i:04d}",
+                destination=self.rng.choice(DESTINATIONS),
+                guest_countries=self.rng.sample(GUEST_COUNTRIES, self.rng.randint(1, 4)),
+                albums=[f"a-{i:04d}-{j}" for j in range(self.rng.randint(1, 3))],
+            )
+            w.vendors = set(self.rng.sample(sorted(self.vendors), self.rng.randint(3, 6)))
+            self.weddings.append(w)
+
+    def opening_events(self) -> list[tuple[str, dict[str, Any]]]:
+        """What already happened before the demo starts: weddings published, vendors booked."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        for w in self.weddings:
+            out.append(
+                (
+                    "wedding.published",
+                    new_event(
+                        "wedding.published",
+                        wedding_id=w.wedding_id,
+                        slug=f"{w.wedding_id}-and-guests",
+                        destination_country=w.destination,
+                        guest_countries=w.guest_countries,
+                    ),
+                )
+            )
+            for v in sorted(w.vendors):
+                out.append(
+                    (
+                        "vendor.linked",
+                        new_event(
+                            "vendor.linked",
+                            vendor_id=v,
+                            wedding_id=w.wedding_id,
+                            role=self.vendors[v],
+                        ),
+                    )
+                )
+        return out
+
+    def next_event(self) -> tuple[str, dict[str, Any]]:
+        event_type = self.rng.choices(list(MIX), weights=list(MIX.values()))[0]
+        w = self.rng.choice(self.weddings)
+        make: dict[str, Callable[[], dict[str, Any]]] = {
+            "photo.uploaded": lambda: self._photo_uploaded(w),
+            "photo.updated": lambda: self._photo_event(
+                "photo.updated", w, changed_fields=["caption"]
+            ),
+            "photo.deleted": lambda: self._photo_event("photo.deleted", w),
+            "album.published": lambda: new_event(
+                "album.published",
+                wedding_id=w.wedding_id,
+                album_id=self.rng.choice(w.albums),
+                photo_ids=w.photos[-5:],
+            ),
+            "vendor.updated": lambda: new_event(
+                "vendor.updated",
+                vendor_id=self.rng.choice(sorted(w.vendors)),
+                category="x",
+                changed_fields=self.rng.sample(["prices", "portfolio", "bio", "logo"], 2),
+            ),
+            "guest_portal.updated": lambda: new_event(
+                "guest_portal.updated",
+                wedding_id=w.wedding_id,
+                portal_id=f"p-{w.wedding_id}",
+                pages=self.rng.sample(PORTAL_PAGES, 2),
+            ),
+            "wedding.updated": lambda: self._wedding_updated(w),
+            "vendor.linked": lambda: self._link(w),
+            "vendor.unlinked": lambda: self._unlink(w),
+            "vendor_api.changed": lambda: new_event(
+                "vendor_api.changed",
+                vendor_id=self.rng.choice(sorted(w.vendors)),
+                api=self.rng.choice(["availability", "prices", "portfolio", "reviews"]),
+                resource=None,
+            ),
+        }
+        record = make[event_type]()
+        if event_type == "vendor.updated":
+            record["category"] = self.vendors[record["vendor_id"]]
+        return event_type, record
+
+    def _photo_uploaded(self, w: Wedding) -> dict[str, Any]:
+        self._photo_seq += 1
+        photo = f"ph-{self._photo_seq:06d}"
+        w.photos.append(photo)
+        album = self.rng.choice([*w.albums, None])
+        return new_event(
+            "photo.uploaded",
+            wedding_id=w.wedding_id,
+            photo_id=photo,
+            album_id=album,
+            path=f"/weddings/{w.wedding_id}/photos/{photo}.jpg",
+            content_type="image/jpeg",
+            size_bytes=self.rng.randint(800_000, 12_000_000),
+        )
+
+    def _photo_event(self, event_type: str, w: Wedding, **extra: Any) -> dict[str, Any]:
+        if not w.photos:
+            return self._photo_uploaded(w)
+        photo = self.rng.choice(w.photos)
+        if event_type == "photo.deleted":
+            w.photos.remove(photo)
+        return new_event(
+            event_type,
+            wedding_id=w.wedding_id,
+            photo_id=photo,
+            album_id=None,
+            path=f"/weddings/{w.wedding_id}/photos/{photo}.jpg",
+            **extra,
+        )
+
+    def _wedding_updated(self, w: Wedding) -> dict[str, Any]:
+        if self.rng.random() < 0.3:
+            w.guest_countries = self.rng.sample(GUEST_COUNTRIES, self.rng.randint(1, 4))
+        return new_event(
+            "wedding.updated",
+            wedding_id=w.wedding_id,
+            destination_country=w.destination,
+            guest_countries=w.guest_countries,
+            changed_fields=["schedule"],
+        )
+
+    def _link(self, w: Wedding) -> dict[str, Any]:
+        free = sorted(set(self.vendors) - w.vendors)
+        v = self.rng.choice(free)
+        w.vendors.add(v)
+        return new_event(
+            "vendor.linked", vendor_id=v, wedding_id=w.wedding_id, role=self.vendors[v]
+        )
+
+    def _unlink(self, w: Wedding) -> dict[str, Any]:
+        if len(w.vendors) <= 2:
+            return self._link(w)
+        v = self.rng.choice(sorted(w.vendors))
+        w.vendors.discard(v)
+        return new_event("vendor.unlinked", vendor_id=v, wedding_id=w.wedding_id)
+
+    def cache_entries(self, w: Wedding) -> list[tuple[str, list[str]]]:
+        """The cache entries a guest's visit to this wedding leaves behind, with their tags."""
+        entries: list[tuple[str, list[str]]] = [
+            (f"wedding:{w.wedding_id}", [f"wedding:{w.wedding_id}"]),
+            (f"wedding:{w.wedding_id}:gallery", [f"wedding:{w.wedding_id}:photos"]),
+            (f"wedding:{w.wedding_id}:vendors", [f"wedding:{w.wedding_id}"]),
+            (f"portal:p-{w.wedding_id}", [f"portal:p-{w.wedding_id}"]),
+        ]
+        for photo in w.photos[-10:]:
+            entries.append((f"photo:{photo}", [f"photo:{photo}", f"wedding:{w.wedding_id}:photos"]))
+        for album in w.albums:
+            entries.append((f"wedding:{w.wedding_id}:album:{album}", [f"album:{album}"]))
+        for v in w.vendors:
+            entries.append((f"vendor:{v}", [f"vendor:{v}"]))
+        return entries
+
+
+@dataclass
+class DemoStats:
+    produced: int = 0
+    cache_fills: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+async def run_demo(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    rate: float = 20.0,
+    weddings: int = 20,
+    limit: int | None = None,
+    seed: int | None = None,
+    stats: DemoStats | None = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+) -> DemoStats:
+    """Publish the opening events, then the traffic mix at `rate` events/s until stopped."""
+    stats = stats or DemoStats()
+    world = DemoWorld(weddings=weddings, vendors=max(10, weddings * 2), seed=seed)
+    publisher = EventPublisher(settings)
+    regions = {r: Redis.from_url(u) for r, u in settings.region_redis_urls.items()}
+    await publisher.start()
+    try:
+        for event_type, record in world.opening_events():
+            await publisher.publish(event_type, record, wait=False)
+            stats.produced += 1
+        await publisher.flush()
+        interval = 1.0 / rate if rate > 0 else 0.0
+        next_at = time.monotonic()
+        while not stop.is_set() and (limit is None or stats.produced < limit):
+            event_type, record = world.next_event()
+            await publisher.publish(event_type, record, wait=False)
+            stats.produced += 1
+            if on_event is not None:
+                on_event(event_type, record)
+            if world.rng.random() < 0.2:
+                # A guest looks: the platform caches what they saw in every region.
+                w = world.rng.choice(world.weddings)
+                for redis in regions.values():
+                    for key, tags in world.cache_entries(w):
+                        await cache_put(redis, key, b"cached", tags=tags, ttl_s=600)
+                stats.cache_fills += 1
+            next_at += interval
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+            else:
+                next_at = time.monotonic()  # falling behind: do not burst to catch up
+        await publisher.flush()
+    finally:
+        await publisher.stop()
+        for redis in regions.values():
+            await redis.aclose()
+    return stats

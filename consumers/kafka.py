@@ -1,0 +1,229 @@
+"""Kafka plumbing: client factories, the commit-after-effect loop, the dead-letter producer.
+
+The loop is the project's at-least-once guarantee: offsets of a batch are committed
+only after its handler returned, i.e. after every command was acked by the broker
+(mapper) or applied to the cache (sinks). A `TransientError` puts the batch back:
+its partitions are sought to the batch start and paused until the backoff (or the
+provider's Retry-After) passes, so the process keeps serving other partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+from consumers import telemetry
+from consumers.errors import BadInput, PermanentSinkError, RetryAfter, TransientError
+
+log = logging.getLogger(__name__)
+
+Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
+BatchHandler = Callable[[list[Record]], Awaitable[None]]
+
+
+def make_producer(bootstrap_servers: str, *, client_id: str, **overrides: Any) -> AIOKafkaProducer:
+    options: dict[str, Any] = {
+        "bootstrap_servers": bootstrap_servers,
+        "client_id": client_id,
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 5,
+        "max_batch_size": 256 * 1024,
+        "max_request_size": 2 * 1024 * 1024,
+    }
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def make_consumer(
+    bootstrap_servers: str, *topics: str, group_id: str, client_id: str, **overrides: Any
+) -> AIOKafkaConsumer:
+    options: dict[str, Any] = {
+        "bootstrap_servers": bootstrap_servers,
+        "group_id": group_id,
+        "client_id": client_id,
+        "enable_auto_commit": False,
+        # A new group starts at the beginning: losing events is worse than re-purging.
+        "auto_offset_reset": "earliest",
+        "max_partition_fetch_bytes": 2 * 1024 * 1024,
+        "fetch_max_wait_ms": 100,
+        "session_timeout_ms": 15000,
+        "heartbeat_interval_ms": 3000,
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
+
+
+def header(record: Record, name: str) -> bytes | None:
+    for key, value in record.headers or ():
+        if key == name:
+            return bytes(value)
+    return None
+
+
+class DeadLetters:
+    """Sends a record that can never be processed to the dead-letter topic, with why."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, consumer: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.consumer = consumer
+
+    async def send(self, record: Record, error: BadInput | PermanentSinkError) -> None:
+        reason = getattr(error, "reason", "permanent")
+        headers = [
+            *(record.headers or ()),
+            ("dlq.reason", reason.encode()),
+            ("dlq.error", str(error)[:2000].encode()),
+            ("dlq.consumer", self.consumer.encode()),
+            ("dlq.topic", record.topic.encode()),
+            ("dlq.partition", str(record.partition).encode()),
+            ("dlq.offset", str(record.offset).encode()),
+            ("dlq.timestamp", str(record.timestamp).encode()),
+        ]
+        fut = await self.producer.send(
+            self.topic, value=record.value, key=record.key, headers=headers
+        )
+        await fut
+        telemetry.dead_lettered.add(1, {"reason": reason, "consumer": self.consumer})
+        log.warning(
+            "dead-lettered %s[%d]@%d: %s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            reason,
+            error,
+        )
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter for putting a batch back."""
+
+    base: float = 0.2
+    cap: float = 30.0
+    failures: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return (
+            self.rng.uniform(0, min(self.cap, self.base * 2 ** (self.failures - 1))) + self.base / 2
+        )
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class CommitAfterEffect:
+    """consume a batch -> handler -> commit; on TransientError pause, seek back, retry."""
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        handler: BatchHandler,
+        *,
+        name: str,
+        max_records: int = 500,
+        poll_timeout_ms: int = 200,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.consumer = consumer
+        self.handler = handler
+        self.name = name
+        self.max_records = max_records
+        self.poll_timeout_ms = poll_timeout_ms
+        self.backoff = backoff or Backoff()
+        self._paused_until: dict[TopicPartition, float] = {}
+        self.batches_committed = 0
+        self.records_committed = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Runs until `stop` is set; the batch in hand is finished and committed first."""
+        while not stop.is_set():
+            self._resume_due()
+            batch = await self.consumer.getmany(
+                timeout_ms=self.poll_timeout_ms, max_records=self.max_records
+            )
+            if not batch:
+                continue
+            await self.process(batch)
+
+    async def process(self, batch: dict[TopicPartition, list[Record]]) -> bool:
+        records = [r for part in batch.values() for r in part]
+        try:
+            await self.handler(records)
+        except TransientError as exc:
+            delay = exc.retry_after if isinstance(exc, RetryAfter) else self.backoff.next_delay()
+            self._put_back(batch, delay)
+            telemetry.retries.add(1, {"consumer": self.name, "reason": type(exc).__name__})
+            log.warning(
+                "%s: batch of %d put back for %.2fs: %s", self.name, len(records), delay, exc
+            )
+            return False
+        self.backoff.reset()
+        await self._commit(batch)
+        return True
+
+    def _put_back(self, batch: dict[TopicPartition, list[Record]], delay: float) -> None:
+        until = time.monotonic() + delay
+        for tp, part in batch.items():
+            if not part:
+                continue
+            self.consumer.seek(tp, part[0].offset)
+            self._paused_until[tp] = until
+        self.consumer.pause(*batch.keys())
+
+    def _resume_due(self) -> None:
+        if not self._paused_until:
+            return
+        now = time.monotonic()
+        due = [tp for tp, until in self._paused_until.items() if until <= now]
+        for tp in due:
+            del self._paused_until[tp]
+        assigned = self.consumer.assignment()
+        due = [tp for tp in due if tp in assigned]
+        if due:
+            self.consumer.resume(*due)
+
+    async def _commit(self, batch: dict[TopicPartition, list[Record]]) -> None:
+        offsets = {tp: part[-1].offset + 1 for tp, part in batch.items() if part}
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # A rebalance took the partitions away mid-batch: the new owner re-reads
+            # from the last commit and applies again, which is harmless by design.
+            log.warning("%s: commit skipped after rebalance: %s", self.name, exc)
+            return
+        except KafkaError as exc:
+            log.warning("%s: commit failed, batch will be re-read: %s", self.name, exc)
+            return
+        self.batches_committed += 1
+        self.records_committed += sum(len(p) for p in batch.values())
+
+
+async def send_all(
+    producer: AIOKafkaProducer,
+    messages: Sequence[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]],
+) -> None:
+    """Produce (topic, key, value, headers) messages and wait until every one is acked.
+
+    Broker-side failures surface as TransientError so the caller's batch is retried.
+    """
+    try:
+        futures = [
+            await producer.send(topic, value=value, key=key, headers=headers)
+            for topic, key, value, headers in messages
+        ]
+        if futures:
+            await asyncio.gather(*futures)
+    except KafkaError as exc:
+        raise TransientError(f"produce failed: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,25 @@
+"""How the platform writes its Redis cache so that cachesync can purge it by tag.
+
+Every entry is SET with a TTL and its key is added to the tag index set of each of
+its tags (see `keys.TAG_INDEX`). The demo, tests and benchmarks use this to fill a
+region's cache the way the platform does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from redis.asyncio import Redis
+
+from consumers import keys
+
+
+async def cache_put(
+    redis: Redis, key: str, value: bytes | str, *, tags: Iterable[str] = (), ttl_s: int = 3600
+) -> None:
+    pipe = redis.pipeline(transaction=False)
+    pipe.set(key, value, ex=ttl_s)
+    for tag in tags:
+        pipe.sadd(keys.tag_index(tag), key)
+        pipe.expire(keys.tag_index(tag), ttl_s)
+    await pipe.execute()

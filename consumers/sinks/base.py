@@ -1,0 +1,60 @@
+"""The sink contract: where a command becomes an effect on one cache in one region.
+
+A sink buffers commands with `add` and applies them with `flush`; the runner calls
+`flush` once per consumed batch and commits the batch's offsets only after it
+returns. So a sink must:
+
+- apply everything added since the last flush, or raise `TransientError` (nothing
+  is committed and the whole batch comes back, so applying twice must be harmless);
+- return the commands that can never succeed as `Rejected` (they are dead-lettered
+  and the batch is committed);
+- leave its buffer empty when `flush` returns or raises.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from consumers.commands import Command
+
+
+@dataclass(frozen=True)
+class Rejected:
+    command: Command
+    error: str
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    applied: int = 0
+    skipped: int = 0
+    rejected: tuple[Rejected, ...] = ()
+
+
+class Sink(ABC):
+    """One cache tier in one region."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, region: str) -> None:
+        self.region = region
+
+    async def setup(self) -> None:
+        """Open connections; called once before the first `add`."""
+
+    @abstractmethod
+    def accepts(self, command: Command) -> bool:
+        """Whether this sink has anything to do for the command (others are skipped)."""
+
+    @abstractmethod
+    def add(self, command: Command) -> None:
+        """Buffer one command for the next flush."""
+
+    @abstractmethod
+    async def flush(self) -> FlushResult:
+        """Apply the buffered commands; see the module docstring for the contract."""
+
+    async def close(self) -> None:
+        """Release connections; the runner has already flushed."""

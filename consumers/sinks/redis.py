@@ -1,0 +1,77 @@
+"""The Redis sink: deletes a region's platform cache keys and every key under a purged tag."""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from consumers import keys, telemetry
+from consumers.commands import Command, PurgeCommand
+from consumers.errors import TransientError
+from consumers.sinks.base import FlushResult, Sink
+
+# Deletes the given keys and, for each tag index set, its members and the set itself,
+# in one round trip and atomically, so a key added to a tag mid-purge is either
+# deleted now or survives with the newer value.
+# KEYS: plain keys..., then tag index sets (ARGV[1] = how many plain keys).
+_PURGE_SCRIPT = """
+local n = tonumber(ARGV[1])
+local deleted = 0
+for i = 1, n do
+  deleted = deleted + redis.call('DEL', KEYS[i])
+end
+for i = n + 1, #KEYS do
+  local members = redis.call('SMEMBERS', KEYS[i])
+  for j = 1, #members, 500 do
+    deleted = deleted + redis.call('DEL', unpack(members, j, math.min(j + 499, #members)))
+  end
+  redis.call('DEL', KEYS[i])
+end
+return deleted
+"""
+
+
+class RedisSink(Sink):
+    kind: ClassVar[str] = "redis"
+
+    def __init__(self, region: str, url: str, *, client: Redis | None = None) -> None:
+        super().__init__(region)
+        self.url = url
+        self.redis = client or Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
+        self._script = self.redis.register_script(_PURGE_SCRIPT)
+        self._pending: list[PurgeCommand] = []
+
+    def accepts(self, command: Command) -> bool:
+        return isinstance(command, PurgeCommand) and bool(command.keys or command.tags)
+
+    def add(self, command: Command) -> None:
+        if isinstance(command, PurgeCommand):
+            self._pending.append(command)
+
+    async def flush(self) -> FlushResult:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return FlushResult()
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for cmd in pending:
+                tag_sets = [keys.tag_index(t) for t in cmd.tags]
+                await self._script(keys=[*cmd.keys, *tag_sets], args=[len(cmd.keys)], client=pipe)
+            results = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise TransientError(
+                f"redis {self.region}: purge failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        now_ms = time.time() * 1000
+        attrs = {"region": self.region, "sink": self.kind}
+        telemetry.redis_keys_deleted.add(sum(int(r) for r in results), {"region": self.region})
+        telemetry.commands_applied.add(len(pending), {**attrs, "outcome": "applied"})
+        for cmd in pending:
+            telemetry.purge_latency.record(now_ms - cmd.origin_occurred_at, attrs)
+        return FlushResult(applied=len(pending))
+
+    async def close(self) -> None:
+        await self.redis.aclose()

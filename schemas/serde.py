@@ -1,0 +1,107 @@
+"""Wire encodings for events and commands.
+
+Exception tree (all carry a short `reason` used as the dead-letter header):
+
+    SerdeError
+    ├── UndecodableMessage   bytes that are no known framing, or a body that does not parse
+    ├── UnknownSchema        a well-framed message whose fingerprint / schema id we do not hold
+    └── InvalidRecord        a record that does not match its schema (on encode or decode)
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastavro import schemaless_reader, schemaless_writer
+from fastavro.validation import validate
+
+from schemas.catalog import SchemaCatalog, SchemaVersion
+
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+
+
+class SerdeError(Exception):
+    reason = "serde"
+
+
+class UndecodableMessage(SerdeError):
+    reason = "undecodable"
+
+
+class UnknownSchema(SerdeError):
+    reason = "unknown_schema"
+
+
+class InvalidRecord(SerdeError):
+    reason = "invalid_record"
+
+
+@dataclass(frozen=True)
+class Decoded:
+    type_name: str
+    record: dict[str, Any]
+    writer_version: int
+
+
+class Codec(Protocol):
+    def encode(self, type_name: str, record: dict[str, Any]) -> bytes: ...
+
+    def decode(self, data: bytes) -> Decoded: ...
+
+
+class SingleObjectCodec:
+    """Avro single-object encoding: `C3 01`, the 8-byte fingerprint, the binary body.
+
+    The fingerprint names the writer schema; the reader is the newest version of
+    the same type in the catalog, so old events decode after a schema evolves.
+    """
+
+    def __init__(self, catalog: SchemaCatalog) -> None:
+        self.catalog = catalog
+
+    def encode(self, type_name: str, record: dict[str, Any]) -> bytes:
+        try:
+            writer = self.catalog.latest(type_name)
+        except KeyError:
+            raise UnknownSchema(f"no schema for type {type_name!r}") from None
+        return SINGLE_OBJECT_MAGIC + writer.fingerprint + _write_body(writer, record)
+
+    def decode(self, data: bytes) -> Decoded:
+        if len(data) < 10 or data[:2] != SINGLE_OBJECT_MAGIC:
+            raise UndecodableMessage(
+                f"not Avro single-object encoding (first bytes {data[:4].hex() or 'empty'})"
+            )
+        writer = self.catalog.by_fingerprint(bytes(data[2:10]))
+        if writer is None:
+            raise UnknownSchema(f"unknown schema fingerprint {bytes(data[2:10]).hex()}")
+        return _read_body(self.catalog, writer, data[10:])
+
+
+def _write_body(writer: SchemaVersion, record: dict[str, Any]) -> bytes:
+    try:
+        validate(record, writer.parsed, raise_errors=True)
+    except Exception as exc:  # fastavro raises ValidationError with the field path
+        raise InvalidRecord(f"{writer.type_name} v{writer.version}: {exc}") from exc
+    buf = io.BytesIO()
+    schemaless_writer(buf, writer.parsed, record)
+    return buf.getvalue()
+
+
+def _read_body(catalog: SchemaCatalog, writer: SchemaVersion, body: bytes) -> Decoded:
+    reader = catalog.latest(writer.type_name)
+    buf = io.BytesIO(body)
+    try:
+        record = schemaless_reader(buf, writer.parsed, reader.parsed)
+    except Exception as exc:  # truncated bodies raise EOFError, garbage raises anything
+        raise UndecodableMessage(
+            f"{writer.type_name} v{writer.version}: body does not decode ({type(exc).__name__})"
+        ) from exc
+    if buf.tell() != len(body):
+        raise UndecodableMessage(
+            f"{writer.type_name} v{writer.version}: {len(body) - buf.tell()} trailing bytes"
+        )
+    if not isinstance(record, dict):
+        raise InvalidRecord(f"{writer.type_name}: decoded value is not a record")
+    return Decoded(type_name=writer.type_name, record=record, writer_version=writer.version)

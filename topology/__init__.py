@@ -1,0 +1,31 @@
+"""The declarative topology: topics, regions, and the rules that turn events into cache work."""
+
+from topology.model import (
+    DEFAULT_TOPOLOGY,
+    ContentTopic,
+    PurgeTemplate,
+    RegionSpec,
+    Rule,
+    TopicSpec,
+    Topology,
+    TopologyError,
+    WarmTemplate,
+    load_topology,
+)
+from topology.templates import MissingField, render, render_all
+
+__all__ = [
+    "DEFAULT_TOPOLOGY",
+    "ContentTopic",
+    "MissingField",
+    "PurgeTemplate",
+    "RegionSpec",
+    "Rule",
+    "TopicSpec",
+    "Topology",
+    "TopologyError",
+    "WarmTemplate",
+    "load_topology",
+    "render",
+    "render_all",
+]

@@ -1,0 +1,84 @@
+"""Create or alter the topology's topics on a Kafka cluster, idempotently."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.admin.new_partitions import NewPartitions
+
+from topology.model import TopicSpec, Topology
+
+
+@dataclass(frozen=True)
+class TopicChange:
+    topic: str
+    action: str  # "created" | "partitions N->M" | "config" | "unchanged"
+
+
+def desired_topics(topology: Topology, prefix: str = "") -> dict[str, TopicSpec]:
+    """Every topic the topology declares, by its full name."""
+    topics: dict[str, TopicSpec] = {}
+    for content in topology.topics.content:
+        topics[prefix + content.name] = content
+    for region in topology.regions:
+        topics[topology.commands_topic(region, prefix)] = topology.topics.commands
+    topics[prefix + topology.topics.dead_letter.name] = topology.topics.dead_letter
+    topics[prefix + topology.topics.audit.name] = topology.topics.audit
+    return topics
+
+
+def _configs(spec: TopicSpec) -> dict[str, str]:
+    configs = {"cleanup.policy": "compact" if spec.compacted else "delete"}
+    if spec.retention_ms is not None:
+        configs["retention.ms"] = str(spec.retention_ms)
+    return configs
+
+
+async def apply_topics(
+    bootstrap_servers: str, topology: Topology, prefix: str = ""
+) -> list[TopicChange]:
+    """Create missing topics, grow partition counts, and set retention/compaction."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="cachesync-admin")
+    await admin.start()
+    try:
+        wanted = desired_topics(topology, prefix)
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(
+                name=name,
+                num_partitions=spec.partitions,
+                replication_factor=1,
+                topic_configs=_configs(spec),
+            )
+            for name, spec in wanted.items()
+            if name not in existing
+        ]
+        changes = [TopicChange(t.name, "created") for t in missing]
+        if missing:
+            await admin.create_topics(missing)
+        present = [name for name in wanted if name in existing]
+        if present:
+            described = await admin.describe_topics(present)
+            grow: dict[str, NewPartitions] = {}
+            for info in described:
+                name = info["topic"]
+                have = len(info["partitions"])
+                want = wanted[name].partitions
+                if want > have:
+                    grow[name] = NewPartitions(total_count=want)
+                    changes.append(TopicChange(name, f"partitions {have}->{want}"))
+                else:
+                    changes.append(TopicChange(name, "unchanged"))
+            if grow:
+                await admin.create_partitions(grow)
+            await admin.alter_configs(
+                [
+                    ConfigResource(ConfigResourceType.TOPIC, name, configs=_configs(wanted[name]))
+                    for name in present
+                ]
+            )
+        return changes
+    finally:
+        await admin.close()
