@@ -12,9 +12,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from consumers.codecs import close_codec, codec_for, start_codec
 from consumers.kafka import make_producer
 from consumers.settings import Settings
-from schemas import Codec, SingleObjectCodec
+from schemas import Codec
 
 # The field that keys each event type's topic, so one entity's events stay in order.
 _KEY_FIELD = {
@@ -62,19 +63,21 @@ class EventPublisher:
         codec: Codec | None = None,
     ) -> None:
         self.settings = settings
-        self.codec = codec or SingleObjectCodec(settings.catalog)
+        self.codec = codec or codec_for(settings)
         self.producer = producer or make_producer(
             settings.kafka_bootstrap_servers, client_id="cachesync-publisher"
         )
         self._own_producer = producer is None
 
     async def start(self) -> None:
+        await start_codec(self.codec)
         if self._own_producer:
             await self.producer.start()
 
     async def stop(self) -> None:
         if self._own_producer:
             await self.producer.stop()
+        await close_codec(self.codec)
 
     def topic_for(self, event_type: str) -> str:
         return self.settings.topic(self.settings.topology.content_topic_for(event_type).name)

@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
 from consumers import telemetry
+from consumers.codecs import close_codec, codec_for, resolve, start_codec
 from consumers.commands import COMMAND_TYPES, Command
 from consumers.errors import (
     BadInput,
@@ -35,7 +36,8 @@ from consumers.mapper import Mapper
 from consumers.settings import Settings
 from consumers.sinks.base import Sink
 from consumers.state import RelationshipIndex
-from schemas import Codec, SerdeError, SingleObjectCodec
+from consumers.validation import validate_event
+from schemas import Codec, SerdeError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class MapperRole:
 
     def __init__(self, settings: Settings, *, codec: Codec | None = None) -> None:
         self.settings = settings
-        self.codec = codec or SingleObjectCodec(settings.catalog)
+        self.codec = codec or codec_for(settings)
         self.stats = RoleStats()
         self._state_redis = Redis.from_url(str(settings.state_redis_url), socket_timeout=5)
         self.mapper = Mapper(
@@ -79,6 +81,7 @@ class MapperRole:
         )
 
     async def start(self) -> None:
+        await start_codec(self.codec)
         await self.producer.start()
         await self.consumer.start()
 
@@ -86,6 +89,7 @@ class MapperRole:
         await self.consumer.stop()
         await self.producer.stop()
         await self._state_redis.aclose()
+        await close_codec(self.codec)
 
     async def handle(self, records: list[Record]) -> None:
         messages: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
@@ -118,11 +122,13 @@ class MapperRole:
         value = record.value or b""
         if len(value) > self.settings.max_event_bytes:
             raise Oversized(f"{len(value)} bytes > limit {self.settings.max_event_bytes}")
+        await resolve(self.codec, value)
         try:
             decoded = self.codec.decode(value)
         except SerdeError as exc:
             raise bad_input_from_serde(exc) from exc
         telemetry.events_in.add(1, {"event_type": decoded.type_name})
+        validate_event(decoded.type_name, decoded.record)
         return await self.mapper.map_event(decoded.type_name, decoded.record)
 
 
@@ -133,7 +139,7 @@ class SinkRole:
         self.settings = settings
         self.sink = sink
         self.name = f"sink.{sink.region}.{sink.kind}"
-        self.codec = codec or SingleObjectCodec(settings.catalog)
+        self.codec = codec or codec_for(settings)
         self.stats = RoleStats()
         client_id = f"cachesync-{self.name}"
         self.producer = make_producer(settings.kafka_bootstrap_servers, client_id=client_id)
@@ -149,6 +155,7 @@ class SinkRole:
         )
 
     async def start(self) -> None:
+        await start_codec(self.codec)
         await self.sink.setup()
         await self.producer.start()
         await self.consumer.start()
@@ -157,13 +164,14 @@ class SinkRole:
         await self.consumer.stop()
         await self.producer.stop()
         await self.sink.close()
+        await close_codec(self.codec)
 
     async def handle(self, records: list[Record]) -> None:
         by_id: dict[str, Record] = {}
         for record in records:
             self.stats.records += 1
             try:
-                command = self._decode(record)
+                command = await self._decode(record)
             except BadInput as exc:
                 await self.dead_letters.send(record, exc)
                 self.stats.dead_lettered += 1
@@ -181,7 +189,8 @@ class SinkRole:
             )
             self.stats.dead_lettered += 1
 
-    def _decode(self, record: Record) -> Command:
+    async def _decode(self, record: Record) -> Command:
+        await resolve(self.codec, record.value or b"")
         try:
             decoded = self.codec.decode(record.value or b"")
         except SerdeError as exc:

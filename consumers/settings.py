@@ -10,8 +10,18 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, RedisDsn, SecretStr, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    AnyHttpUrl,
+    Field,
+    RedisDsn,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from consumers.errors import ConfigError
@@ -43,6 +53,12 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(default=1_000_000, ge=1024, alias="CACHESYNC_MAX_EVENT_BYTES")
     consumer_max_records: int = Field(default=500, ge=1, alias="CACHESYNC_MAX_RECORDS")
     group_prefix: str = Field(default="cachesync", alias="CACHESYNC_GROUP_PREFIX")
+    encoding: Literal["single-object", "confluent"] = Field(
+        default="single-object", alias="CACHESYNC_ENCODING"
+    )
+    schema_registry_url: AnyHttpUrl | None = Field(
+        default=None, alias="CACHESYNC_SCHEMA_REGISTRY_URL"
+    )
     # Secrets for the CDN sinks; held as SecretStr so they never print.
     cloudflare_api_token: SecretStr | None = Field(default=None, alias="CLOUDFLARE_API_TOKEN")
     aws_access_key_id: SecretStr | None = Field(default=None, alias="AWS_ACCESS_KEY_ID")
@@ -56,6 +72,14 @@ class Settings(BaseSettings):
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"expected host:port[,host:port...], got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _registry_for_confluent(self) -> Settings:
+        if self.encoding == "confluent" and self.schema_registry_url is None:
+            raise ValueError(
+                "CACHESYNC_SCHEMA_REGISTRY_URL must be set when CACHESYNC_ENCODING=confluent"
+            )
+        return self
 
     @cached_property
     def catalog(self) -> SchemaCatalog:

@@ -5,6 +5,8 @@ turns records into bytes and back (single-object encoding by default).
 """
 
 from schemas.catalog import SchemaCatalog, SchemaVersion
+from schemas.compat import CompatProblem, can_read, check_catalog
+from schemas.registry import ConfluentCodec, RegistryUnavailable
 from schemas.serde import (
     Codec,
     Decoded,
@@ -17,12 +19,17 @@ from schemas.serde import (
 
 __all__ = [
     "Codec",
+    "CompatProblem",
+    "ConfluentCodec",
     "Decoded",
     "InvalidRecord",
+    "RegistryUnavailable",
     "SchemaCatalog",
     "SchemaVersion",
     "SerdeError",
     "SingleObjectCodec",
     "UndecodableMessage",
     "UnknownSchema",
+    "can_read",
+    "check_catalog",
 ]

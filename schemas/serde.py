@@ -46,9 +46,14 @@ class Decoded:
 
 
 class Codec(Protocol):
+    """Turns records into bytes and back. `resolve` fetches what `decode` will need
+    (a registry lookup); it is a no-op for encodings that are self-contained."""
+
     def encode(self, type_name: str, record: dict[str, Any]) -> bytes: ...
 
     def decode(self, data: bytes) -> Decoded: ...
+
+    async def resolve(self, data: bytes) -> None: ...
 
 
 class SingleObjectCodec:
@@ -61,12 +66,15 @@ class SingleObjectCodec:
     def __init__(self, catalog: SchemaCatalog) -> None:
         self.catalog = catalog
 
-    def encode(self, type_name: str, record: dict[str, Any]) -> bytes:
-        try:
-            writer = self.catalog.latest(type_name)
-        except KeyError:
-            raise UnknownSchema(f"no schema for type {type_name!r}") from None
-        return SINGLE_OBJECT_MAGIC + writer.fingerprint + _write_body(writer, record)
+    def encode(
+        self, type_name: str, record: dict[str, Any], *, version: int | None = None
+    ) -> bytes:
+        """Encode with the newest schema of the type (or an older `version`, as an old producer would)."""
+        writer = writer_schema(self.catalog, type_name, version)
+        return SINGLE_OBJECT_MAGIC + writer.fingerprint + write_body(writer, record)
+
+    async def resolve(self, data: bytes) -> None:
+        return None
 
     def decode(self, data: bytes) -> Decoded:
         if len(data) < 10 or data[:2] != SINGLE_OBJECT_MAGIC:
@@ -76,10 +84,19 @@ class SingleObjectCodec:
         writer = self.catalog.by_fingerprint(bytes(data[2:10]))
         if writer is None:
             raise UnknownSchema(f"unknown schema fingerprint {bytes(data[2:10]).hex()}")
-        return _read_body(self.catalog, writer, data[10:])
+        return read_body(self.catalog, writer, data[10:])
 
 
-def _write_body(writer: SchemaVersion, record: dict[str, Any]) -> bytes:
+def writer_schema(catalog: SchemaCatalog, type_name: str, version: int | None) -> SchemaVersion:
+    try:
+        if version is None:
+            return catalog.latest(type_name)
+        return next(v for v in catalog.versions(type_name) if v.version == version)
+    except (KeyError, StopIteration):
+        raise UnknownSchema(f"no schema for type {type_name!r} version {version}") from None
+
+
+def write_body(writer: SchemaVersion, record: dict[str, Any]) -> bytes:
     try:
         validate(record, writer.parsed, raise_errors=True)
     except Exception as exc:  # fastavro raises ValidationError with the field path
@@ -89,7 +106,7 @@ def _write_body(writer: SchemaVersion, record: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _read_body(catalog: SchemaCatalog, writer: SchemaVersion, body: bytes) -> Decoded:
+def read_body(catalog: SchemaCatalog, writer: SchemaVersion, body: bytes) -> Decoded:
     reader = catalog.latest(writer.type_name)
     buf = io.BytesIO(body)
     try:

@@ -143,3 +143,27 @@ async def run_roles_bg() -> AsyncIterator[Callable[[list[Any]], Awaitable[asynci
         stop.set()
     for _, task in running:
         await asyncio.wait_for(task, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def metric_reader() -> Any:
+    """An in-memory reader on the global meter provider, for tests that check metrics."""
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    return reader
+
+
+def metric_points(reader: Any, name: str) -> list[Any]:
+    """Every data point of the metric `name` the reader has collected so far."""
+    data = reader.get_metrics_data()
+    points: list[Any] = []
+    for rm in data.resource_metrics if data else ():
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.name == name:
+                    points.extend(metric.data.data_points)
+    return points
