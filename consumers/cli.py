@@ -25,7 +25,9 @@ topology_app = typer.Typer(
     help="Check, show and apply topology/topology.yaml.", no_args_is_help=True
 )
 app.add_typer(run_app, name="run")
+schemas_app = typer.Typer(help="List and check the Avro schemas in schemas/.", no_args_is_help=True)
 app.add_typer(topology_app, name="topology")
+app.add_typer(schemas_app, name="schemas")
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -229,35 +231,154 @@ def topology_check() -> None:
 @topology_app.command("show")
 def topology_show() -> None:
     """Print how each event type becomes commands."""
+    from rich.tree import Tree
+
     settings = _settings()
     topo = settings.topology
-    table = Table(
-        "event",
-        "topic",
-        "purge (every region)",
-        "warm (wedding's regions)",
-        title="event -> commands",
-    )
+    out = Console()
     for event_type, rule in topo.rules.items():
-        purge = "\n".join(
-            f"{section}: {', '.join(items)}"
-            for section, items in (
-                ("keys", rule.purge.keys),
-                ("tags", rule.purge.tags),
-                ("urls", rule.purge.urls),
-                ("prefixes", rule.purge.prefixes),
-            )
-            if items
+        topic = topo.content_topic_for(event_type).name
+        tree = Tree(
+            f"[bold]{event_type}[/bold]  [dim]topic {topic}, entity {rule.entity}, scope {rule.scope}[/dim]"
         )
-        if rule.fanout:
-            purge += f"\nfan-out: {rule.fanout}"
-            if rule.per_wedding:
-                purge += " -> " + ", ".join(rule.per_wedding.templates())
-        warm = "\n".join(rule.warm.templates()) if rule.warm else "-"
         if rule.index:
-            purge += f"\nindex: {rule.index}"
-        table.add_row(event_type, topo.content_topic_for(event_type).name, purge, warm)
+            tree.add(f"index: {rule.index}")
+        purge = tree.add(f"purge -> every region ({', '.join(topo.regions)})")
+        for section in ("keys", "tags", "urls", "prefixes"):
+            items = getattr(rule.purge, section)
+            if items:
+                purge.add(f"{section:<9}{', '.join(items)}", highlight=False)
+        if rule.fanout:
+            fan = purge.add(f"fan-out: {rule.fanout}, for each wedding")
+            for section in ("keys", "tags", "urls", "prefixes"):
+                items = getattr(rule.per_wedding, section) if rule.per_wedding else []
+                if items:
+                    fan.add(f"{section:<9}{', '.join(items)}", highlight=False)
+        if rule.warm:
+            warm = tree.add(f"warm -> the wedding's regions (priority {rule.warm.priority})")
+            for section in ("photos", "vendor_assets", "guest_portal"):
+                items = getattr(rule.warm, section)
+                if items:
+                    warm.add(f"{section:<14}{', '.join(items)}", highlight=False)
+        out.print(tree)
+
+
+@schemas_app.command("check")
+def schemas_check() -> None:
+    """Fail when a schema version breaks backward or forward compatibility with an older one."""
+    from schemas import SchemaCatalog, check_catalog
+
+    catalog = SchemaCatalog()
+    problems = check_catalog(catalog)
+    for problem in problems:
+        console.print(f"[red]incompatible[/red] {problem}")
+    if problems:
+        raise typer.Exit(1)
+    versions = sum(len(catalog.versions(t)) for t in catalog.types())
+    Console().print(
+        f"[green]ok[/green]: {len(catalog.types())} types, {versions} versions, "
+        "every version reads every other (backward and forward)"
+    )
+
+
+@schemas_app.command("list")
+def schemas_list() -> None:
+    """Every schema type, its versions and the fingerprint of the newest."""
+    from schemas import SchemaCatalog
+
+    catalog = SchemaCatalog()
+    table = Table("type", "kind", "versions", "fingerprint (newest)")
+    for type_name in catalog.types():
+        versions = catalog.versions(type_name)
+        table.add_row(
+            type_name,
+            versions[-1].kind,
+            ", ".join(f"v{v.version}" for v in versions),
+            versions[-1].fingerprint.hex(),
+        )
     Console().print(table)
+
+
+def _parse_time(value: str) -> int:
+    """Epoch ms from an ISO 8601 time or a relative '15m', '2h', '1d' ago."""
+    import datetime as dt
+    import re
+
+    match = re.fullmatch(r"(\d+)([smhd])", value.strip())
+    if match:
+        seconds = int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+        return int((time.time() - seconds) * 1000)
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r}: use ISO 8601 (2026-11-30T05:00Z) or 15m/2h/1d"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return int(parsed.timestamp() * 1000)
+
+
+@app.command("replay")
+def replay_cmd(
+    since: Annotated[str, typer.Option(help="Start: ISO 8601 time or 15m/2h/1d ago")],
+    until: Annotated[str | None, typer.Option(help="End (exclusive); default: now")] = None,
+    region: Annotated[
+        list[str] | None, typer.Option(help="Only these regions (repeatable)")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan, produce nothing")] = False,
+    index_only: Annotated[bool, typer.Option(help="Rebuild the relationship index only")] = False,
+    cdn: Annotated[bool, typer.Option(help="Let CDN sinks apply replayed purges")] = True,
+) -> None:
+    """Re-read content topics for a time window and re-emit commands marked as replay."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from consumers.replay import replay
+
+    _setup_logging(False)
+    settings = _settings()
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("replaying", total=None)
+        report = asyncio.run(
+            replay(
+                settings,
+                since_ms=_parse_time(since),
+                until_ms=_parse_time(until) if until else None,
+                regions=set(region) if region else None,
+                dry_run=dry_run,
+                index_only=index_only,
+                cdn=cdn,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        )
+    mode = "dry run" if dry_run else "index rebuild" if index_only else "replay"
+    out = Console()
+    out.print(
+        f"[bold]{mode}[/bold] {report.replay_id}: {report.records} events in {report.seconds:.1f}s "
+        f"({report.events_per_second:.0f}/s)"
+    )
+    table = Table("event type", "events")
+    for event_type, n in sorted(report.events.items()):
+        table.add_row(event_type, str(n))
+    for reason, n in sorted(report.skipped_bad.items()):
+        table.add_row(f"[red]skipped: {reason}[/red]", str(n))
+    out.print(table)
+    if report.commands:
+        table = Table("region", "purge", "warm", "CDN items (urls+tags+prefixes)")
+        for r in sorted({r for r, _ in report.commands}):
+            table.add_row(
+                r,
+                str(report.commands[(r, "purge")]),
+                str(report.commands[(r, "warm")]),
+                str(report.cdn_items[r]) + ("" if cdn else " (CDN sinks skip)"),
+            )
+        out.print(table)
 
 
 @app.command("demo")

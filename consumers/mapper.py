@@ -36,9 +36,18 @@ class Mapper:
         return self.topology.rules.get(event_type)
 
     async def map_event(
-        self, event_type: str, record: Mapping[str, Any], *, replay: bool = False
+        self,
+        event_type: str,
+        record: Mapping[str, Any],
+        *,
+        replay: bool = False,
+        replay_id: str = "",
     ) -> list[Command]:
-        """The commands one event yields; raises RuleError if a template cannot render."""
+        """The commands one event yields; raises RuleError if a template cannot render.
+
+        A replay passes its `replay_id`, which goes into the command ids: a replayed
+        command is new work for the sinks, not a duplicate of the original.
+        """
         rule = self.rule_for(event_type)
         if rule is None:
             return []
@@ -87,7 +96,9 @@ class Mapper:
             for region in self.regions:
                 commands.append(
                     PurgeCommand(
-                        command_id=command_id(common["origin_event_id"], region, "purge"),
+                        command_id=command_id(
+                            common["origin_event_id"], region, "purge", replay_id
+                        ),
                         region=region,
                         entity=entity,
                         scope=rule.scope,
@@ -115,7 +126,7 @@ class Mapper:
                     commands.append(
                         WarmCommand(
                             command_id=command_id(
-                                common["origin_event_id"], region, "warm", wedding
+                                common["origin_event_id"], region, "warm", f"{wedding}|{replay_id}"
                             ),
                             region=region,
                             entity=f"wedding:{wedding}",
@@ -129,6 +140,12 @@ class Mapper:
                         )
                     )
         return commands
+
+    async def update_index(self, event_type: str, record: Mapping[str, Any]) -> None:
+        """Only the relationship-index part of an event (an index rebuild)."""
+        rule = self.rule_for(event_type)
+        if rule is not None and rule.index is not None:
+            await self._update_index(rule, dict(record))
 
     async def _update_index(self, rule: Rule, fields: dict[str, Any]) -> None:
         if rule.index == "link_vendor":

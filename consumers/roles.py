@@ -28,11 +28,13 @@ from consumers.kafka import (
     CommitAfterEffect,
     DeadLetters,
     Record,
+    header,
     make_consumer,
     make_producer,
     send_all,
 )
 from consumers.mapper import Mapper
+from consumers.replay import REPLAY_CDN_HEADER
 from consumers.settings import Settings
 from consumers.sinks.base import Sink
 from consumers.state import RelationshipIndex
@@ -135,7 +137,14 @@ class MapperRole:
 class SinkRole:
     """Consumes one region's command topic and applies it through one sink."""
 
-    def __init__(self, settings: Settings, sink: Sink, *, codec: Codec | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sink: Sink,
+        *,
+        codec: Codec | None = None,
+        auto_offset_reset: str = "earliest",
+    ) -> None:
         self.settings = settings
         self.sink = sink
         self.name = f"sink.{sink.region}.{sink.kind}"
@@ -148,6 +157,7 @@ class SinkRole:
             settings.commands_topic(sink.region),
             group_id=settings.group_id("sink", sink.region, sink.kind),
             client_id=client_id,
+            auto_offset_reset=auto_offset_reset,
         )
         self.dead_letters = DeadLetters(self.producer, settings.dead_letter_topic, self.name)
         self.loop = CommitAfterEffect(
@@ -176,7 +186,9 @@ class SinkRole:
                 await self.dead_letters.send(record, exc)
                 self.stats.dead_lettered += 1
                 continue
-            if not self.sink.accepts(command):
+            if not self.sink.accepts(command) or (
+                self.sink.is_cdn and header(record, REPLAY_CDN_HEADER) == b"off"
+            ):
                 self.stats.skipped += 1
                 continue
             by_id[command.command_id] = record

@@ -132,6 +132,10 @@ async def run_roles_bg() -> AsyncIterator[Callable[[list[Any]], Awaitable[asynci
             if task.done():
                 task.result()
             if all(r.consumer.assignment() for r in roles):
+                # Resolve start positions now, so a "latest" consumer cannot miss what follows.
+                for r in roles:
+                    for tp in r.consumer.assignment():
+                        await r.consumer.position(tp)
                 break
             await asyncio.sleep(0.05)
         else:

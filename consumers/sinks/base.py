@@ -37,6 +37,9 @@ class Sink(ABC):
     """One cache tier in one region."""
 
     kind: ClassVar[str]
+    # CDN sinks cost money and rate budget; a replay run with --no-cdn marks its
+    # commands so that these sinks skip them (see consumers.replay).
+    is_cdn: ClassVar[bool] = False
 
     def __init__(self, region: str) -> None:
         self.region = region
