@@ -21,7 +21,7 @@ if ((${#need_pkgs[@]})); then
 fi
 # Debian's varnish package may start a stock service on 6081; ours uses its own port and -n.
 
-PY="${PYTHON:-python3}"
+PY="${BASE_PYTHON:-python3}"  # the interpreter the venv is made from
 VENV="$REPO/.venv"
 stamp="$VENV/.installed"
 if [[ ! -x "$VENV/bin/python" ]]; then
