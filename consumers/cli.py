@@ -32,7 +32,7 @@ app.add_typer(schemas_app, name="schemas")
 console = Console(stderr=True)
 T = TypeVar("T")
 
-SINK_KINDS = ["redis"]
+SINK_KINDS = ["redis", "cloudflare", "cloudfront", "http_purge", "warmer"]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -51,6 +51,22 @@ def _settings() -> Settings:
     except ConfigError as exc:
         console.print(f"[red]configuration error:[/red] {exc}")
         raise typer.Exit(2) from None
+
+
+def _telemetry(settings: Settings, role: str) -> None:
+    """Tracing, metrics (/metrics on CACHESYNC_METRICS_PORT) and library instrumentation."""
+    from consumers.telemetry import setup_telemetry
+
+    port = settings.metrics_port or None
+    try:
+        setup_telemetry(f"cachesync-{role}", metrics_port=port)
+    except OSError as exc:
+        console.print(
+            f"[red]cannot serve /metrics on port {port}:[/red] {exc.strerror} (set CACHESYNC_METRICS_PORT)"
+        )
+        raise typer.Exit(2) from None
+    if port:
+        console.print(f"[dim]metrics on http://127.0.0.1:{port}/metrics[/dim]")
 
 
 def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
@@ -85,18 +101,33 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
 
 
 def _build_sink(settings: Settings, region: str, kind: str):  # type: ignore[no-untyped-def]
-    from consumers.sinks.redis import RedisSink
+    from consumers.sinks.factory import build_sink
 
-    if region not in settings.topology.regions:
-        raise typer.BadParameter(
-            f"unknown region {region!r}; topology has {sorted(settings.topology.regions)}"
-        )
-    if kind == "redis":
-        return RedisSink(region, settings.region_redis_urls[region])
-    raise typer.BadParameter(f"unknown sink {kind!r}; known: {SINK_KINDS}")
+    try:
+        return build_sink(settings, region, kind)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
-async def _report(roles: list, stop: asyncio.Event, every: float = 2.0) -> None:  # type: ignore[type-arg]
+def _runnable_sinks(settings: Settings) -> list[tuple[str, str]]:
+    """Every (region, sink) whose provider is configured; a note for each one skipped."""
+    from consumers.sinks.factory import unavailable
+
+    sinks = []
+    for region in settings.topology.regions:
+        for kind in SINK_KINDS:
+            reason = unavailable(settings, region, kind)
+            if reason is None:
+                sinks.append((region, kind))
+            else:
+                console.print(f"[dim]skipping sink {kind} in {region}: {reason}[/dim]")
+    return sinks
+
+
+async def _report(
+    roles: list[Any], stop: asyncio.Event, every: float = 2.0, checker: Any = None
+) -> None:
+    """Every `every` seconds: the mapper's rate, each region's sinks, the consistency read-backs."""
     from consumers.roles import MapperRole
 
     last = time.monotonic()
@@ -105,23 +136,33 @@ async def _report(roles: list, stop: asyncio.Event, every: float = 2.0) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=every)
         now = time.monotonic()
-        parts = []
+        lines = []
+        regions: dict[str, list[str]] = {}
         for role in roles:
             rate = (role.stats.records - last_records[role.name]) / max(now - last, 1e-6)
             last_records[role.name] = role.stats.records
+            dlq = f" [red]dlq={role.stats.dead_lettered}[/red]" if role.stats.dead_lettered else ""
             if isinstance(role, MapperRole):
                 produced = " ".join(f"{r}={n}" for r, n in sorted(role.stats.produced.items()))
-                parts.append(
-                    f"[bold]mapper[/bold] events={role.stats.records} ({rate:.0f}/s) commands: {produced}"
+                lines.append(
+                    f"[bold]mapper[/bold] {role.stats.records} events ({rate:.0f}/s) -> commands {produced}{dlq}"
                 )
             else:
-                parts.append(
-                    f"[bold]{role.name}[/bold] applied={role.stats.applied} skipped={role.stats.skipped}"
+                regions.setdefault(role.sink.region, []).append(
+                    f"{role.sink.kind} {role.stats.applied}{dlq}"
                 )
-            if role.stats.dead_lettered:
-                parts.append(f"[red]dlq={role.stats.dead_lettered}[/red]")
+        for region, parts in sorted(regions.items()):
+            lines.append(f"  [bold]{region}[/bold] applied: " + " · ".join(parts))
+        if checker is not None and checker.tallies:
+            lines.append(
+                "  [bold]consistency[/bold] "
+                + " · ".join(
+                    f"{r}/{k} {t.converged}/{t.probed}"
+                    for (r, k), t in sorted(checker.tallies.items())
+                )
+            )
         last = now
-        console.print(" | ".join(parts))
+        console.print("\n".join(lines))
 
 
 @run_app.command("mapper")
@@ -129,6 +170,7 @@ def run_mapper(verbose: bool = False) -> None:
     """Consume content topics and produce purge/warm commands per region."""
     _setup_logging(verbose)
     settings = _settings()
+    _telemetry(settings, "mapper")
     _run_until_signal(lambda stop: _run(settings, stop, mapper=True, sinks=[]))
 
 
@@ -141,6 +183,7 @@ def run_sink(
     """Apply one region's commands to one cache tier."""
     _setup_logging(verbose)
     settings = _settings()
+    _telemetry(settings, f"sink-{sink}")
     _run_until_signal(lambda stop: _run(settings, stop, mapper=False, sinks=[(region, sink)]))
 
 
@@ -149,12 +192,16 @@ def run_all(
     demo: Annotated[bool, typer.Option(help="Also produce demo traffic")] = False,
     rate: Annotated[float, typer.Option(help="Demo events per second")] = 20.0,
     weddings: Annotated[int, typer.Option(help="Demo weddings")] = 20,
+    consistency: Annotated[
+        float, typer.Option(help="Share of purges the background checker reads back (0: off)")
+    ] = 0.2,
     verbose: bool = False,
 ) -> None:
     """Every role in one process (for development): the mapper and each region's sinks."""
     _setup_logging(verbose)
     settings = _settings()
-    sinks = [(region, kind) for region in settings.topology.regions for kind in SINK_KINDS]
+    _telemetry(settings, "all")
+    sinks = _runnable_sinks(settings)
     _run_until_signal(
         lambda stop: _run(
             settings,
@@ -163,6 +210,7 @@ def run_all(
             sinks=sinks,
             demo_rate=rate if demo else None,
             weddings=weddings,
+            consistency=consistency,
         )
     )
 
@@ -175,7 +223,9 @@ async def _run(
     sinks: list[tuple[str, str]],
     demo_rate: float | None = None,
     weddings: int = 20,
+    consistency: float = 0.0,
 ) -> None:
+    from consumers.consistency import ConsistencyChecker
     from consumers.demo import run_demo
     from consumers.roles import MapperRole, Role, SinkRole, run_roles
     from topology.admin import apply_topics
@@ -188,7 +238,13 @@ async def _run(
     console.print(
         f"[green]running[/green] {', '.join(r.name for r in roles)} against {settings.kafka_bootstrap_servers}"
     )
-    extra: list[asyncio.Task[Any]] = [asyncio.create_task(_report(roles, stop))]
+    checker = ConsistencyChecker(settings, sample=consistency) if consistency > 0 else None
+    extra: list[asyncio.Task[Any]] = [asyncio.create_task(_report(roles, stop, checker=checker))]
+    if checker is not None:
+        console.print(
+            f"[green]consistency checker[/green]: reading back {consistency:.0%} of purges"
+        )
+        extra.append(asyncio.create_task(checker.run(stop)))
     if demo_rate is not None:
         console.print(f"[green]demo[/green]: {weddings} weddings, {demo_rate:g} events/s")
         extra.append(
@@ -199,6 +255,10 @@ async def _run(
     finally:
         stop.set()
         await asyncio.gather(*extra, return_exceptions=True)
+        if checker is not None:
+            await checker.close()
+    if checker is not None and checker.tallies:
+        console.print(consistency_table(checker))
     console.print("[green]stopped cleanly[/green]: offsets committed for every applied batch")
 
 
@@ -381,6 +441,155 @@ def replay_cmd(
         out.print(table)
 
 
+@app.command("consistency")
+def consistency_cmd(
+    duration: Annotated[float, typer.Option(help="Seconds to sample purges for")] = 60.0,
+    window: Annotated[
+        float, typer.Option(help="Seconds after a purge before reading it back")
+    ] = 5.0,
+    sample: Annotated[float, typer.Option(help="Share of applied purges to read back")] = 1.0,
+    give_up: Annotated[float, typer.Option(help="Seconds to keep re-reading a stale purge")] = 60.0,
+    since: Annotated[
+        str | None, typer.Option(help="Also check purges since this time (15m, ISO)")
+    ] = None,
+) -> None:
+    """Read back applied purges in each region's Redis and edge; report convergence as nines."""
+    from consumers.consistency import ConsistencyChecker
+
+    _setup_logging(False)
+    settings = _settings()
+
+    async def main(stop: asyncio.Event) -> ConsistencyChecker:
+        checker = ConsistencyChecker(
+            settings,
+            window_s=window,
+            sample=sample,
+            give_up_s=give_up,
+            from_beginning=since is not None,
+        )
+        if since is not None:
+            checker.min_applied_ms = _parse_time(since)
+        task = asyncio.create_task(checker.run(stop))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=duration)
+        await checker.drain(timeout_s=window + give_up)
+        stop.set()
+        await task
+        await checker.close()
+        return checker
+
+    checker = _run_until_signal(main)
+    Console().print(consistency_table(checker))
+
+
+def consistency_table(checker: Any) -> Table:
+    table = Table(
+        "region",
+        "sink",
+        "purges read back",
+        "converged in window",
+        "nines",
+        "recovered later",
+        "still stale",
+        "staleness p50",
+        "staleness p99",
+        title=f"consistency (window {checker.window_s:g}s)",
+    )
+    for (region, sink), t in sorted(checker.tallies.items()):
+        p50, p99 = t.quantile(0.5), t.quantile(0.99)
+        table.add_row(
+            region,
+            sink,
+            str(t.probed),
+            f"{t.share:.4%}",
+            f"{t.nines:.1f}" + ("+" if t.converged == t.probed else ""),
+            str(t.recovered),
+            str(t.gave_up),
+            "-" if p50 is None else f"{p50:.0f} ms",
+            "-" if p99 is None else f"{p99:.0f} ms",
+        )
+    return table
+
+
+@app.command("trace")
+def trace_cmd(
+    event_id: Annotated[str, typer.Argument(help="The platform event's event_id")],
+    since: Annotated[str, typer.Option(help="How far back to look: ISO time or 15m/2h/1d")] = "7d",
+    wait: Annotated[float, typer.Option(help="Seconds to wait for pending parts to arrive")] = 0.0,
+) -> None:
+    """Print where one event went: commands per region, each sink's outcome and latency."""
+    from consumers.trace import read_trace, render
+
+    settings = _settings()
+    expected = _expected_sinks(settings)
+
+    async def main() -> Any:
+        deadline = time.monotonic() + wait
+        while True:
+            view = await read_trace(settings, event_id, since_ms=_parse_time(since))
+            if (
+                not view.pending(expected) and view.mapper is not None
+            ) or time.monotonic() >= deadline:
+                return view
+            await asyncio.sleep(0.5)
+
+    view = asyncio.run(main())
+    out = Console()
+    out.print(render(view, expected))
+    pending = view.pending(expected)
+    if view.event_type is None:
+        raise typer.Exit(1)
+    if pending:
+        out.print(
+            f"[yellow]{len(pending)} sink steps pending[/yellow] (not applied yet, or that sink is not running)"
+        )
+    else:
+        out.print("[green]complete[/green]: every expected sink reported")
+
+
+def _expected_sinks(settings: Settings) -> Callable[[str, str], list[str]]:
+    """Which sinks should report on a command of a kind in a region (the ones configured)."""
+    from consumers.sinks.factory import unavailable
+
+    purge_kinds = [k for k in SINK_KINDS if k != "warmer"]
+
+    def expected(region: str, kind: str) -> list[str]:
+        kinds = ["warmer"] if kind == "warm" else purge_kinds
+        return [k for k in kinds if unavailable(settings, region, k) is None]
+
+    return expected
+
+
+@app.command("status")
+def status_cmd(
+    metrics_url: Annotated[str, typer.Option(help="The pipeline's /metrics")] = "",
+    every: Annotated[float, typer.Option(help="Refresh interval, seconds")] = 2.0,
+    once: Annotated[bool, typer.Option(help="Print one snapshot and exit")] = False,
+) -> None:
+    """Live view of throughput, lag, purge latency and hit ratios per region and sink."""
+    from rich.live import Live
+
+    from consumers.status import collect, render
+
+    settings = _settings()
+    url = metrics_url or f"http://127.0.0.1:{settings.metrics_port or 9464}/metrics"
+
+    async def main(stop: asyncio.Event) -> None:
+        prev = None
+        cur = await collect(settings, url)
+        if once:
+            Console().print(render(settings, cur, None))
+            return
+        with Live(render(settings, cur, None), console=Console(), refresh_per_second=4) as live:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=every)
+                prev, cur = cur, await collect(settings, url)
+                live.update(render(settings, cur, prev))
+
+    _run_until_signal(main)
+
+
 @app.command("demo")
 def demo(
     rate: Annotated[float, typer.Option(help="Events per second")] = 20.0,
@@ -404,6 +613,49 @@ def demo(
         )
     )
     console.print(f"produced {stats.produced} events")
+
+
+vendor_api_app = typer.Typer(
+    help="Call external vendor APIs through the vendor API cache.", no_args_is_help=True
+)
+app.add_typer(vendor_api_app, name="vendor-api")
+
+
+@vendor_api_app.command("get")
+def vendor_api_get(
+    api: Annotated[str, typer.Argument(help="Integration, as named in topology vendor_apis")],
+    path: Annotated[str, typer.Argument(help="Path under the integration's base_url")],
+    vendor: Annotated[str, typer.Option(help="Platform vendor id; tags the entry")],
+    region: Annotated[str, typer.Option(help="Region whose Redis holds the cache")] = "",
+    wedding: Annotated[
+        str | None, typer.Option(help="Wedding id, for wedding-scoped calls")
+    ] = None,
+) -> None:
+    """GET through the cache: prints the cache status on stderr, the JSON body on stdout."""
+    import json
+
+    from consumers.errors import VendorApiError
+    from consumers.vendor_api import VendorApiClient, VendorResponse
+
+    settings = _settings()
+    region = region or settings.topology.default_region
+    if region not in settings.region_redis_urls:
+        console.print(f"[red]unknown region {region!r}[/red]")
+        raise typer.Exit(2)
+
+    async def fetch() -> VendorResponse:
+        url = settings.region_redis_urls[region]
+        async with VendorApiClient.from_topology(settings.topology, url) as client:
+            return await client.get(api, path, vendor_id=vendor, wedding_id=wedding)
+
+    try:
+        response = asyncio.run(fetch())
+    except VendorApiError as exc:
+        console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+        raise typer.Exit(1) from None
+    reason = f" ({response.stale_reason}: {response.error or ''})" if response.is_stale else ""
+    console.print(f"{response.cache_status}{reason} age={response.age_s:.0f}s {response.url}")
+    typer.echo(json.dumps(response.json(), indent=2))
 
 
 def main() -> None:

@@ -10,11 +10,19 @@
     │   └── RuleError            a rule template names a field the event lacks (reason "rule_error")
     ├── TransientError           worth retrying: timeouts, 5xx, a Redis or broker that is down;
     │   │                        the batch is not committed, its partitions are paused and re-read
-    │   └── RetryAfter           the provider said when (429 Retry-After)
-    └── PermanentSinkError       will never succeed (a 4xx): the command goes to the dead-letter topic
+    │   ├── RetryAfter           the provider said when (429 Retry-After)
+    │   └── CacheUnavailable     the vendor API cache's Redis does not answer (the client then bypasses it)
+    ├── PermanentSinkError       will never succeed (a 4xx): the command goes to the dead-letter topic
+    └── VendorApiError           a vendor API call failed and no cached entry may stand in for it
+        ├── VendorUnavailable    refused, reset, 5xx or 429: a stale entry within max_stale_s answers instead
+        │   └── VendorTimeout    no answer within the policy's timeouts
+        ├── VendorRejected       another 4xx: the request itself is wrong; never answered from stale
+        └── BadVendorResponse    unusable: not JSON, an unexpected status, a body over max_body_bytes;
+                                 never cached (a stale entry within max_stale_s may answer instead)
 
 Backend errors (redis.exceptions, httpx, botocore) are translated into these in the
-sink that calls the backend, re-raised `from` the original, and nowhere else.
+sink that calls the backend (for the vendor API cache, in `consumers/vendor_api`),
+re-raised `from` the original, and nowhere else.
 """
 
 from __future__ import annotations
@@ -84,3 +92,32 @@ class RetryAfter(TransientError):
 
 class PermanentSinkError(CachesyncError):
     """No retry will help; the command is dead-lettered with this message."""
+
+
+class CacheUnavailable(TransientError):
+    """The vendor API cache cannot reach its Redis; callers go to the vendor directly."""
+
+
+class VendorApiError(CachesyncError):
+    """A call to an external vendor API failed and no cached entry may answer for it."""
+
+    def __init__(self, message: str, *, api: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.api = api
+        self.status = status
+
+
+class VendorUnavailable(VendorApiError):
+    """The vendor refused, reset, answered 5xx or 429; worth trying again later."""
+
+
+class VendorTimeout(VendorUnavailable):
+    """The vendor did not answer within the policy's timeouts."""
+
+
+class VendorRejected(VendorApiError):
+    """The vendor answered a 4xx (other than 408/429): the request is wrong, not the vendor."""
+
+
+class BadVendorResponse(VendorApiError):
+    """The vendor answered something unusable (not JSON, unexpected status, too large); not cached."""

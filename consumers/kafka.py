@@ -150,14 +150,21 @@ class CommitAfterEffect:
         max_records: int = 500,
         poll_timeout_ms: int = 200,
         backoff: Backoff | None = None,
+        linger_ms: int = 0,
+        group: str | None = None,
     ) -> None:
         self.consumer = consumer
+        self.group = group
         self.handler = handler
         self.name = name
         self.max_records = max_records
         self.poll_timeout_ms = poll_timeout_ms
         self.backoff = backoff or Backoff()
+        # After the first records of a batch arrive, keep polling this long (up to
+        # max_records) so that one handler call sees a whole coalescing window.
+        self.linger_ms = linger_ms
         self._paused_until: dict[TopicPartition, float] = {}
+        self._lag_observed_at = 0.0
         self.batches_committed = 0
         self.records_committed = 0
 
@@ -165,12 +172,34 @@ class CommitAfterEffect:
         """Runs until `stop` is set; the batch in hand is finished and committed first."""
         while not stop.is_set():
             self._resume_due()
+            await self._observe_lag()
             batch = await self.consumer.getmany(
                 timeout_ms=self.poll_timeout_ms, max_records=self.max_records
             )
             if not batch:
                 continue
+            if self.linger_ms > 0:
+                batch = await self._linger(batch, stop)
             await self.process(batch)
+
+    async def _linger(
+        self, batch: dict[TopicPartition, list[Record]], stop: asyncio.Event
+    ) -> dict[TopicPartition, list[Record]]:
+        merged = {tp: list(part) for tp, part in batch.items()}
+        count = sum(len(p) for p in merged.values())
+        deadline = time.monotonic() + self.linger_ms / 1000
+        while count < self.max_records and not stop.is_set():
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            more = await self.consumer.getmany(
+                timeout_ms=min(left_ms, self.poll_timeout_ms),
+                max_records=self.max_records - count,
+            )
+            for tp, part in more.items():
+                merged.setdefault(tp, []).extend(part)
+                count += len(part)
+        return merged
 
     async def process(self, batch: dict[TopicPartition, list[Record]]) -> bool:
         records = [r for part in batch.values() for r in part]
@@ -187,6 +216,20 @@ class CommitAfterEffect:
         self.backoff.reset()
         await self._commit(batch)
         return True
+
+    async def _observe_lag(self) -> None:
+        """Consumer lag per partition (high-water mark minus position), at most once a second."""
+        now = time.monotonic()
+        if now - self._lag_observed_at < 1.0:
+            return
+        self._lag_observed_at = now
+        group = self.group or self.name
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:
+                continue
+            position = await self.consumer.position(tp)
+            telemetry.record_lag(group, tp.topic, tp.partition, max(0, highwater - position))
 
     def _put_back(self, batch: dict[TopicPartition, list[Record]], delay: float) -> None:
         until = time.monotonic() + delay

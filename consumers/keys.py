@@ -21,10 +21,33 @@ WEDDING_REGIONS = "cachesync:rel:wedding:{wedding_id}:regions"
 # Sink side, in each region's Redis: the newest purge version applied per target,
 # used to drop warms older than the last purge (version fencing).
 PURGE_VERSION = "cachesync:purged:{sink}:{entity}"
+# Kept past the command topics' retention, so a replay is still fenced.
+PURGE_VERSION_TTL_S = 7 * 24 * 3600
 # Sink side: command ids already applied, with a TTL, so a redelivered command is
 # applied at most once in effect even where the effect itself is not idempotent.
 APPLIED = "cachesync:applied:{sink}:{command_id}"
+# The same marker per origin event (command_id "event:<event_id>"): the warmer waits for
+# the purge of its own event, whose command id it cannot derive on a replay.
+APPLIED_EVENT = "event:{event_id}"
 APPLIED_TTL_S = 24 * 3600
+# CloudFront sink: one invalidation per CallerReference (derived from its command ids);
+# remembered here because a retried batch must never be a second invalidation, and
+# neither moto nor a restarted process would know. Value: the invalidation id.
+CLOUDFRONT_BATCH = "cachesync:cloudfront:{distribution}:{caller_reference}"
+
+# Vendor API cache (consumers/vendor_api), in each region's Redis. One entry per
+# (integration, vendor, request), written through cashews and SADDed to TAG_INDEX under
+# each of its tags, so the Redis sink purges it like any platform key.
+VENDOR_API_ENTRY = "cachesync:vendor-api:{api}:{vendor_id}:{digest}"
+# The cashews lock held by the one caller (in any process) fetching that entry upstream.
+VENDOR_API_LOCK = "cachesync:vendor-api-lock:{api}:{vendor_id}:{digest}"
+# Put in the entry's tag index sets while its fetch is in flight: a purge deletes the
+# sets, and with them this marker, so a fetch that started before the purge is not stored.
+VENDOR_API_FILL = "cachesync:vendor-api-fill:{token}"
+# The tags of a vendor API entry; the vendor.*, vendor_api.changed and wedding.* rules purge them.
+VENDOR_API_TAG = "vendor-api:{vendor_id}"
+VENDOR_API_TAG_API = "vendor-api:{vendor_id}:{api}"
+WEDDING_TAG = "wedding:{wedding_id}"
 
 
 def tag_index(tag: str) -> str:
@@ -49,3 +72,43 @@ def purge_version(sink: str, entity: str) -> str:
 
 def applied(sink: str, command_id: str) -> str:
     return APPLIED.format(sink=sink, command_id=command_id)
+
+
+def applied_event(sink: str, event_id: str) -> str:
+    return applied(sink, APPLIED_EVENT.format(event_id=event_id))
+
+
+def cloudfront_batch(distribution: str, caller_reference: str) -> str:
+    return CLOUDFRONT_BATCH.format(distribution=distribution, caller_reference=caller_reference)
+
+
+def vendor_api_entry(api: str, vendor_id: str, digest: str) -> str:
+    return VENDOR_API_ENTRY.format(api=api, vendor_id=vendor_id, digest=digest)
+
+
+def vendor_api_lock(api: str, vendor_id: str, digest: str) -> str:
+    return VENDOR_API_LOCK.format(api=api, vendor_id=vendor_id, digest=digest)
+
+
+def vendor_api_fill(token: str) -> str:
+    return VENDOR_API_FILL.format(token=token)
+
+
+def vendor_api_tags(api: str, vendor_id: str, wedding_id: str | None = None) -> list[str]:
+    tags = [
+        VENDOR_API_TAG.format(vendor_id=vendor_id),
+        VENDOR_API_TAG_API.format(vendor_id=vendor_id, api=api),
+    ]
+    if wedding_id is not None:
+        tags.append(WEDDING_TAG.format(wedding_id=wedding_id))
+    return tags
+
+
+# Platform side, beside each cache entry written through `platform_cache.cache_put`:
+# when it was written (epoch ms), with the entry's TTL. The consistency checker uses it
+# to tell a stale copy (written before the purged event) from a fresh refill.
+WRITTEN_AT = "cachesync:written:{key}"
+
+
+def written_at(key: str) -> str:
+    return WRITTEN_AT.format(key=key)

@@ -10,18 +10,31 @@ import asyncio
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from opentelemetry.trace import (
+    Link,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+    set_span_in_context,
+    use_span,
+)
 from redis.asyncio import Redis
 
 from consumers import telemetry
+from consumers.audit import AuditLog, Note
 from consumers.codecs import close_codec, codec_for, resolve, start_codec
-from consumers.commands import COMMAND_TYPES, Command
+from consumers.commands import COMMAND_TYPES, Command, to_millis
 from consumers.errors import (
     BadInput,
     InvalidRecord,
     Oversized,
     PermanentSinkError,
+    TransientError,
     bad_input_from_serde,
 )
 from consumers.kafka import (
@@ -31,7 +44,6 @@ from consumers.kafka import (
     header,
     make_consumer,
     make_producer,
-    send_all,
 )
 from consumers.mapper import Mapper
 from consumers.replay import REPLAY_CDN_HEADER
@@ -39,7 +51,7 @@ from consumers.settings import Settings
 from consumers.sinks.base import Sink
 from consumers.state import RelationshipIndex
 from consumers.validation import validate_event
-from schemas import Codec, SerdeError
+from schemas import Codec, Decoded, SerdeError
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +90,13 @@ class MapperRole:
             client_id="cachesync-mapper",
         )
         self.dead_letters = DeadLetters(self.producer, settings.dead_letter_topic, self.name)
+        self.audit = AuditLog(self.producer, settings.audit_topic, self.codec)
         self.loop = CommitAfterEffect(
-            self.consumer, self.handle, name=self.name, max_records=settings.consumer_max_records
+            self.consumer,
+            self.handle,
+            name=self.name,
+            max_records=settings.consumer_max_records,
+            group=settings.group_id("mapper"),
         )
 
     async def start(self) -> None:
@@ -94,33 +111,78 @@ class MapperRole:
         await close_codec(self.codec)
 
     async def handle(self, records: list[Record]) -> None:
-        messages: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
+        pending: list[asyncio.Future[Any]] = []
         for record in records:
             self.stats.records += 1
-            try:
-                commands = await self._map(record)
-            except BadInput as exc:
-                await self.dead_letters.send(record, exc)
-                self.stats.dead_lettered += 1
-                continue
-            for command in commands:
-                value = self.codec.encode(command.schema_type, command.to_record())
-                topic = self.settings.commands_topic(command.region)
-                headers = [
-                    ("cachesync.kind", command.kind.encode()),
-                    ("cachesync.event_id", command.origin_event_id.encode()),
-                    *[
-                        (k, v)
-                        for k, v in (record.headers or ())
-                        if k in ("traceparent", "tracestate")
-                    ],
-                ]
-                messages.append((topic, command.entity.encode(), value, headers))
-                self.stats.produced[command.region] += 1
-                telemetry.commands_out.add(1, {"kind": command.kind, "region": command.region})
-        await send_all(self.producer, messages)
+            parent = telemetry.extract_context(record.headers)
+            # A new trace when the platform sent no context; its child otherwise. Every
+            # command is sent inside this span, so each region's command carries it on.
+            with telemetry.tracer.start_as_current_span(
+                "cachesync.map",
+                context=parent,
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.source.name": record.topic,
+                    "messaging.kafka.offset": record.offset,
+                },
+            ) as span:
+                try:
+                    decoded, commands = await self._map(record)
+                except BadInput as exc:
+                    span.set_status(Status(StatusCode.ERROR, exc.reason))
+                    await self.dead_letters.send(record, exc)
+                    self.stats.dead_lettered += 1
+                    continue
+                event_id = str(decoded.record["event_id"])
+                span.set_attributes(
+                    {
+                        "cachesync.event_type": decoded.type_name,
+                        "cachesync.event_id": event_id,
+                        "cachesync.commands": len(commands),
+                    }
+                )
+                for command in commands:
+                    value = self.codec.encode(command.schema_type, command.to_record())
+                    headers = [
+                        ("cachesync.kind", command.kind.encode()),
+                        ("cachesync.event_id", command.origin_event_id.encode()),
+                    ]
+                    telemetry.inject_context(headers)
+                    pending.append(
+                        await self._send(
+                            self.settings.commands_topic(command.region),
+                            command.entity.encode(),
+                            value,
+                            headers,
+                        )
+                    )
+                    self.stats.produced[command.region] += 1
+                    telemetry.commands_out.add(1, {"kind": command.kind, "region": command.region})
+                await self.audit.mapped(
+                    event_id=event_id,
+                    event_type=decoded.type_name,
+                    occurred_at=to_millis(decoded.record["occurred_at"]),
+                    commands=commands,
+                )
+        await self._acked(pending)
+        await self.audit.flush()
 
-    async def _map(self, record: Record) -> list[Command]:
+    async def _send(
+        self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> Any:
+        try:
+            return await self.producer.send(topic, value=value, key=key, headers=headers)
+        except KafkaError as exc:
+            raise TransientError(f"produce to {topic} failed: {exc}") from exc
+
+    @staticmethod
+    async def _acked(pending: list[asyncio.Future[Any]]) -> None:
+        try:
+            await asyncio.gather(*pending)
+        except KafkaError as exc:
+            raise TransientError(f"produce failed: {exc}") from exc
+
+    async def _map(self, record: Record) -> tuple[Decoded, list[Command]]:
         value = record.value or b""
         if len(value) > self.settings.max_event_bytes:
             raise Oversized(f"{len(value)} bytes > limit {self.settings.max_event_bytes}")
@@ -131,7 +193,7 @@ class MapperRole:
             raise bad_input_from_serde(exc) from exc
         telemetry.events_in.add(1, {"event_type": decoded.type_name})
         validate_event(decoded.type_name, decoded.record)
-        return await self.mapper.map_event(decoded.type_name, decoded.record)
+        return decoded, await self.mapper.map_event(decoded.type_name, decoded.record)
 
 
 class SinkRole:
@@ -160,8 +222,14 @@ class SinkRole:
             auto_offset_reset=auto_offset_reset,
         )
         self.dead_letters = DeadLetters(self.producer, settings.dead_letter_topic, self.name)
+        self.audit = AuditLog(self.producer, settings.audit_topic, self.codec)
         self.loop = CommitAfterEffect(
-            self.consumer, self.handle, name=self.name, max_records=settings.consumer_max_records
+            self.consumer,
+            self.handle,
+            name=self.name,
+            max_records=max(settings.consumer_max_records, sink.max_batch_records or 0),
+            linger_ms=sink.linger_ms,
+            group=settings.group_id("sink", sink.region, sink.kind),
         )
 
     async def start(self) -> None:
@@ -177,7 +245,7 @@ class SinkRole:
         await close_codec(self.codec)
 
     async def handle(self, records: list[Record]) -> None:
-        by_id: dict[str, Record] = {}
+        accepted: dict[str, tuple[Record, Command, Span]] = {}
         for record in records:
             self.stats.records += 1
             try:
@@ -191,15 +259,56 @@ class SinkRole:
             ):
                 self.stats.skipped += 1
                 continue
-            by_id[command.command_id] = record
-            self.sink.add(command)
-        result = await self.sink.flush()
-        self.stats.applied += result.applied
-        for rejected in result.rejected:
-            await self.dead_letters.send(
-                by_id[rejected.command.command_id], PermanentSinkError(rejected.error)
+            # One span per command, in the trace of the event that caused it.
+            span = telemetry.tracer.start_span(
+                f"cachesync.apply {self.sink.kind}",
+                context=telemetry.extract_context(record.headers),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "cachesync.region": self.sink.region,
+                    "cachesync.sink": self.sink.kind,
+                    "cachesync.command_id": command.command_id,
+                    "cachesync.kind": command.kind,
+                    "cachesync.event_id": command.origin_event_id,
+                },
             )
-            self.stats.dead_lettered += 1
+            accepted[command.command_id] = (record, command, span)
+            self.sink.add(command)
+        if not accepted:
+            return
+        spans = [span for _, _, span in accepted.values()]
+        # The backend calls of a flush serve every command in it: the flush span is a
+        # child of the first command's span and links to all of them.
+        try:
+            with telemetry.tracer.start_as_current_span(
+                f"cachesync.flush {self.sink.kind}",
+                context=set_span_in_context(spans[0]),
+                links=[Link(s.get_span_context()) for s in spans],
+                attributes={"cachesync.region": self.sink.region, "cachesync.batch": len(spans)},
+            ):
+                result = await self.sink.flush()
+        except BaseException as exc:
+            for span in spans:
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                span.end()
+            raise
+        self.stats.applied += result.applied
+        rejected = {r.command.command_id: r.error for r in result.rejected}
+        for command_id, (record, command, span) in accepted.items():
+            if command_id in rejected:
+                note = Note(outcome="rejected", detail=rejected[command_id])
+            else:
+                note = result.notes.get(command_id, Note())
+            span.set_attribute("cachesync.outcome", note.outcome)
+            if note.provider_ids:
+                span.set_attribute("cachesync.provider_ids", list(note.provider_ids))
+            with use_span(span, end_on_exit=True):
+                if command_id in rejected:
+                    span.set_status(Status(StatusCode.ERROR, "rejected"))
+                    await self.dead_letters.send(record, PermanentSinkError(rejected[command_id]))
+                    self.stats.dead_lettered += 1
+                await self.audit.handled(command, sink=self.sink.kind, note=note)
+        await self.audit.flush()
 
     async def _decode(self, record: Record) -> Command:
         await resolve(self.codec, record.value or b"")

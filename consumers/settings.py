@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(default=1_000_000, ge=1024, alias="CACHESYNC_MAX_EVENT_BYTES")
     consumer_max_records: int = Field(default=500, ge=1, alias="CACHESYNC_MAX_RECORDS")
     group_prefix: str = Field(default="cachesync", alias="CACHESYNC_GROUP_PREFIX")
+    metrics_port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        alias="CACHESYNC_METRICS_PORT",
+        description="Prometheus /metrics of `cachesync run`; 0 turns it off.",
+    )
     encoding: Literal["single-object", "confluent"] = Field(
         default="single-object", alias="CACHESYNC_ENCODING"
     )
@@ -63,6 +70,10 @@ class Settings(BaseSettings):
     cloudflare_api_token: SecretStr | None = Field(default=None, alias="CLOUDFLARE_API_TOKEN")
     aws_access_key_id: SecretStr | None = Field(default=None, alias="AWS_ACCESS_KEY_ID")
     aws_secret_access_key: SecretStr | None = Field(default=None, alias="AWS_SECRET_ACCESS_KEY")
+    # CDN endpoints: unset means the real providers (the topology's cdn.cloudflare.api_url,
+    # AWS's own endpoint); tests and the local stack point them at stubs.
+    cloudflare_api_url: str | None = Field(default=None, alias="CLOUDFLARE_API_URL")
+    cloudfront_endpoint_url: str | None = Field(default=None, alias="CLOUDFRONT_ENDPOINT_URL")
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod
@@ -108,6 +119,19 @@ class Settings(BaseSettings):
                 urls[region] = str(_REDIS_DSN.validate_python(value))
             except ValidationError as exc:
                 raise ConfigError(f"{var}: not a Redis URL ({exc.errors()[0]['msg']})") from None
+        return urls
+
+    @cached_property
+    def region_edge_urls(self) -> dict[str, str]:
+        """Each region's HTTP edge: EDGE_URL_<REGION> if set, else the topology's edge_url."""
+        urls: dict[str, str] = {}
+        for region, spec in self.topology.regions.items():
+            var = "EDGE_URL_" + region.upper().replace("-", "_")
+            value = os.environ.get(var) or spec.edge_url
+            if value:
+                if not value.startswith(("http://", "https://")):
+                    raise ConfigError(f"{var}: expected an http(s) URL, got {value!r}")
+                urls[region] = value.rstrip("/")
         return urls
 
     def topic(self, name: str) -> str:

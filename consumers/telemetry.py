@@ -6,7 +6,19 @@ API's no-op providers make every call here free.
 
 from __future__ import annotations
 
-from opentelemetry import metrics, trace
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.propagators.textmap import Getter, Setter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 
 meter = metrics.get_meter("cachesync")
 tracer = trace.get_tracer("cachesync")
@@ -42,3 +54,278 @@ retries = meter.create_counter(
     unit="{batch}",
     description="Batches put back for retry, by consumer and reason",
 )
+
+# CDN sinks and the purge budget (consumers/budget.py, consumers/sinks/), each by
+# `provider` (cloudflare, cloudfront, http_purge) and `region`.
+cdn_api_calls = meter.create_counter(
+    "cachesync.cdn.api_calls",
+    unit="{call}",
+    description="Purge API calls made, by provider, region and outcome (ok, throttled, error, rejected)",
+)
+cdn_items = meter.create_counter(
+    "cachesync.cdn.items",
+    unit="{item}",
+    description="Items sent in purge calls, by provider, region and kind (files, tags, prefixes, paths)",
+)
+cdn_coalesced = meter.create_counter(
+    "cachesync.cdn.coalesced",
+    unit="{item}",
+    description="Purge items not sent because an identical or covering item was, by provider",
+)
+cdn_escalations = meter.create_counter(
+    "cachesync.cdn.escalations",
+    unit="{escalation}",
+    description="URLs or paths replaced by a prefix or wildcard to fit a limit, by provider and reason",
+)
+cdn_throttled = meter.create_counter(
+    "cachesync.cdn.throttled",
+    unit="{response}",
+    description="429 answers from a provider (the batch waits for Retry-After), by provider",
+)
+cdn_cost_units = meter.create_counter(
+    "cachesync.cdn.cost_units",
+    unit="{unit}",
+    description="Billable units spent: CloudFront paths, Cloudflare requests; by provider",
+)
+warm_fetches = meter.create_counter(
+    "cachesync.warm.fetches",
+    unit="{request}",
+    description="Warming GETs through a region's edge, by region and cache status (HIT, MISS, error)",
+)
+warm_dropped = meter.create_counter(
+    "cachesync.warm.dropped",
+    unit="{command}",
+    description="Warms not done, by region and reason (fenced by a newer purge, expired)",
+)
+
+# Vendor API cache (consumers/vendor_api), each by `api` (the integration in topology's
+# vendor_apis), so the cache's effectiveness reads per integration.
+vendor_api_hits = meter.create_counter(
+    "cachesync.vendor_api.hits", unit="{request}", description="Answered fresh from the cache"
+)
+vendor_api_misses = meter.create_counter(
+    "cachesync.vendor_api.misses",
+    unit="{request}",
+    description="No usable entry: the request went (or waited for a call) upstream",
+)
+vendor_api_stale_served = meter.create_counter(
+    "cachesync.vendor_api.stale_served",
+    unit="{request}",
+    description="Answered from a stale entry, by reason (revalidating, upstream_error, upstream_timeout)",
+)
+vendor_api_revalidations = meter.create_counter(
+    "cachesync.vendor_api.revalidations",
+    unit="{request}",
+    description="Conditional requests upstream, by outcome (not_modified = 304, modified = 200)",
+)
+vendor_api_coalesced = meter.create_counter(
+    "cachesync.vendor_api.coalesced_waits",
+    unit="{request}",
+    description="Requests that waited for another caller's upstream call, by scope (process, redis)",
+)
+vendor_api_upstream_latency = meter.create_histogram(
+    "cachesync.vendor_api.upstream.latency",
+    unit="ms",
+    description="Upstream call duration, by api and status",
+)
+vendor_api_upstream_errors = meter.create_counter(
+    "cachesync.vendor_api.upstream.errors",
+    unit="{call}",
+    description="Failed upstream calls, by api and error (timeout, unavailable, rejected, bad_response)",
+)
+vendor_api_cache_errors = meter.create_counter(
+    "cachesync.vendor_api.cache.errors",
+    unit="{operation}",
+    description="Cache (Redis) operations that failed, so the call bypassed the cache",
+)
+
+# Consumer lag per group and partition, as seen by each loop after a fetch: the
+# high-water mark minus the position. Read by an observable gauge at export time.
+_lag: dict[tuple[str, str, int], int] = {}
+
+
+def record_lag(group: str, topic: str, partition: int, lag: int) -> None:
+    _lag[(group, topic, partition)] = lag
+
+
+def _observe_lag(_options: CallbackOptions) -> Iterable[Observation]:
+    for (group, topic, partition), lag in list(_lag.items()):
+        yield Observation(lag, {"group": group, "topic": topic, "partition": partition})
+
+
+consumer_lag = meter.create_observable_gauge(
+    "cachesync.consumer.lag",
+    callbacks=[_observe_lag],
+    unit="{message}",
+    description="Messages not yet consumed, by consumer group, topic and partition",
+)
+
+
+class _KafkaHeaders(Getter[Sequence[tuple[str, bytes]]], Setter[list[tuple[str, bytes]]]):
+    """W3C trace context in Kafka headers (a list of (str, bytes) pairs)."""
+
+    def get(self, carrier: Sequence[tuple[str, bytes]], key: str) -> list[str] | None:
+        values = [v.decode() for k, v in carrier if k == key and v is not None]
+        return values or None
+
+    def keys(self, carrier: Sequence[tuple[str, bytes]]) -> list[str]:
+        return [k for k, _ in carrier]
+
+    def set(self, carrier: list[tuple[str, bytes]], key: str, value: str) -> None:
+        carrier[:] = [(k, v) for k, v in carrier if k != key]
+        carrier.append((key, value.encode()))
+
+
+KAFKA_HEADERS = _KafkaHeaders()
+
+
+def extract_context(headers: Sequence[tuple[str, bytes]] | None) -> Context:
+    """The trace context a message carries (an empty one starts a new trace)."""
+    return propagate.extract(list(headers or ()), getter=KAFKA_HEADERS)
+
+
+def inject_context(headers: list[tuple[str, bytes]]) -> None:
+    """Put the current span's context in outgoing headers, unless the aiokafka
+    instrumentation does it for us at send time (then it links its send span)."""
+    if not _kafka_instrumented():
+        propagate.inject(headers, setter=KAFKA_HEADERS)
+
+
+def _kafka_instrumented() -> bool:
+    try:
+        from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
+    except ImportError:
+        return False
+    return bool(AIOKafkaInstrumentor().is_instrumented_by_opentelemetry)
+
+
+# The consistency checker (consumers/consistency.py), by region and sink.
+consistency_probes = meter.create_counter(
+    "cachesync.consistency.probes",
+    unit="{probe}",
+    description="Read-backs after a purge, by region, sink and result (converged, stale, recovered, gave_up)",
+)
+consistency_staleness = meter.create_histogram(
+    "cachesync.consistency.staleness",
+    unit="ms",
+    description="Event time until no stale copy was served, by region and sink",
+)
+_consistency: dict[tuple[str, str], float] = {}
+
+
+def record_consistency(region: str, sink: str, share: float) -> None:
+    _consistency[(region, sink)] = share
+
+
+def _observe_consistency(_options: CallbackOptions) -> Iterable[Observation]:
+    for (region, sink), share in list(_consistency.items()):
+        yield Observation(share, {"region": region, "sink": sink})
+
+
+consistency_converged = meter.create_observable_gauge(
+    "cachesync.consistency.converged_ratio",
+    callbacks=[_observe_consistency],
+    unit="1",
+    description="Share of sampled purges with no stale copy at the first read-back, by region and sink",
+)
+
+
+@dataclass
+class Telemetry:
+    """What `setup_telemetry` installed; tests read the in-memory parts."""
+
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+    metrics_port: int | None = None
+    span_exporter: SpanExporter | None = None
+    metric_readers: list[MetricReader] = field(default_factory=list)
+
+    def shutdown(self) -> None:
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+def setup_telemetry(
+    service_name: str,
+    *,
+    metrics_port: int | None = None,
+    span_exporter: SpanExporter | None = None,
+    metric_readers: list[MetricReader] | None = None,
+    instrument: bool = True,
+) -> Telemetry:
+    """Install the global tracer and meter providers and the library instrumentations.
+
+    Exporters follow the standard OTEL_* variables: OTLP over HTTP when
+    OTEL_EXPORTER_OTLP_ENDPOINT (or the per-signal variable) is set, nothing when
+    not; OTEL_SDK_DISABLED=true turns everything off. `metrics_port` serves
+    Prometheus' /metrics on 127.0.0.1 (CACHESYNC_METRICS_HOST to change). Tests pass
+    in-memory exporters and readers.
+    """
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    tracer_provider = TracerProvider(resource=resource)
+    readers = list(metric_readers or [])
+    otlp = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if otlp or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    if otlp or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    if span_exporter is not None:
+        tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    if metrics_port is not None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        readers.append(PrometheusMetricReader())
+        start_http_server(metrics_port, addr=os.environ.get("CACHESYNC_METRICS_HOST", "127.0.0.1"))
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(meter_provider)
+    if instrument:
+        _instrument_libraries()
+    return Telemetry(tracer_provider, meter_provider, metrics_port, span_exporter, readers)
+
+
+def _instrument_libraries() -> None:
+    """Spans for Kafka sends, Redis commands, HTTP calls and AWS calls, with context injected."""
+    from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
+    from opentelemetry.instrumentation.botocore import AiobotocoreInstrumentor
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    for instrumentor in (AIOKafkaInstrumentor(), RedisInstrumentor(), HTTPXClientInstrumentor()):
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument()
+    aws = AiobotocoreInstrumentor()  # type: ignore[no-untyped-call]
+    if not aws.is_instrumented_by_opentelemetry:
+        # aiobotocore 3.x is newer than the range the instrumentor declares; it works.
+        aws.instrument(skip_dep_check=True)
+
+
+_UNIT_SUFFIX = {"ms": "milliseconds", "s": "seconds", "By": "bytes", "1": "ratio"}
+
+
+def prometheus_families() -> dict[str, str]:
+    """Every instrument above as the Prometheus exporter names its family -> instrument kind.
+
+    Dots become underscores, the unit is appended in words (`{annotations}` are
+    dropped); counters' samples add `_total`, histograms' `_bucket/_sum/_count`. The
+    dashboard and alert tests check their queries against this.
+    """
+    families: dict[str, str] = {}
+    for value in list(globals().values()):
+        name = getattr(value, "name", None) or getattr(value, "_name", None)
+        unit = getattr(value, "unit", None) or getattr(value, "_unit", None) or ""
+        if not isinstance(name, str) or not name.startswith("cachesync."):
+            continue
+        kind = type(value).__name__.lstrip("_").replace("Proxy", "")
+        family = name.replace(".", "_")
+        suffix = "" if unit.startswith("{") else _UNIT_SUFFIX.get(unit, unit)
+        if suffix and not family.endswith("_" + suffix):
+            family += "_" + suffix
+        families[family] = kind
+    return families

@@ -149,16 +149,29 @@ async def run_roles_bg() -> AsyncIterator[Callable[[list[Any]], Awaitable[asynci
         await asyncio.wait_for(task, timeout=30)
 
 
-@pytest.fixture(scope="session")
-def metric_reader() -> Any:
-    """An in-memory reader on the global meter provider, for tests that check metrics."""
-    from opentelemetry import metrics
-    from opentelemetry.sdk.metrics import MeterProvider
+@pytest.fixture(scope="session", autouse=True)
+def telemetry() -> Iterator[Any]:
+    """Tracing and metrics as `cachesync run` sets them up, with in-memory exporters and /metrics."""
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    reader = InMemoryMetricReader()
-    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-    return reader
+    from consumers.telemetry import setup_telemetry
+    from tests.stubs.serve import free_port
+
+    handle = setup_telemetry(
+        "cachesync-tests",
+        metrics_port=free_port(),
+        span_exporter=InMemorySpanExporter(),
+        metric_readers=[InMemoryMetricReader()],
+    )
+    yield handle
+    handle.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metric_reader(telemetry: Any) -> Any:
+    """The in-memory metric reader on the global meter provider."""
+    return telemetry.metric_readers[0]
 
 
 def metric_points(reader: Any, name: str) -> list[Any]:

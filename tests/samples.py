@@ -18,6 +18,8 @@ def _value(name: str, avro_type: Any) -> Any:
             return 1_764_000_000_000
         if avro_type["type"] == "array":
             return [f"{name}-1", f"{name}-2"]
+        if avro_type["type"] == "map":
+            return {f"{name}-k": f"{name}-v"}
         return _value(name, avro_type["type"])
     return {"string": f"{name}-x", "long": 42, "int": 7, "boolean": True}[avro_type]
 

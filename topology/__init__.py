@@ -9,6 +9,7 @@ from topology.model import (
     TopicSpec,
     Topology,
     TopologyError,
+    VendorApiPolicy,
     WarmTemplate,
     load_topology,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "TopicSpec",
     "Topology",
     "TopologyError",
+    "VendorApiPolicy",
     "WarmTemplate",
     "load_topology",
     "render",

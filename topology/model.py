@@ -53,10 +53,90 @@ class Topics(_Strict):
 class RegionSpec(_Strict):
     redis_url: str | None = None
     countries: list[str] = Field(default_factory=list)
-    # Filled in by the CDN sinks' configuration (issue 4): zone, distribution, edge.
+    # The region's CDNs and edge (consumers/sinks/*); a sink whose target is not set
+    # is not configured in that region (`run all` skips it with a note).
     cloudflare_zone: str | None = None
     cloudfront_distribution: str | None = None
+    # The region's HTTP edge (Varnish/Fastly style): the HTTP-purge sink sends PURGE/BAN
+    # here and the warmer GETs through it. EDGE_URL_<REGION> overrides.
     edge_url: str | None = None
+    # The site as the CDN caches it: Cloudflare purges files by full URL and prefixes
+    # by host/path, so paths from the rules are joined to this.
+    public_url: str | None = None
+    # The zone's plan rate for purge_cache, if it differs from cdn.cloudflare.rate_per_s.
+    cloudflare_rate_per_s: float | None = Field(default=None, gt=0)
+
+
+class CloudflarePolicy(_Strict):
+    """Cloudflare purge_cache: per-request item limit, the plan's rate, when to escalate."""
+
+    api_url: str = "https://api.cloudflare.com"
+    max_items_per_request: int = Field(default=100, ge=1)
+    rate_per_s: float = Field(default=5.0, gt=0)  # token bucket per zone
+    burst: int = Field(default=10, ge=1)
+    # More URLs than this under one entity root (/weddings/w1/) become one prefix purge.
+    escalate_urls_over: int = Field(default=30, ge=1)
+    # Cost budget: requests per flush; beyond it URLs escalate to prefixes.
+    max_requests_per_flush: int | None = Field(default=None, ge=1)
+    timeout_s: float = Field(default=10.0, gt=0)
+    attempts: int = Field(default=4, ge=1)  # 5xx / timeouts, jittered backoff
+
+
+class CloudFrontPolicy(_Strict):
+    """CloudFront invalidations: the per-distribution in-progress limits and path budget."""
+
+    max_paths_in_progress: int = Field(default=3000, ge=1)
+    max_wildcards_in_progress: int = Field(default=15, ge=1)
+    # Cost budget: paths per flush (each path or wildcard is billed once); beyond it,
+    # the entity roots with the most paths become wildcards.
+    max_paths_per_flush: int = Field(default=3000, ge=1)
+    escalate_paths_over: int = Field(default=30, ge=1)
+    # How long to wait (partition paused) when the in-progress limits are full.
+    busy_retry_s: float = Field(default=30.0, gt=0)
+    timeout_s: float = Field(default=20.0, gt=0)
+    attempts: int = Field(default=4, ge=1)
+
+
+class HttpPurgePolicy(_Strict):
+    """Varnish/Fastly-style edge: PURGE by URL, xkey surrogate keys, BAN by prefix."""
+
+    max_keys_per_request: int = Field(default=256, ge=1)
+    soft: bool = False  # xkey-softpurge: keep serving stale while the origin refetches
+    concurrency: int = Field(default=16, ge=1)
+    timeout_s: float = Field(default=5.0, gt=0)
+    attempts: int = Field(default=3, ge=1)
+
+
+class WarmPolicy(_Strict):
+    """The warmer: how hard it may hit a region's edge, and what confirms a warm."""
+
+    concurrency: int = Field(default=8, ge=1)
+    timeout_s: float = Field(default=10.0, gt=0)
+    attempts: int = Field(default=3, ge=1)
+    cache_status_header: str = "X-Cache"
+    confirm: bool = True  # GET again after a MISS: warm only when the edge says HIT
+    wait_retry_s: float = Field(default=1.0, gt=0)  # purge not yet applied: look again
+    # A warm whose purge is still not applied this long after it was issued is dropped,
+    # so one lost purge cannot hold its partition's other warms until the deadline.
+    max_wait_s: float = Field(default=60.0, gt=0)
+
+
+class CdnPolicy(_Strict):
+    """The purge budget and the CDN sinks' limits (`cdn:` in topology.yaml)."""
+
+    # Commands arriving within this window are coalesced into one flush per sink.
+    window_ms: int = Field(default=1000, ge=0)
+    max_batch_records: int = Field(default=5000, ge=1)
+    # Path segments that make an entity root (/weddings/w1/): the unit of escalation.
+    root_depth: int = Field(default=2, ge=1)
+    # An item purged after an event happened (less this clock-skew margin) is not purged
+    # again for that event; purge times are remembered this long.
+    clock_skew_ms: int = Field(default=1000, ge=0)
+    remember_purged_s: float = Field(default=300.0, ge=0)
+    cloudflare: CloudflarePolicy = Field(default_factory=CloudflarePolicy)
+    cloudfront: CloudFrontPolicy = Field(default_factory=CloudFrontPolicy)
+    http_purge: HttpPurgePolicy = Field(default_factory=HttpPurgePolicy)
+    warm: WarmPolicy = Field(default_factory=WarmPolicy)
 
 
 class PurgeTemplate(_Strict):
@@ -96,11 +176,41 @@ class Rule(_Strict):
         return self
 
 
+class VendorApiPolicy(_Strict):
+    """How the vendor API cache calls and caches one external integration (`vendor_apis.<api>`).
+
+    Freshness is the vendor's `Cache-Control` when `trust_cache_control` (capped by
+    `max_ttl_s`), else `ttl_s`. Past freshness an entry is served while it is refreshed
+    in the background for `stale_while_revalidate_s`, and, when the vendor errs or times
+    out, for up to `max_stale_s` (stale-if-error). Redis drops it after the longer of the two.
+    """
+
+    base_url: str
+    ttl_s: int = Field(default=300, ge=0)
+    max_ttl_s: int = Field(default=86_400, ge=0)
+    stale_while_revalidate_s: int = Field(default=60, ge=0)
+    max_stale_s: int = Field(default=3_600, ge=0)
+    trust_cache_control: bool = True
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    read_timeout_s: float = Field(default=5.0, gt=0)
+    total_timeout_s: float = Field(default=8.0, gt=0)
+    max_body_bytes: int = Field(default=1_000_000, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {v!r}")
+        return v.rstrip("/")
+
+
 class Topology(_Strict):
     topics: Topics
     regions: dict[str, RegionSpec] = Field(min_length=1)
     default_region: str
     rules: dict[str, Rule]
+    vendor_apis: dict[str, VendorApiPolicy] = Field(default_factory=dict)
+    cdn: CdnPolicy = Field(default_factory=CdnPolicy)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Topology:

@@ -14,9 +14,11 @@ returns. So a sink must:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar
 
+from consumers.audit import Note
 from consumers.commands import Command
 
 
@@ -31,6 +33,9 @@ class FlushResult:
     applied: int = 0
     skipped: int = 0
     rejected: tuple[Rejected, ...] = ()
+    # What the sink has to say per command id (fenced warms, provider ids, edge cache
+    # statuses); it goes to the audit topic and the command's span. Absent: applied.
+    notes: Mapping[str, Note] = field(default_factory=dict)
 
 
 class Sink(ABC):
@@ -40,6 +45,11 @@ class Sink(ABC):
     # CDN sinks cost money and rate budget; a replay run with --no-cdn marks its
     # commands so that these sinks skip them (see consumers.replay).
     is_cdn: ClassVar[bool] = False
+    # The coalescing window: the runner gathers records for up to `linger_ms` (and at
+    # most `max_batch_records`) before one flush, so a sink with a purge budget
+    # (consumers/budget.py) sees a whole window's commands at once. 0: flush per poll.
+    linger_ms: int = 0
+    max_batch_records: int | None = None
 
     def __init__(self, region: str) -> None:
         self.region = region

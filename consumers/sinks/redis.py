@@ -12,6 +12,7 @@ from consumers import keys, telemetry
 from consumers.commands import Command, PurgeCommand
 from consumers.errors import TransientError
 from consumers.sinks.base import FlushResult, Sink
+from consumers.sinks.ledger import PurgeLedger
 
 # Deletes the given keys and, for each tag index set, its members and the set itself,
 # in one round trip and atomically, so a key added to a tag mid-purge is either
@@ -42,6 +43,8 @@ class RedisSink(Sink):
         self.url = url
         self.redis = client or Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
         self._script = self.redis.register_script(_PURGE_SCRIPT)
+        # Purge versions and applied markers, for the warmer's fencing (sinks/ledger.py).
+        self.ledger = PurgeLedger(self.redis, self.kind, region)
         self._pending: list[PurgeCommand] = []
 
     def accepts(self, command: Command) -> bool:
@@ -60,7 +63,8 @@ class RedisSink(Sink):
             for cmd in pending:
                 tag_sets = [keys.tag_index(t) for t in cmd.tags]
                 await self._script(keys=[*cmd.keys, *tag_sets], args=[len(cmd.keys)], client=pipe)
-            results = await pipe.execute()
+            await self.ledger.queue(pipe, pending)
+            results = (await pipe.execute())[: len(pending)]
         except (RedisError, OSError) as exc:
             raise TransientError(
                 f"redis {self.region}: purge failed: {type(exc).__name__}: {exc}"

@@ -1,0 +1,324 @@
+"""The purge budget: coalesce a window's purges per sink and escalate them to fit a provider.
+
+A sink hands the purge commands of one coalescing window to `plan`, which returns
+the fewest items that still purge everything those commands asked for:
+
+- identical items are sent once, and a URL (or prefix) under a purged prefix is
+  not sent at all (coalescing);
+- when a provider limit would be exceeded (URLs per entity root, items or wildcards
+  per flush, requests per flush as a cost budget) URLs are replaced by the prefix
+  of their entity root (`/weddings/w1/`), and prefixes by their parent, largest
+  group first (escalation).
+
+Nothing is ever dropped: an item leaves the plan only when an identical or covering
+item is in it. Over-purging a little is the price of never under-purging.
+
+`Progress` remembers what a failed flush already got acknowledged, so that the retry
+of the same batch (after a 429, a timeout) does not send those items again.
+`RecentPurges` remembers when items were last purged, so a later window does not
+purge again what was purged after its events happened.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from consumers.commands import PurgeCommand
+
+Kind = Literal["urls", "tags", "prefixes"]
+KINDS: tuple[Kind, ...] = ("tags", "urls", "prefixes")
+PATH_KINDS: tuple[Kind, ...] = ("urls", "prefixes")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one provider can purge and how much, for one flush."""
+
+    provider: str
+    max_items_per_request: int
+    tags: bool = True
+    prefixes: bool = True
+    # More URLs than this under one entity root become that root's prefix.
+    escalate_urls_over: int | None = None
+    # URLs + prefixes in one flush (CloudFront: paths in progress, cost budget).
+    max_items: int | None = None
+    # Prefixes in one flush (CloudFront: wildcards in progress).
+    max_prefixes: int | None = None
+    # Requests in one flush (a cost budget for per-request pricing or rate).
+    max_requests: int | None = None
+    # Path segments that make an entity root: 2 -> /weddings/w1/.
+    root_depth: int = 2
+
+
+@dataclass(frozen=True)
+class PurgeRequest:
+    """One provider call: one kind of item, within the per-request limit."""
+
+    kind: Kind
+    items: tuple[str, ...]
+    command_ids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Escalation:
+    reason: str  # per_root | max_items | max_prefixes | max_requests
+    prefix: str
+    replaced: int
+
+
+@dataclass
+class PurgePlan:
+    """The items to purge, each with the ids of the commands that need it."""
+
+    limits: Limits
+    items: dict[Kind, dict[str, set[str]]] = field(
+        default_factory=lambda: {k: defaultdict(set) for k in KINDS}
+    )
+    command_ids: set[str] = field(default_factory=set)
+    raw_items: int = 0
+    coalesced: int = 0
+    escalations: list[Escalation] = field(default_factory=list)
+
+    @property
+    def item_count(self) -> int:
+        return sum(len(v) for v in self.items.values())
+
+    def count(self, kind: Kind) -> int:
+        return len(self.items[kind])
+
+    @property
+    def request_count(self) -> int:
+        per = self.limits.max_items_per_request
+        return sum(math.ceil(len(v) / per) for v in self.items.values())
+
+    def requests(self) -> list[PurgeRequest]:
+        """Chunks of at most `max_items_per_request`, one kind per request, in a stable order."""
+        out: list[PurgeRequest] = []
+        per = self.limits.max_items_per_request
+        for kind in KINDS:
+            ordered = sorted(self.items[kind])
+            for i in range(0, len(ordered), per):
+                chunk = tuple(ordered[i : i + per])
+                ids = frozenset().union(*(self.items[kind][item] for item in chunk))
+                out.append(PurgeRequest(kind, chunk, ids))
+        return out
+
+
+class Progress:
+    """Items a failed flush already got acknowledged, per command, for its retry."""
+
+    def __init__(self, max_entries: int = 200_000) -> None:
+        self._acked: dict[tuple[Kind, str], set[str]] = {}
+        self._prefixes: dict[str, set[str]] = {}
+        self.max_entries = max_entries
+
+    def record(self, request: PurgeRequest) -> None:
+        if len(self._acked) > self.max_entries:  # a bound, not a correctness matter
+            self.clear()
+        for item in request.items:
+            self._acked.setdefault((request.kind, item), set()).update(request.command_ids)
+            if request.kind == "prefixes":
+                self._prefixes.setdefault(item, set()).update(request.command_ids)
+
+    def covers(self, kind: Kind, item: str, command_id: str) -> bool:
+        if command_id in self._acked.get((kind, item), ()):
+            return True
+        if kind == "tags":
+            return False
+        return any(
+            item.startswith(prefix) and command_id in ids for prefix, ids in self._prefixes.items()
+        )
+
+    def clear(self) -> None:
+        self._acked.clear()
+        self._prefixes.clear()
+
+    def __len__(self) -> int:
+        return len(self._acked)
+
+
+class RecentPurges:
+    """Items purged lately, with when the purge was sent, across windows.
+
+    A command whose event happened before an item's purge was sent (less a margin for
+    clock skew between the platform and us) needs no second purge of that item: the
+    provider dropped every copy older than that purge, and anything cached since was
+    fetched after the change. This is what keeps a burst that spans several windows
+    close to the providers' minimum number of calls.
+    """
+
+    def __init__(self, *, keep_s: float = 300.0, skew_ms: float = 1000.0) -> None:
+        self.keep_ms = keep_s * 1000
+        self.skew_ms = skew_ms
+        self._sent: dict[tuple[Kind, str], float] = {}
+
+    def record(self, kind: Kind, items: Iterable[str], sent_at_ms: float) -> None:
+        for item in items:
+            self._sent[(kind, item)] = max(self._sent.get((kind, item), 0.0), sent_at_ms)
+
+    def covers(self, kind: Kind, item: str, occurred_at_ms: float) -> bool:
+        after = occurred_at_ms + self.skew_ms
+        if self._sent.get((kind, item), 0.0) > after:
+            return True
+        if kind == "tags":
+            return False
+        bare = item.split("?", 1)[0]
+        cut = bare.find("/", 1)
+        while cut != -1:  # every ancestor prefix: /a/, /a/b/, ...
+            if self._sent.get(("prefixes", bare[: cut + 1]), 0.0) > after:
+                return True
+            cut = bare.find("/", cut + 1)
+        return self._sent.get(("prefixes", "/"), 0.0) > after
+
+    def expire(self, now_ms: float) -> None:
+        horizon = now_ms - self.keep_ms
+        for key in [k for k, t in self._sent.items() if t < horizon]:
+            del self._sent[key]
+
+    def __len__(self) -> int:
+        return len(self._sent)
+
+
+def entity_root(path: str, depth: int) -> str | None:
+    """`/weddings/w1/` for `/weddings/w1/gallery` at depth 2; None when the path is not below one."""
+    if depth <= 0:
+        return "/"
+    bare = path.split("?", 1)[0]
+    segments = bare.split("/")[1:]
+    if len(segments) <= depth or not all(segments[:depth]):
+        return None
+    return "/" + "/".join(segments[:depth]) + "/"
+
+
+def plan(
+    commands: Iterable[PurgeCommand],
+    limits: Limits,
+    *,
+    progress: Progress | None = None,
+    recent: RecentPurges | None = None,
+) -> PurgePlan:
+    """Coalesce `commands` into one plan that fits `limits`; see the module docstring."""
+    result = PurgePlan(limits)
+    for cmd in commands:
+        result.command_ids.add(cmd.command_id)
+        sources: list[tuple[Kind, Iterable[str]]] = [("urls", cmd.urls)]
+        if limits.tags:
+            sources.append(("tags", cmd.tags))
+        # A provider without prefix purges cannot honour a prefix; such commands carry
+        # their URLs too, and the sink says so in its docs.
+        if limits.prefixes:
+            sources.append(("prefixes", cmd.prefixes))
+        for kind, values in sources:
+            for value in values:
+                result.raw_items += 1
+                if progress is not None and progress.covers(kind, value, cmd.command_id):
+                    continue
+                if recent is not None and recent.covers(kind, value, cmd.origin_occurred_at):
+                    continue
+                result.items[kind][value].add(cmd.command_id)
+    _drop_covered(result)
+    result.coalesced = result.raw_items - result.item_count
+    if limits.prefixes:
+        _escalate(result)
+    return result
+
+
+def _drop_covered(p: PurgePlan) -> None:
+    """Prefixes under a shorter prefix, and URLs under any prefix, go into the covering prefix."""
+    prefixes = p.items["prefixes"]
+    if not prefixes:
+        return
+    ordered = sorted(prefixes, key=len)
+    kept: list[str] = []
+    for prefix in ordered:
+        cover = next((k for k in kept if prefix.startswith(k)), None)
+        if cover is None:
+            kept.append(prefix)
+        else:
+            prefixes[cover] |= prefixes.pop(prefix)
+    urls = p.items["urls"]
+    for url in list(urls):
+        cover = next((k for k in kept if url.startswith(k)), None)
+        if cover is not None:
+            prefixes[cover] |= urls.pop(url)
+
+
+def _replace(p: PurgePlan, prefix: str, members: Iterable[str], reason: str) -> None:
+    """Purge `prefix` instead of `members` (URLs or prefixes under it), keeping their commands."""
+    ids: set[str] = set()
+    replaced = 0
+    for member in members:
+        for kind in PATH_KINDS:
+            got = p.items[kind].pop(member, None)
+            if got is not None:
+                ids |= got
+                replaced += 1
+    p.items["prefixes"][prefix] |= ids
+    p.escalations.append(Escalation(reason, prefix, replaced))
+    _drop_covered(p)
+
+
+def _groups(members: Iterable[str], depth: int) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for member in members:
+        root = entity_root(member, depth)
+        if root is not None and root != member:
+            groups[root].append(member)
+    return groups
+
+
+def _over(p: PurgePlan) -> str | None:
+    lim = p.limits
+    if lim.max_items is not None and p.count("urls") + p.count("prefixes") > lim.max_items:
+        return "max_items"
+    if lim.max_requests is not None and p.request_count > lim.max_requests:
+        return "max_requests"
+    return None
+
+
+def _escalate(p: PurgePlan) -> None:
+    lim = p.limits
+    if lim.escalate_urls_over is not None:
+        for root, members in sorted(_groups(p.items["urls"], lim.root_depth).items()):
+            if len(members) > lim.escalate_urls_over:
+                _replace(p, root, members, "per_root")
+    # Over an item or request budget: fold the biggest group into its root, from the
+    # deepest roots up, until it fits; the host root "/" is the last resort.
+    for depth in range(_depth_of(p, "urls", "prefixes"), 0, -1):
+        while (reason := _over(p)) is not None:
+            best = _biggest(_groups([*p.items["urls"], *p.items["prefixes"]], depth))
+            if best is None:
+                break
+            _replace(p, best[0], best[1], reason)
+    if _over(p) == "max_items":
+        _replace(p, "/", [*p.items["urls"], *p.items["prefixes"]], "max_items")
+    if lim.max_prefixes is not None:
+        for depth in range(_depth_of(p, "prefixes") - 1, 0, -1):
+            while p.count("prefixes") > lim.max_prefixes:
+                best = _biggest(_groups(p.items["prefixes"], depth))
+                if best is None:
+                    break
+                _replace(p, best[0], best[1], "max_prefixes")
+        if p.count("prefixes") > lim.max_prefixes:
+            _replace(p, "/", list(p.items["prefixes"]), "max_prefixes")
+
+
+def _depth_of(p: PurgePlan, *kinds: Kind) -> int:
+    return max(
+        (len(m.split("?", 1)[0].strip("/").split("/")) for k in kinds for m in p.items[k]),
+        default=0,
+    )
+
+
+def _biggest(groups: dict[str, list[str]]) -> tuple[str, list[str]] | None:
+    best = max(groups.items(), key=lambda kv: (len(kv[1]), kv[0]), default=None)
+    return best if best is not None and len(best[1]) >= 2 else None
+
+
+def minimum_requests(item_counts: Mapping[str, int], per_request: int) -> int:
+    """The fewest calls that can carry these distinct items, one kind per call."""
+    return sum(math.ceil(n / per_request) for n in item_counts.values())

@@ -1,0 +1,171 @@
+"""A Cloudflare purge_cache API stub that keeps the real contract, for tests and benchmarks.
+
+`POST /client/v4/zones/{zone}/purge_cache` with exactly one of `files`, `tags`,
+`hosts`, `prefixes` or `purge_everything`; at most `max_items` items; a bearer token
+(403 otherwise); a token bucket per zone answering 429 with Retry-After; faults
+injected on demand (`fail_next`). Answers in Cloudflare's envelope
+`{"success", "errors": [{"code", "message"}], "messages", "result"}` and records
+every call, so tests can count them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+PURGE_TYPES = ("files", "tags", "hosts", "prefixes", "purge_everything")
+
+
+@dataclass
+class StubCall:
+    zone: str
+    kind: str | None
+    items: list[str]
+    status: int
+    at: float
+
+
+@dataclass
+class _Bucket:
+    rate: float
+    burst: float
+    tokens: float
+    updated: float = field(default_factory=time.monotonic)
+
+    def take(self) -> float:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+class CloudflareStub:
+    def __init__(
+        self,
+        *,
+        token: str = "test-token",
+        zones: set[str] | None = None,
+        max_items: int = 100,
+        rate_per_s: float = 1000.0,
+        burst: int = 1000,
+    ) -> None:
+        self.token = token
+        self.zones = zones  # None: any zone exists
+        self.max_items = max_items
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.calls: list[StubCall] = []
+        self.fail_next: list[int] = []  # statuses to answer before anything else, in order
+        self._buckets: dict[str, _Bucket] = {}
+        self.app = Starlette(
+            routes=[Route("/client/v4/zones/{zone}/purge_cache", self.purge, methods=["POST"])]
+        )
+
+    def set_rate(self, rate_per_s: float, burst: int) -> None:
+        self.rate_per_s, self.burst = rate_per_s, burst
+        self._buckets.clear()
+
+    # -- what tests read -------------------------------------------------------
+    def applied(self, zone: str | None = None) -> list[StubCall]:
+        return [c for c in self.calls if c.status == 200 and (zone is None or c.zone == zone)]
+
+    def purged(self, kind: str, zone: str | None = None) -> set[str]:
+        return {i for c in self.applied(zone) if c.kind == kind for i in c.items}
+
+    def count(self, status: int, zone: str | None = None) -> int:
+        return sum(1 for c in self.calls if c.status == status and (zone is None or c.zone == zone))
+
+    # -- the API ---------------------------------------------------------------
+    async def purge(self, request: Request) -> JSONResponse:
+        zone = request.path_params["zone"]
+        kind: str | None = None
+        items: list[str] = []
+
+        def answer(status: int, code: int = 0, message: str = "", **headers: str) -> JSONResponse:
+            self.calls.append(StubCall(zone, kind, items, status, time.monotonic()))
+            if status == 200:
+                body = {
+                    "success": True,
+                    "errors": [],
+                    "messages": [],
+                    "result": {"id": uuid.uuid4().hex},
+                }
+            else:
+                body = {
+                    "success": False,
+                    "errors": [{"code": code, "message": message}],
+                    "messages": [],
+                    "result": None,
+                }
+            return JSONResponse(body, status_code=status, headers=headers)
+
+        if request.headers.get("authorization") != f"Bearer {self.token}":
+            return answer(403, 10000, "Authentication error")
+        if self.zones is not None and zone not in self.zones:
+            return answer(
+                404,
+                7003,
+                "Could not route to /zones/..., perhaps your object identifier is invalid?",
+            )
+        if self.fail_next:
+            status = self.fail_next.pop(0)
+            return answer(status, 10001, f"injected fault {status}")
+        bucket = self._buckets.setdefault(
+            zone, _Bucket(self.rate_per_s, self.burst, float(self.burst))
+        )
+        wait = bucket.take()
+        if wait > 0:
+            return answer(
+                429,
+                971,
+                "Please wait and consider throttling your request speed",
+                **{"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+        try:
+            body: Any = await request.json()
+        except ValueError:
+            return answer(400, 1012, "Request body is not valid JSON")
+        if not isinstance(body, dict):
+            return answer(400, 1012, "Request body must be an object")
+        present = [k for k in PURGE_TYPES if k in body]
+        if len(present) != 1 or set(body) - set(PURGE_TYPES):
+            return answer(
+                400,
+                1012,
+                'Request must contain exactly one of "purge_everything", "files", "tags", "hosts" or "prefixes"',
+            )
+        kind = present[0]
+        if kind == "purge_everything":
+            if body[kind] is not True:
+                return answer(400, 1012, "purge_everything must be true")
+            return answer(200)
+        values = body[kind]
+        if (
+            not isinstance(values, list)
+            or not values
+            or not all(isinstance(v, str) and v for v in values)
+        ):
+            return answer(400, 1012, f"{kind} must be a non-empty list of strings")
+        items = list(values)
+        if len(items) > self.max_items:
+            return answer(
+                400, 1015, f"Too many {kind} in one request: {len(items)} > {self.max_items}"
+            )
+        if kind == "files" and not all(v.startswith(("http://", "https://")) for v in items):
+            return answer(400, 1016, "files must be absolute URLs")
+        if kind == "prefixes" and any("://" in v or v.startswith("/") for v in items):
+            return answer(400, 1018, "prefixes must be host/path without a scheme")
+        if kind == "tags" and any(len(v) > 1024 or " " in v for v in items):
+            return answer(400, 1019, "tags must be at most 1024 characters, without spaces")
+        return answer(200)
