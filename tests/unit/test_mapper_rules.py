@@ -223,7 +223,7 @@ CASES: list[tuple[str, dict[str, Any], dict[str, list[str]], dict[str, dict[str,
     (
         "vendor_api.changed",
         {"vendor_id": "v1", "api": "prices"},
-        {"keys": [], "tags": ["vendor-api:v1", "vendor-api:v1:prices"], "urls": [], "prefixes": []},
+        {"keys": [], "tags": ["vendor-api:v1:prices"], "urls": [], "prefixes": []},
         {},
     ),
 ]

@@ -465,11 +465,13 @@ async def test_vendor_api_changed_purges_that_vendors_entries_only(
     topics: list[str],
     run_roles_bg: Callable[[list[Any]], Awaitable[asyncio.Event]],
 ) -> None:
-    """vendor_api.changed purges the vendor's API entries (its rule names both vendor-api tags); other vendors' stay."""
+    """vendor_api.changed purges that vendor's entries of that API only; its other APIs and other vendors' stay."""
     vendor_id, path = _ids()
     bystander, bystander_path = _ids()
+    reviews_path = f"/vendors/{vendor_id}/reviews"
     client = make_client()
     await client.get("availability", path, vendor_id=vendor_id)
+    await client.get("reviews", reviews_path, vendor_id=vendor_id)
     await client.get("availability", bystander_path, vendor_id=bystander)
 
     await _start_pipeline(settings, run_roles_bg)
@@ -488,6 +490,7 @@ async def test_vendor_api_changed_purges_that_vendors_entries_only(
     assert (
         await client.get("availability", bystander_path, vendor_id=bystander)
     ).cache_status == "HIT"
+    assert (await client.get("reviews", reviews_path, vendor_id=vendor_id)).cache_status == "HIT"
 
 
 async def test_redis_down_bypasses_the_cache(vendor: tuple[VendorApiStub, str]) -> None:
