@@ -21,6 +21,7 @@ purge again what was purged after its events happened.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -129,9 +130,7 @@ class Progress:
             return True
         if kind == "tags":
             return False
-        return any(
-            item.startswith(prefix) and command_id in ids for prefix, ids in self._prefixes.items()
-        )
+        return any(command_id in self._prefixes.get(a, ()) for a in _ancestors(item))
 
     def clear(self) -> None:
         self._acked.clear()
@@ -166,13 +165,7 @@ class RecentPurges:
             return True
         if kind == "tags":
             return False
-        bare = item.split("?", 1)[0]
-        cut = bare.find("/", 1)
-        while cut != -1:  # every ancestor prefix: /a/, /a/b/, ...
-            if self._sent.get(("prefixes", bare[: cut + 1]), 0.0) > after:
-                return True
-            cut = bare.find("/", cut + 1)
-        return self._sent.get(("prefixes", "/"), 0.0) > after
+        return any(self._sent.get(("prefixes", a), 0.0) > after for a in _ancestors(item))
 
     def expire(self, now_ms: float) -> None:
         horizon = now_ms - self.keep_ms
@@ -181,6 +174,17 @@ class RecentPurges:
 
     def __len__(self) -> int:
         return len(self._sent)
+
+
+def _ancestors(path: str) -> list[str]:
+    """The directory prefixes above a path: /, /a/, /a/b/ for /a/b/c (and /a/b/ itself)."""
+    bare = path.split("?", 1)[0]
+    out = ["/"]
+    cut = bare.find("/", 1)
+    while cut != -1:
+        out.append(bare[: cut + 1])
+        cut = bare.find("/", cut + 1)
+    return out
 
 
 def entity_root(path: str, depth: int) -> str | None:
@@ -228,27 +232,33 @@ def plan(
 
 
 def _drop_covered(p: PurgePlan) -> None:
-    """Prefixes under a shorter prefix, and URLs under any prefix, go into the covering prefix."""
+    """Prefixes under a shorter prefix, and URLs under any prefix, go into the covering prefix.
+
+    In lexicographic order everything between a prefix and a string it covers starts
+    with that prefix, so one sorted pass finds the covering prefixes and a binary
+    search finds the one covering a URL: O(n log n) for bursts of thousands.
+    """
     prefixes = p.items["prefixes"]
     if not prefixes:
         return
-    ordered = sorted(prefixes, key=len)
     kept: list[str] = []
-    for prefix in ordered:
-        cover = next((k for k in kept if prefix.startswith(k)), None)
-        if cover is None:
-            kept.append(prefix)
+    for prefix in sorted(prefixes):
+        if kept and prefix.startswith(kept[-1]):
+            prefixes[kept[-1]] |= prefixes.pop(prefix)
         else:
-            prefixes[cover] |= prefixes.pop(prefix)
+            kept.append(prefix)
     urls = p.items["urls"]
     for url in list(urls):
-        cover = next((k for k in kept if url.startswith(k)), None)
-        if cover is not None:
-            prefixes[cover] |= urls.pop(url)
+        i = bisect.bisect_right(kept, url) - 1
+        if i >= 0 and url.startswith(kept[i]):
+            prefixes[kept[i]] |= urls.pop(url)
 
 
 def _replace(p: PurgePlan, prefix: str, members: Iterable[str], reason: str) -> None:
-    """Purge `prefix` instead of `members` (URLs or prefixes under it), keeping their commands."""
+    """Purge `prefix` instead of `members` (URLs or prefixes under it), keeping their commands.
+
+    Callers run `_drop_covered` once after a pass of replacements.
+    """
     ids: set[str] = set()
     replaced = 0
     for member in members:
@@ -259,7 +269,6 @@ def _replace(p: PurgePlan, prefix: str, members: Iterable[str], reason: str) -> 
                 replaced += 1
     p.items["prefixes"][prefix] |= ids
     p.escalations.append(Escalation(reason, prefix, replaced))
-    _drop_covered(p)
 
 
 def _groups(members: Iterable[str], depth: int) -> dict[str, list[str]]:
@@ -286,25 +295,36 @@ def _escalate(p: PurgePlan) -> None:
         for root, members in sorted(_groups(p.items["urls"], lim.root_depth).items()):
             if len(members) > lim.escalate_urls_over:
                 _replace(p, root, members, "per_root")
-    # Over an item or request budget: fold the biggest group into its root, from the
-    # deepest roots up, until it fits; the host root "/" is the last resort.
+        _drop_covered(p)
+    # Over an item or request budget: fold the biggest groups into their roots, from
+    # the deepest roots up, until it fits; the host root "/" is the last resort.
+    # Groups at one depth are disjoint, so each depth is one pass.
     for depth in range(_depth_of(p, "urls", "prefixes"), 0, -1):
-        while (reason := _over(p)) is not None:
-            best = _biggest(_groups([*p.items["urls"], *p.items["prefixes"]], depth))
-            if best is None:
+        if _over(p) is None:
+            break
+        groups = _groups([*p.items["urls"], *p.items["prefixes"]], depth)
+        for root, members in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            reason = _over(p)
+            if reason is None or len(members) < 2:
                 break
-            _replace(p, best[0], best[1], reason)
+            _replace(p, root, members, reason)
+        _drop_covered(p)
     if _over(p) == "max_items":
         _replace(p, "/", [*p.items["urls"], *p.items["prefixes"]], "max_items")
+        _drop_covered(p)
     if lim.max_prefixes is not None:
         for depth in range(_depth_of(p, "prefixes") - 1, 0, -1):
-            while p.count("prefixes") > lim.max_prefixes:
-                best = _biggest(_groups(p.items["prefixes"], depth))
-                if best is None:
+            if p.count("prefixes") <= lim.max_prefixes:
+                break
+            groups = _groups(p.items["prefixes"], depth)
+            for root, members in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+                if p.count("prefixes") <= lim.max_prefixes or len(members) < 2:
                     break
-                _replace(p, best[0], best[1], "max_prefixes")
+                _replace(p, root, members, "max_prefixes")
+            _drop_covered(p)
         if p.count("prefixes") > lim.max_prefixes:
             _replace(p, "/", list(p.items["prefixes"]), "max_prefixes")
+            _drop_covered(p)
 
 
 def _depth_of(p: PurgePlan, *kinds: Kind) -> int:
@@ -312,11 +332,6 @@ def _depth_of(p: PurgePlan, *kinds: Kind) -> int:
         (len(m.split("?", 1)[0].strip("/").split("/")) for k in kinds for m in p.items[k]),
         default=0,
     )
-
-
-def _biggest(groups: dict[str, list[str]]) -> tuple[str, list[str]] | None:
-    best = max(groups.items(), key=lambda kv: (len(kv[1]), kv[0]), default=None)
-    return best if best is not None and len(best[1]) >= 2 else None
 
 
 def minimum_requests(item_counts: Mapping[str, int], per_request: int) -> int:

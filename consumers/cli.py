@@ -18,6 +18,7 @@ from rich.table import Table
 
 from consumers.errors import ConfigError
 from consumers.settings import Settings, load_settings
+from consumers.sinks.factory import PURGE_KINDS, SINK_KINDS
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 run_app = typer.Typer(help="Run pipeline roles.", no_args_is_help=True)
@@ -32,8 +33,6 @@ app.add_typer(schemas_app, name="schemas")
 console = Console(stderr=True)
 T = TypeVar("T")
 
-SINK_KINDS = ["redis", "cloudflare", "cloudfront", "http_purge", "warmer"]
-
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
@@ -41,7 +40,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
     )
-    for noisy in ("aiokafka", "kafka"):
+    for noisy in ("aiokafka", "kafka", "httpx", "httpcore", "botocore", "aiobotocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -551,10 +550,8 @@ def _expected_sinks(settings: Settings) -> Callable[[str, str], list[str]]:
     """Which sinks should report on a command of a kind in a region (the ones configured)."""
     from consumers.sinks.factory import unavailable
 
-    purge_kinds = [k for k in SINK_KINDS if k != "warmer"]
-
     def expected(region: str, kind: str) -> list[str]:
-        kinds = ["warmer"] if kind == "warm" else purge_kinds
+        kinds = ["warmer"] if kind == "warm" else PURGE_KINDS
         return [k for k in kinds if unavailable(settings, region, k) is None]
 
     return expected

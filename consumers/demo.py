@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from consumers.platform_cache import cache_put
+from consumers.platform_cache import cache_put_many
 from consumers.publish import EventPublisher, new_event
 from consumers.settings import Settings
 
@@ -265,9 +265,10 @@ async def run_demo(
             if world.rng.random() < 0.2:
                 # A guest looks: the platform caches what they saw in every region.
                 w = world.rng.choice(world.weddings)
-                for redis in regions.values():
-                    for key, tags in world.cache_entries(w):
-                        await cache_put(redis, key, b"cached", tags=tags, ttl_s=600)
+                entries = [(key, b"cached", tags) for key, tags in world.cache_entries(w)]
+                await asyncio.gather(
+                    *(cache_put_many(redis, entries, ttl_s=600) for redis in regions.values())
+                )
                 stats.cache_fills += 1
             next_at += interval
             delay = next_at - time.monotonic()

@@ -10,12 +10,12 @@ only where that wedding's guests are).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from consumers.commands import Command, PurgeCommand, WarmCommand, command_id, to_millis
 from consumers.errors import RuleError
-from consumers.state import RelationshipIndex
+from consumers.state import IndexView, RelationshipIndex
 from topology import MissingField, PurgeTemplate, Rule, Topology, render, render_all
 
 
@@ -42,12 +42,16 @@ class Mapper:
         *,
         replay: bool = False,
         replay_id: str = "",
+        index: IndexView | None = None,
     ) -> list[Command]:
         """The commands one event yields; raises RuleError if a template cannot render.
 
         A replay passes its `replay_id`, which goes into the command ids: a replayed
-        command is new work for the sinks, not a duplicate of the original.
+        command is new work for the sinks, not a duplicate of the original. A batch
+        passes its `index` view (`RelationshipIndex.batch()`), read and written once
+        per batch; without one, each read and write goes to Redis.
         """
+        index = index or self.index
         rule = self.rule_for(event_type)
         if rule is None:
             return []
@@ -65,10 +69,10 @@ class Mapper:
         # warm the regions it just declared).
         weddings: list[str] = []
         if rule.fanout == "vendor_weddings":
-            weddings = await self.index.weddings_of(str(fields["vendor_id"]))
+            weddings = await index.weddings_of(str(fields["vendor_id"]))
         elif rule.warm is not None and fields.get("wedding_id"):
             weddings = [str(fields["wedding_id"])]
-        await self._update_index(rule, fields)
+        await self._update_index(rule, fields, index)
 
         if rule.per_wedding is not None:
             for wedding in weddings:
@@ -111,7 +115,7 @@ class Mapper:
                 )
         if rule.warm is not None and weddings:
             warm = rule.warm
-            regions_of = await self.index.regions_of(weddings)
+            regions_of = await index.regions_of(weddings)
             for wedding in weddings:
                 wf = {**fields, "wedding_id": wedding}
                 try:
@@ -147,16 +151,34 @@ class Mapper:
         if rule is not None and rule.index is not None:
             await self._update_index(rule, dict(record))
 
-    async def _update_index(self, rule: Rule, fields: dict[str, Any]) -> None:
+    def index_ids(
+        self, events: Iterable[tuple[str, Mapping[str, Any]]]
+    ) -> tuple[set[str], set[str]]:
+        """The vendor and wedding ids these events name: what a batch index prefetches."""
+        vendors: set[str] = set()
+        weddings: set[str] = set()
+        for event_type, record in events:
+            if self.rule_for(event_type) is None:
+                continue
+            if record.get("vendor_id"):
+                vendors.add(str(record["vendor_id"]))
+            if record.get("wedding_id"):
+                weddings.add(str(record["wedding_id"]))
+        return vendors, weddings
+
+    async def _update_index(
+        self, rule: Rule, fields: dict[str, Any], index: IndexView | None = None
+    ) -> None:
+        index = index or self.index
         if rule.index == "link_vendor":
-            await self.index.link_vendor(str(fields["vendor_id"]), str(fields["wedding_id"]))
+            await index.link_vendor(str(fields["vendor_id"]), str(fields["wedding_id"]))
         elif rule.index == "unlink_vendor":
-            await self.index.unlink_vendor(str(fields["vendor_id"]), str(fields["wedding_id"]))
+            await index.unlink_vendor(str(fields["vendor_id"]), str(fields["wedding_id"]))
         elif rule.index == "forget_vendor":
-            await self.index.forget_vendor(str(fields["vendor_id"]))
+            await index.forget_vendor(str(fields["vendor_id"]))
         elif rule.index == "wedding_regions":
             countries = [str(fields["destination_country"]), *fields.get("guest_countries", [])]
-            await self.index.set_wedding_regions(str(fields["wedding_id"]), countries)
+            await index.set_wedding_regions(str(fields["wedding_id"]), countries)
 
 
 def _one(template: str, fields: Mapping[str, Any]) -> str:

@@ -29,10 +29,25 @@ async def cache_put(
 
     `written_at_ms` is when the data was read from the source of truth (now, unless a
     test or a backup restore says otherwise)."""
+    await cache_put_many(
+        redis, [(key, value, list(tags))], ttl_s=ttl_s, written_at_ms=written_at_ms
+    )
+
+
+async def cache_put_many(
+    redis: Redis,
+    entries: Iterable[tuple[str, bytes | str, list[str]]],
+    *,
+    ttl_s: int = 3600,
+    written_at_ms: int | None = None,
+) -> None:
+    """`cache_put` for many (key, value, tags) entries in one round trip."""
+    stamp = written_at_ms or int(time.time() * 1000)
     pipe = redis.pipeline(transaction=False)
-    pipe.set(key, value, ex=ttl_s)
-    pipe.set(keys.written_at(key), written_at_ms or int(time.time() * 1000), ex=ttl_s)
-    for tag in tags:
-        pipe.sadd(keys.tag_index(tag), key)
-        pipe.expire(keys.tag_index(tag), ttl_s)
+    for key, value, tags in entries:
+        pipe.set(key, value, ex=ttl_s)
+        pipe.set(keys.written_at(key), stamp, ex=ttl_s)
+        for tag in tags:
+            pipe.sadd(keys.tag_index(tag), key)
+            pipe.expire(keys.tag_index(tag), ttl_s)
     await pipe.execute()

@@ -111,8 +111,23 @@ class MapperRole:
         await close_codec(self.codec)
 
     async def handle(self, records: list[Record]) -> None:
-        pending: list[asyncio.Future[Any]] = []
+        # Decode the whole batch first, so that the relationship index is read for all of
+        # it in one round trip and written in one (index.flush) instead of per event.
+        decoded: list[Decoded | BadInput] = []
         for record in records:
+            try:
+                decoded.append(await self._decode(record))
+            except BadInput as exc:
+                decoded.append(exc)
+        index = self.mapper.index.batch()
+        await index.prefetch(
+            *self.mapper.index_ids(
+                (d.type_name, d.record) for d in decoded if isinstance(d, Decoded)
+            )
+        )
+        pending: list[asyncio.Future[Any]] = []
+        out: Counter[tuple[str, str]] = Counter()
+        for record, item in zip(records, decoded, strict=True):
             self.stats.records += 1
             parent = telemetry.extract_context(record.headers)
             # A new trace when the platform sent no context; its child otherwise. Every
@@ -127,27 +142,31 @@ class MapperRole:
                 },
             ) as span:
                 try:
-                    decoded, commands = await self._map(record)
+                    if isinstance(item, BadInput):
+                        raise item
+                    commands = await self.mapper.map_event(item.type_name, item.record, index=index)
                 except BadInput as exc:
                     span.set_status(Status(StatusCode.ERROR, exc.reason))
                     await self.dead_letters.send(record, exc)
                     self.stats.dead_lettered += 1
                     continue
-                event_id = str(decoded.record["event_id"])
+                event_id = str(item.record["event_id"])
                 span.set_attributes(
                     {
-                        "cachesync.event_type": decoded.type_name,
+                        "cachesync.event_type": item.type_name,
                         "cachesync.event_id": event_id,
                         "cachesync.commands": len(commands),
                     }
                 )
+                trace_headers: list[tuple[str, bytes]] = []
+                telemetry.inject_context(trace_headers)
                 for command in commands:
                     value = self.codec.encode(command.schema_type, command.to_record())
                     headers = [
                         ("cachesync.kind", command.kind.encode()),
                         ("cachesync.event_id", command.origin_event_id.encode()),
+                        *trace_headers,
                     ]
-                    telemetry.inject_context(headers)
                     pending.append(
                         await self._send(
                             self.settings.commands_topic(command.region),
@@ -157,13 +176,16 @@ class MapperRole:
                         )
                     )
                     self.stats.produced[command.region] += 1
-                    telemetry.commands_out.add(1, {"kind": command.kind, "region": command.region})
+                    out[command.kind, command.region] += 1
                 await self.audit.mapped(
                     event_id=event_id,
-                    event_type=decoded.type_name,
-                    occurred_at=to_millis(decoded.record["occurred_at"]),
+                    event_type=item.type_name,
+                    occurred_at=to_millis(item.record["occurred_at"]),
                     commands=commands,
                 )
+        for (kind, region), n in out.items():
+            telemetry.commands_out.add(n, {"kind": kind, "region": region})
+        await index.flush()
         await self._acked(pending)
         await self.audit.flush()
 
@@ -182,7 +204,7 @@ class MapperRole:
         except KafkaError as exc:
             raise TransientError(f"produce failed: {exc}") from exc
 
-    async def _map(self, record: Record) -> tuple[Decoded, list[Command]]:
+    async def _decode(self, record: Record) -> Decoded:
         value = record.value or b""
         if len(value) > self.settings.max_event_bytes:
             raise Oversized(f"{len(value)} bytes > limit {self.settings.max_event_bytes}")
@@ -193,7 +215,7 @@ class MapperRole:
             raise bad_input_from_serde(exc) from exc
         telemetry.events_in.add(1, {"event_type": decoded.type_name})
         validate_event(decoded.type_name, decoded.record)
-        return decoded, await self.mapper.map_event(decoded.type_name, decoded.record)
+        return decoded
 
 
 class SinkRole:

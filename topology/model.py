@@ -93,6 +93,9 @@ class CloudFrontPolicy(_Strict):
     escalate_paths_over: int = Field(default=30, ge=1)
     # How long to wait (partition paused) when the in-progress limits are full.
     busy_retry_s: float = Field(default=30.0, gt=0)
+    # Its own, longer coalescing window: an invalidation takes minutes and is billed
+    # per path, so gathering longer costs little and saves calls and paths.
+    window_ms: int = Field(default=10000, ge=0)
     timeout_s: float = Field(default=20.0, gt=0)
     attempts: int = Field(default=4, ge=1)
 

@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from consumers import budget, keys, telemetry
+from consumers.audit import Note
 from consumers.commands import Command, PurgeCommand
 from consumers.errors import RetryAfter, TransientError
 from consumers.sinks.base import FlushResult, Rejected, Sink
@@ -103,7 +104,7 @@ class CloudFrontSink(Sink):
         self.endpoint_url = endpoint_url
         self.redis = Redis.from_url(redis, socket_timeout=5) if isinstance(redis, str) else redis
         self.ledger = PurgeLedger(self.redis, self.kind, region)
-        self.linger_ms = self.policy.window_ms
+        self.linger_ms = max(self.policy.window_ms, self.policy.cloudfront.window_ms)
         self.max_batch_records = self.policy.max_batch_records
         self._session = session or aioboto3.Session(
             aws_access_key_id=aws_access_key_id.get_secret_value() if aws_access_key_id else None,
@@ -207,7 +208,9 @@ class CloudFrontSink(Sink):
             self._recent.record(kind, plan.items[kind], sent_at)
         await self.ledger.record(todo)
         record_latency(PROVIDER, self.region, todo, hook=self.on_ack, ref=record.invalidation_id)
-        return FlushResult(applied=len(pending))
+        # The invalidation id goes into each command's audit record, for `cachesync trace`.
+        note = Note(provider_ids=(record.invalidation_id,), detail=f"{len(paths)} paths")
+        return FlushResult(applied=len(pending), notes={c.command_id: note for c in todo})
 
     async def _invalidate(
         self, ref: str, paths: tuple[str, ...], command_ids: list[str]

@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from consumers import keys, telemetry
+from consumers.audit import Note
 from consumers.commands import Command, WarmCommand
 from consumers.errors import RetryAfter, TransientError
 from consumers.sinks.base import FlushResult, Sink
@@ -80,7 +81,7 @@ class WarmerSink(Sink):
         self._pending: list[WarmCommand] = []
         self._gate = asyncio.Semaphore(self.policy.warm.concurrency)
         # Warms done while others in their batch were not ready: the retried batch skips them.
-        self._done: OrderedDict[str, None] = OrderedDict()
+        self._done: OrderedDict[str, Note] = OrderedDict()
         self.results: deque[WarmResult] = deque(maxlen=10_000)
         self.dropped: deque[tuple[str, str]] = deque(maxlen=10_000)  # (command_id, reason)
 
@@ -107,24 +108,37 @@ class WarmerSink(Sink):
 
     async def flush(self) -> FlushResult:
         pending, self._pending = self._pending, []
+        notes: dict[str, Note] = {
+            w.command_id: self._done[w.command_id] for w in pending if w.command_id in self._done
+        }
         todo = [w for w in pending if w.command_id not in self._done]
         if not todo:
-            return FlushResult(skipped=len(pending))
+            self._done.clear()
+            return FlushResult(skipped=len(pending), notes=notes)
         ready, waiting, dropped = await self._triage(todo)
         for warm, reason in dropped:
             self.dropped.append((warm.command_id, reason))
             telemetry.warm_dropped.add(1, {"region": self.region, "reason": reason})
-            log.info("warm %s for %s dropped: %s", warm.command_id, warm.entity, reason)
-        await asyncio.gather(*(self._warm(w) for w in ready))
+            # Counted by the metric and written to the audit topic; a line each would flood.
+            log.debug("warm %s for %s dropped: %s", warm.command_id, warm.entity, reason)
+            notes[warm.command_id] = Note(
+                outcome="fenced" if reason == "fenced" else "dropped", detail=reason
+            )
+        results = await asyncio.gather(*(self._warm(w) for w in ready))
+        for warm, fetched in zip(ready, results, strict=True):
+            # The status that counts is the last one: MISS then HIT means warmed and confirmed.
+            notes[warm.command_id] = Note(
+                cache_status={r.url: "HIT" if r.confirmed else r.cache_status for r in fetched}
+            )
         if waiting:
             for warm in ready:
-                self._remember(warm.command_id)
+                self._remember(warm.command_id, notes[warm.command_id])
             raise RetryAfter(
                 f"warmer {self.region}: {len(waiting)} warms wait for their purge",
                 self.policy.warm.wait_retry_s,
             )
         self._done.clear()
-        return FlushResult(applied=len(ready), skipped=len(pending) - len(ready))
+        return FlushResult(applied=len(ready), skipped=len(pending) - len(ready), notes=notes)
 
     async def _triage(
         self, warms: list[WarmCommand]
@@ -162,10 +176,11 @@ class WarmerSink(Sink):
                 waiting.append(warm)
         return ready, waiting, dropped
 
-    async def _warm(self, warm: WarmCommand) -> None:
+    async def _warm(self, warm: WarmCommand) -> list[WarmResult]:
         results = await asyncio.gather(*(self._fetch(warm, url) for url in warm.urls))
         hits = sum(r.confirmed for r in results)
         log.debug("warmed %s in %s: %d/%d confirmed", warm.entity, self.region, hits, len(results))
+        return list(results)
 
     async def _fetch(self, warm: WarmCommand, url: str) -> WarmResult:
         header = self.policy.warm.cache_status_header
@@ -211,8 +226,8 @@ class WarmerSink(Sink):
             ) from exc
         return response
 
-    def _remember(self, command_id_: str) -> None:
-        self._done[command_id_] = None
+    def _remember(self, command_id_: str, note: Note) -> None:
+        self._done[command_id_] = note
         while len(self._done) > 50_000:
             self._done.popitem(last=False)
 

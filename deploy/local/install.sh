@@ -31,7 +31,7 @@ fi
 if [[ ! -f "$stamp" || "$REPO/pyproject.toml" -nt "$stamp" ]]; then
   log "installing Python packages"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q -e "$REPO[test,dev]"
+  "$VENV/bin/pip" install -q -e "$REPO[test,dev,bench]"
   touch "$stamp"
 fi
 log "ready"

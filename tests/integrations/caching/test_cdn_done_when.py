@@ -118,7 +118,7 @@ async def test_photo_uploaded_in_tuscany_purges_every_tier_and_warms_the_europea
         HttpPurgeSink(EU, edge_url=edge, redis=eu_redis, policy=POLICY),
         warmer,
     ]
-    roles = [MapperRole(test_settings)]
+    roles = [MapperRole(settings)]  # the session's mapper group: no re-mapping of old events
     roles += [SinkRole(test_settings, s, auto_offset_reset="latest") for s in sinks]
     await run_roles_bg(roles)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -250,10 +251,10 @@ def warm(run: str, wedding: str, *, version: int, event: str, urls: tuple[str, .
         region=EU,
         entity=f"wedding:{wedding}",
         version=version,
-        issued_at=int(__import__("time").time() * 1000),
+        issued_at=int(time.time() * 1000),
         wedding_id=wedding,
         photo_urls=urls,
-        deadline=int(__import__("time").time() * 1000) + 60_000,
+        deadline=int(time.time() * 1000) + 60_000,
     )
 
 

@@ -1,0 +1,128 @@
+"""What the harness and its worker processes share: stack addresses, settings, the event mix."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from consumers.codecs import codec_for
+from consumers.demo import DemoWorld
+from consumers.kafka import make_producer
+from consumers.publish import event_key
+from consumers.settings import Settings, load_settings, region_env_var
+from schemas import Codec
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+# The demo's ids (w-0001, v-0002, ph-000003, a-0004-1) get a per-run tag, so a run's
+# relationship index and cache entries never meet another run's (or the demo's).
+_ID = re.compile(r"\b(w|v|ph|a)-(\d+)")
+
+
+def stack_env() -> None:
+    """Addresses of the local stack (started idempotently) unless the environment has them."""
+    if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        subprocess.run(["bash", str(REPO / "deploy/local/up.sh")], check=True, capture_output=True)
+        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{os.environ.get('KAFKA_PORT', '19092')}"
+    ports = {
+        "us-east": os.environ.get("REDIS_PORT_US_EAST", "16379"),
+        "eu-west": os.environ.get("REDIS_PORT_EU_WEST", "16380"),
+        "ap-southeast": os.environ.get("REDIS_PORT_AP_SOUTHEAST", "16381"),
+    }
+    for region, port in ports.items():
+        os.environ.setdefault(region_env_var(region), f"redis://127.0.0.1:{port}/0")
+    state_port = os.environ.get("REDIS_PORT_STATE", "16382")
+    os.environ.setdefault("CACHESYNC_STATE_REDIS_URL", f"redis://127.0.0.1:{state_port}/0")
+
+
+def bench_settings(prefix: str) -> Settings:
+    """Settings whose topics and consumer groups belong to this bench scenario only."""
+    return load_settings(topic_prefix=f"{prefix}.", group_prefix=prefix)
+
+
+def tagged(value: Any, tag: str) -> Any:
+    if isinstance(value, str):
+        return _ID.sub(rf"\g<1>{tag}-\g<2>", value)
+    if isinstance(value, list):
+        return [tagged(v, tag) for v in value]
+    return value
+
+
+class World:
+    """A DemoWorld whose ids carry a tag: the realistic event mix of `cachesync demo`."""
+
+    def __init__(self, tag: str, *, weddings: int = 100, seed: int = 8) -> None:
+        self.tag = tag
+        self.demo = DemoWorld(weddings=weddings, vendors=weddings * 2, seed=seed)
+
+    def events(self, n: int) -> list[tuple[str, dict[str, Any]]]:
+        """The opening events (weddings published, vendors linked), then the mix, n in all."""
+        out = self.demo.opening_events()[:n]
+        while len(out) < n:
+            out.append(self.demo.next_event())
+        return [(t, {k: tagged(v, self.tag) for k, v in r.items()}) for t, r in out]
+
+    def cache_entries(self) -> list[tuple[str, list[str]]]:
+        """Every entry a guest's visit to each wedding leaves in a region's cache, with tags."""
+        return [
+            (tagged(key, self.tag), [tagged(t, self.tag) for t in tags])
+            for w in self.demo.weddings
+            for key, tags in self.demo.cache_entries(w)
+        ]
+
+
+def encode_events(
+    settings: Settings, events: Iterable[tuple[str, dict[str, Any]]], codec: Codec | None = None
+) -> list[tuple[str, bytes, bytes]]:
+    """(topic, key, value) for each event, encoded as the platform puts it on the wire."""
+    codec = codec or codec_for(settings)
+    out = []
+    for event_type, record in events:
+        topic = settings.topic(settings.topology.content_topic_for(event_type).name)
+        out.append((topic, event_key(event_type, record), codec.encode(event_type, record)))
+    return out
+
+
+async def produce_all(
+    settings: Settings,
+    messages: Sequence[tuple[str, bytes | None, bytes]],
+    producer: AIOKafkaProducer | None = None,
+) -> None:
+    """Produce and wait for every ack (a pre-filled topic for a worker to consume)."""
+    own = producer is None
+    producer = producer or make_producer(
+        settings.kafka_bootstrap_servers, client_id="cachesync-bench-fill", linger_ms=20
+    )
+    if own:
+        await producer.start()
+    try:
+        futures = [
+            await producer.send(topic, value=value, key=key) for topic, key, value in messages
+        ]
+        for fut in futures:
+            await fut
+    finally:
+        if own:
+            await producer.stop()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered)))
+    return float(ordered[rank - 1])

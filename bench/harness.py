@@ -1,0 +1,893 @@
+"""The benchmark harness: every figure next to a ceiling measured in the same run.
+
+    .venv/bin/python -m bench            # the full run (`make bench`), a few minutes
+    .venv/bin/python -m bench --smoke    # everything small, under a minute (`make test`)
+
+1. mapper throughput on one core vs a bare aiokafka consume -> produce loop moving
+   the same messages (bench/worker.py `ceiling`);
+2. end-to-end latency, event produced -> purge applied in all three regions' Redis,
+   at a steady rate, from the audit topic's sink records;
+3. Redis sink apply rate vs pipelined DELs of the same keys;
+4. backlog drain time and peak RSS per process, at two backlog sizes;
+5. CDN efficiency, from bench/cdn_burst.py when it runs.
+
+Each measured process is a separate `python -m bench.worker` (pinned to one core
+where the figure is "on one core"), so the load generator never shares its event
+loop. Every scenario has its own topic and group prefix; the topics are deleted at
+the end. The smoke run fails only on errors, never on slowness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from bench import report
+from bench.common import (
+    REPO,
+    RESULTS,
+    World,
+    bench_settings,
+    encode_events,
+    now_ms,
+    percentile,
+    produce_all,
+    stack_env,
+)
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run (as opposed to: it ran slowly)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    reps: int
+    mapper_warmup: int
+    mapper_count: int
+    sink_warmup: int
+    sink_count: int
+    latency_rate: int
+    latency_warmup_s: float
+    latency_seconds: float
+    latency_reps: int
+    latency_low_rate: int
+    latency_low_seconds: float
+    drain_cap_s: float
+    backlog_sizes: tuple[int, int]
+    cdn_events: int
+    cdn_weddings: int
+    profile: bool
+
+
+FULL = Plan(
+    reps=3,
+    mapper_warmup=1_000,
+    mapper_count=5_000,
+    sink_warmup=500,
+    sink_count=5_000,
+    latency_rate=1_000,
+    latency_warmup_s=5,
+    latency_seconds=60,
+    latency_reps=1,
+    latency_low_rate=100,
+    latency_low_seconds=20,
+    drain_cap_s=20,
+    backlog_sizes=(10_000, 100_000),
+    cdn_events=10_000,
+    cdn_weddings=500,
+    profile=True,
+)
+SMOKE = Plan(
+    reps=1,
+    mapper_warmup=200,
+    mapper_count=1_000,
+    sink_warmup=100,
+    sink_count=1_000,
+    latency_rate=50,
+    latency_warmup_s=1,
+    latency_seconds=3,
+    latency_reps=1,
+    latency_low_rate=0,
+    latency_low_seconds=0,
+    drain_cap_s=15,
+    backlog_sizes=(500, 2_000),
+    cdn_events=0,  # the CDN burst brings up stubs and moto: too slow for the smoke run
+    cdn_weddings=0,
+    profile=False,
+)
+
+
+# -- worker processes ---------------------------------------------------------------
+
+
+class Worker:
+    """One `python -m bench.worker` process: READY when its consumers are assigned, then RESULT."""
+
+    live: ClassVar[set[Worker]] = set()
+
+    def __init__(self, name: str, *args: object) -> None:
+        self.name = name
+        self.args = [str(a) for a in args]
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready = asyncio.Event()
+        self.result: dict[str, Any] | None = None
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in finish)
+            prefix=f"bench-{name}-", suffix=".log", delete=False
+        )
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> Worker:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.worker",
+            *self.args,
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=self.log,
+            env={**os.environ, "OTEL_SDK_DISABLED": os.environ.get("OTEL_SDK_DISABLED", "")},
+        )
+        self._reader = asyncio.create_task(self._read())
+        Worker.live.add(self)
+        return self
+
+    @classmethod
+    async def reap_all(cls) -> None:
+        """Stop every worker still running (before its topics go), killing the stubborn."""
+        for worker in list(cls.live):
+            worker.terminate()
+        for worker in list(cls.live):
+            assert worker.proc is not None
+            try:
+                await asyncio.wait_for(worker.proc.wait(), timeout=15)
+            except TimeoutError:
+                worker.proc.kill()
+                await worker.proc.wait()
+            cls.live.discard(worker)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = raw.decode().strip()
+            if line == "READY":
+                self.ready.set()
+            elif line.startswith("RESULT "):
+                self.result = json.loads(line[len("RESULT ") :])
+
+    async def wait_ready(self, wait_s: float = 60) -> None:
+        assert self.proc is not None
+        waiter = asyncio.create_task(self.ready.wait())
+        exited = asyncio.create_task(self.proc.wait())
+        await asyncio.wait({waiter, exited}, timeout=wait_s, return_when="FIRST_COMPLETED")
+        waiter.cancel()
+        exited.cancel()
+        if not self.ready.is_set():
+            self.terminate()
+            with contextlib.suppress(BenchError):
+                await self.finish(wait_s=5)
+            raise BenchError(f"{self.name}: not ready after {wait_s:.0f}s\n{self.stderr_tail()}")
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+
+    async def finish(self, wait_s: float = 600) -> dict[str, Any]:
+        """Wait for the process to end (after `terminate` or its own count) and return RESULT."""
+        assert self.proc is not None
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout=wait_s)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise BenchError(f"{self.name}: still running after {wait_s:.0f}s") from None
+        finally:
+            Worker.live.discard(self)
+            if self._reader is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._reader, timeout=5)
+            self.log.close()
+        if self.proc.returncode != 0 or self.result is None:
+            raise BenchError(
+                f"{self.name}: exit {self.proc.returncode}, no result\n{self.stderr_tail()}"
+            )
+        os.unlink(self.log.name)
+        return self.result
+
+    def stderr_tail(self, lines: int = 30) -> str:
+        self.log.flush()
+        text = Path(self.log.name).read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+async def run_worker(name: str, *args: object, wait_s: float = 600) -> dict[str, Any]:
+    worker = await Worker(name, *args).start()
+    await worker.wait_ready()
+    return await worker.finish(wait_s=wait_s)
+
+
+# -- kafka helpers ----------------------------------------------------------------
+
+
+class Topics:
+    """Creates each scenario's topics and deletes every one of them at the end."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self.created: list[str] = []
+
+    async def create(self, prefix: str) -> Any:
+        from topology.admin import apply_topics
+
+        settings = bench_settings(prefix)
+        changes = await apply_topics(
+            settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix
+        )
+        self.created += [c.topic for c in changes]
+        return settings
+
+    async def delete_all(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        if not self.created:
+            return
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="cachesync-bench")
+        await admin.start()
+        try:
+            await admin.delete_topics(self.created)
+        finally:
+            await admin.close()
+
+
+class Lag:
+    """Committed-offset lag of consumer groups, from the broker (what a drain really means)."""
+
+    def __init__(self, bootstrap: str) -> None:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="cachesync-lag")
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        self.bootstrap = bootstrap
+        self._parts: dict[tuple[str, ...], list[Any]] = {}
+
+    async def __aenter__(self) -> Lag:
+        await self.admin.start()
+        await self.consumer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+        await self.admin.close()
+
+    async def of(self, group: str, topics: list[str]) -> int:
+        from consumers.kafka import partitions_of
+
+        key = tuple(topics)
+        if key not in self._parts:
+            self._parts[key] = await partitions_of(self.bootstrap, topics)
+        parts = self._parts[key]
+        ends = await self.consumer.end_offsets(parts)
+        committed = await self.admin.list_consumer_group_offsets(group)
+        return sum(
+            ends[tp] - (committed[tp].offset if tp in committed else 0)
+            for tp in parts
+            if ends[tp] > 0
+        )
+
+    async def drained(self, settings: Any, sink_regions: list[str]) -> bool:
+        if await self.of(settings.group_id("mapper"), settings.content_topics) > 0:
+            return False
+        for region in sink_regions:
+            group = settings.group_id("sink", region, "redis")
+            if await self.of(group, [settings.commands_topic(region)]) > 0:
+                return False
+        return True
+
+
+async def read_topic(settings: Any, topic: str) -> list[dict[str, Any]]:
+    """Every record of a topic from the start to its current end, decoded."""
+    from aiokafka import AIOKafkaConsumer
+
+    from consumers.codecs import codec_for
+    from consumers.kafka import partitions_of
+
+    codec = codec_for(settings)
+    parts = await partitions_of(settings.kafka_bootstrap_servers, [topic])
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    out: list[dict[str, Any]] = []
+    try:
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        left = {tp for tp in parts if ends[tp] > 0}
+        while left:
+            batch = await consumer.getmany(*left, timeout_ms=1000, max_records=5000)
+            for tp, records in batch.items():
+                out += [codec.decode(r.value).record for r in records if r.value]
+                if records and records[-1].offset + 1 >= ends[tp]:
+                    left.discard(tp)
+    finally:
+        await consumer.stop()
+    return out
+
+
+# -- the figures ------------------------------------------------------------------
+
+
+def _cpu() -> int:
+    """The core the "on one core" figures pin to (the last one this process may use)."""
+    return max(os.sched_getaffinity(0))
+
+
+async def bench_mapper(
+    plan: Plan, run: str, topics: Topics, rep: int, profile: str = ""
+) -> dict[str, Any]:
+    prefix = f"bench-{run}-m{rep}"
+    settings = await topics.create(prefix)
+    total = plan.mapper_warmup + plan.mapper_count
+    world = World(f"{run}m{rep}")
+    await produce_all(settings, encode_events(settings, world.events(total)))
+    common = ["--prefix", prefix, "--cpu", _cpu(), "--warmup", plan.mapper_warmup]
+    mapper = await run_worker(
+        "mapper",
+        "roles",
+        "--roles",
+        "mapper",
+        *common,
+        "--count",
+        plan.mapper_count,
+        *(["--profile", profile] if profile else []),
+    )
+    if profile:
+        return {"mapper": mapper}
+    moved = {"inputs": total, **mapper["outputs"]}
+    for kind in ("commands", "audit"):
+        moved.setdefault(kind, {"messages": 0, "value_bytes": 0, "key_bytes": 0, "header_bytes": 0})
+    ceiling = await run_worker(
+        "kafka-ceiling",
+        "ceiling",
+        *common,
+        "--count",
+        plan.mapper_count,
+        "--plan",
+        json.dumps(moved),
+    )
+    return {
+        "value": mapper["window"]["rate"],
+        "ceiling": ceiling["window"]["rate"],
+        "moved": moved,
+        "mapper": mapper,
+        "kafka_ceiling": ceiling,
+    }
+
+
+async def _fill_cache(redis: Any, entries: list[tuple[str, list[str]]]) -> None:
+    from consumers import keys
+
+    pipe = redis.pipeline(transaction=False)
+    for key, tags in entries:
+        pipe.set(key, b"cached", ex=600)
+        pipe.set(keys.written_at(key), now_ms(), ex=600)
+        for tag in tags:
+            pipe.sadd(keys.tag_index(tag), key)
+            pipe.expire(keys.tag_index(tag), 600)
+    await pipe.execute()
+
+
+async def bench_sink(
+    plan: Plan, run: str, topics: Topics, rep: int, region: str = "eu-west", profile: str = ""
+) -> dict[str, Any]:
+    from redis.asyncio import Redis
+
+    from consumers import keys
+    from consumers.codecs import codec_for
+    from consumers.commands import PurgeCommand
+    from consumers.mapper import Mapper
+    from consumers.state import RelationshipIndex
+
+    prefix = f"bench-{run}-s{rep}"
+    settings = await topics.create(prefix)
+    total = plan.sink_warmup + plan.sink_count
+    world = World(f"{run}s{rep}")
+    state = Redis.from_url(str(settings.state_redis_url))
+    mapper = Mapper(settings.topology, RelationshipIndex(state, settings.topology))
+    commands: list[PurgeCommand] = []
+    try:
+        for event_type, record in world.events(total * 2):
+            for cmd in await mapper.map_event(event_type, record):
+                if (
+                    isinstance(cmd, PurgeCommand)
+                    and cmd.region == region
+                    and (cmd.keys or cmd.tags)
+                ):
+                    commands.append(cmd)
+            if len(commands) >= total:
+                break
+    finally:
+        await state.aclose()
+    commands = commands[:total]
+    codec = codec_for(settings)
+    topic = settings.commands_topic(region)
+    await produce_all(
+        settings,
+        [(topic, c.entity.encode(), codec.encode(c.schema_type, c.to_record())) for c in commands],
+    )
+    url = settings.region_redis_urls[region]
+    redis = Redis.from_url(url)
+    entries = world.cache_entries()
+    members: dict[str, list[str]] = defaultdict(list)
+    for key, tags in entries:
+        for tag in tags:
+            members[tag].append(key)
+    common = ["--cpu", _cpu(), "--warmup", plan.sink_warmup, "--count", plan.sink_count]
+    try:
+        await _fill_cache(redis, entries)
+        sink = await run_worker(
+            "sink",
+            "roles",
+            "--prefix",
+            prefix,
+            "--roles",
+            f"redis:{region}",
+            *common,
+            *(["--profile", profile] if profile else []),
+        )
+        if profile:
+            return {"sink": sink}
+        await _fill_cache(redis, entries)
+    finally:
+        await redis.aclose()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(
+            [
+                [
+                    *c.keys,
+                    *(keys.tag_index(t) for t in c.tags),
+                    *(m for t in c.tags for m in members[t]),
+                ]
+                for c in commands
+            ],
+            f,
+        )
+    try:
+        ceiling = await run_worker(
+            "redis-ceiling",
+            "redis-ceiling",
+            "--url",
+            url,
+            "--keys",
+            f.name,
+            *common,
+            "--batch",
+            settings.consumer_max_records,
+        )
+    finally:
+        os.unlink(f.name)
+    return {
+        "value": sink["window"]["rate"],
+        "ceiling": ceiling["window"]["rate"],
+        "sink": sink,
+        "redis_ceiling": ceiling,
+    }
+
+
+async def bench_latency(
+    plan: Plan, run: str, topics: Topics, rep: int, rate: int, seconds: float
+) -> dict[str, Any]:
+    """Events at a steady `rate`; each one's latency is the last region's audit `recorded_at`
+    (written right after that sink's flush) minus its `occurred_at` (stamped at produce).
+    An event not applied in all regions within `drain_cap_s` of the end counts as infinite."""
+    from consumers.codecs import codec_for
+    from consumers.commands import to_millis
+    from consumers.kafka import make_producer
+
+    prefix = f"bench-{run}-l{rep}"
+    settings = await topics.create(prefix)
+    regions = list(settings.topology.regions)
+    # One process per role, as deployed (`cachesync run mapper`, `cachesync run sink`).
+    pipeline = [
+        await Worker(name, "roles", "--prefix", prefix, "--roles", roles).start()
+        for name, roles in [("mapper", "mapper"), *((f"sink.{r}", f"redis:{r}") for r in regions)]
+    ]
+    try:
+        for w in pipeline:
+            await w.wait_ready()
+        warmup_n = int(rate * plan.latency_warmup_s)
+        total = warmup_n + int(rate * seconds)
+        events = World(f"{run}l{rep}").events(total)
+        codec = codec_for(settings)
+        producer = make_producer(settings.kafka_bootstrap_servers, client_id="cachesync-bench-load")
+        await producer.start()
+        measured_from = 0
+        occurred: dict[str, int] = {}  # the measured events, by id: when each was produced
+        behind = 0.0
+        try:
+            pending = []
+            started = time.monotonic()
+            for i, (event_type, record) in enumerate(events):
+                due = started + i / rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                else:
+                    behind = max(behind, -delay)
+                record["occurred_at"] = now_ms()
+                if i == warmup_n:
+                    measured_from = record["occurred_at"]
+                if i >= warmup_n:
+                    occurred[str(record["event_id"])] = record["occurred_at"]
+                ((topic, key, value),) = encode_events(
+                    settings, [(event_type, record)], codec=codec
+                )
+                pending.append(await producer.send(topic, value=value, key=key))
+                if len(pending) >= 1000:
+                    await asyncio.gather(*pending)
+                    pending = []
+            await asyncio.gather(*pending)
+            sent_seconds = time.monotonic() - started
+        finally:
+            await producer.stop()
+        async with Lag(settings.kafka_bootstrap_servers) as lag:
+            cap = time.monotonic() + plan.drain_cap_s
+            for _ in range(int(plan.drain_cap_s * 4)):
+                if time.monotonic() > cap or await lag.drained(settings, regions):
+                    break
+                await asyncio.sleep(0.25)
+        for w in pipeline:
+            w.terminate()
+        result = {w.name: await w.finish(wait_s=60) for w in pipeline}
+    finally:
+        for w in pipeline:
+            w.terminate()
+    audit = await read_topic(settings, settings.audit_topic)
+    applied: dict[str, dict[str, int]] = defaultdict(dict)
+    for rec in audit:
+        if rec["stage"] == "sink" and rec["sink"] == "redis" and rec["outcome"] == "applied":
+            applied[rec["event_id"]][rec["region"]] = to_millis(rec["recorded_at"])
+    series: list[tuple[float, float]] = []
+    incomplete = 0
+    for event_id in occurred:
+        by_region = applied.get(event_id, {})
+        if len(by_region) < len(regions):
+            incomplete += 1
+            continue
+        series.append(
+            (
+                (occurred[event_id] - measured_from) / 1000,
+                max(by_region.values()) - occurred[event_id],
+            )
+        )
+    series.sort()
+    if not series:
+        raise BenchError("latency: no event reached all three regions")
+    latencies = [lat for _, lat in series] + [math.inf] * incomplete
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "p50": percentile(latencies, 0.50),
+        "p99": percentile(latencies, 0.99),
+        "max": max(latencies),
+        "events": len(series),
+        "incomplete": incomplete,
+        "send_rate": total / sent_seconds,
+        "generator_max_behind_ms": behind * 1000,
+        "peak_rss_mb": {name: r["peak_rss_mb"] for name, r in result.items()},
+        "timeline": _per_second(series),
+    }
+
+
+def _lat_line(r: dict[str, Any]) -> str:
+    return (
+        f"p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, max {r['max']:.0f} ms; "
+        f"{r['incomplete']:,} of {r['events'] + r['incomplete']:,} events not applied in time"
+    )
+
+
+def _per_second(series: list[tuple[float, float]]) -> list[list[float]]:
+    buckets: dict[int, list[float]] = defaultdict(list)
+    for t, lat in series:
+        buckets[int(t)].append(lat)
+    return [
+        [s, percentile(v, 0.5), percentile(v, 0.99), max(v)] for s, v in sorted(buckets.items())
+    ]
+
+
+async def bench_backlog(plan: Plan, run: str, topics: Topics, size: int) -> dict[str, Any]:
+    import psutil
+
+    prefix = f"bench-{run}-b{size}"
+    settings = await topics.create(prefix)
+    regions = list(settings.topology.regions)
+    await produce_all(settings, encode_events(settings, World(f"{run}b{size}").events(size)))
+    workers = [
+        Worker(name, "roles", "--prefix", prefix, "--roles", roles)
+        for name, roles in [("mapper", "mapper"), *((f"sink.{r}", f"redis:{r}") for r in regions)]
+    ]
+    sampled: dict[str, float] = {}
+    try:
+        for w in workers:
+            await w.start()
+        await workers[0].wait_ready()
+        started = time.monotonic()
+        for w in workers[1:]:
+            await w.wait_ready()
+        procs = {w.name: psutil.Process(w.pid) for w in workers}
+        drained_at = None
+        async with Lag(settings.kafka_bootstrap_servers) as lag:
+            checked = 0.0
+            while time.monotonic() - started < 900:
+                for name, proc in procs.items():
+                    with contextlib.suppress(psutil.Error):
+                        rss = proc.memory_info().rss / 2**20
+                        sampled[name] = max(sampled.get(name, 0.0), rss)
+                if time.monotonic() - checked > 1.0:
+                    checked = time.monotonic()
+                    if await lag.drained(settings, regions):
+                        drained_at = time.monotonic()
+                        break
+                await asyncio.sleep(0.25)
+        if drained_at is None:
+            raise BenchError(f"backlog {size}: not drained after 900 s")
+        for w in workers:
+            w.terminate()
+        results = {w.name: await w.finish(wait_s=60) for w in workers}
+    finally:
+        for w in workers:
+            w.terminate()
+    return {
+        "size": size,
+        "drain_s": drained_at - started,
+        "events_per_s": size / (drained_at - started),
+        "peak_rss_mb": {n: max(r["peak_rss_mb"], sampled.get(n, 0.0)) for n, r in results.items()},
+    }
+
+
+async def bench_cdn(plan: Plan) -> dict[str, Any]:
+    import re
+
+    script = REPO / "bench" / "cdn_burst.py"
+    if not script.exists():
+        return {"status": "missing", "detail": "bench/cdn_burst.py does not exist yet"}
+    if plan.cdn_events <= 0:
+        return {"status": "skipped", "detail": "not part of the smoke run"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.cdn_burst",
+        "--events",
+        str(plan.cdn_events),
+        "--weddings",
+        str(plan.cdn_weddings),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=420)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return {"status": "error", "detail": "bench/cdn_burst.py took over 420 s"}
+    text = out.decode(errors="replace")
+    if proc.returncode != 0:
+        tail = "\n".join(err.decode(errors="replace").splitlines()[-15:])
+        return {"status": "error", "detail": f"exit {proc.returncode}:\n{tail}", "output": text}
+    totals = {
+        m[1]: {"calls": int(m[2]), "minimum": int(m[3])}
+        for m in re.finditer(r"^total (\S+)\s+(\d+) calls, minimum\s+(\d+)", text, re.M)
+    }
+    if not totals:
+        return {
+            "status": "error",
+            "detail": "no 'total ... calls, minimum ...' lines",
+            "output": text,
+        }
+    return {"status": "ok", "totals": totals, "output": text}
+
+
+async def profile_stages(plan: Plan, run: str, topics: Topics, slowest: str) -> str:
+    """pyinstrument over one more run of the mapper and the sink; the slowest stage first."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"mapper": f"{tmp}/mapper.txt", "sink": f"{tmp}/sink.txt"}
+        await bench_mapper(plan, run, topics, 90, profile=paths["mapper"])
+        await bench_sink(plan, run, topics, 90, profile=paths["sink"])
+        order = [slowest, *(s for s in paths if s != slowest)]
+        parts = [
+            f"== {stage} ({'slowest stage, ' if stage == slowest else ''}pyinstrument, "
+            f"{plan.mapper_count if stage == 'mapper' else plan.sink_count} records after warm-up) ==\n"
+            + _read(paths[stage])
+            for stage in order
+        ]
+    return "\n\n".join(parts)
+
+
+async def cleanup_redis(run: str) -> None:
+    """The run's relationship index and cache entries (tagged ids) in the state and region Redis."""
+    from redis.asyncio import Redis
+
+    from consumers.settings import load_settings
+
+    settings = load_settings()
+    for url in [str(settings.state_redis_url), *settings.region_redis_urls.values()]:
+        redis = Redis.from_url(url)
+        try:
+            batch = [k async for k in redis.scan_iter(match=f"*{run}*", count=1000)]
+            for i in range(0, len(batch), 500):
+                await redis.delete(*batch[i : i + 500])
+        finally:
+            await redis.aclose()
+
+
+def _read(path: str) -> str:
+    return Path(path).read_text()
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+async def run_all(plan: Plan, smoke: bool) -> dict[str, Any]:
+    stack_env()
+    run = uuid.uuid4().hex[:8]
+    topics = Topics(os.environ["KAFKA_BOOTSTRAP_SERVERS"])
+    out: dict[str, Any] = {
+        "run": run,
+        "smoke": smoke,
+        "plan": asdict(plan),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "pinned_cpu": _cpu(), "python": sys.version.split()[0]},
+    }
+    t0 = time.monotonic()
+    try:
+        say = lambda msg: print(f"[bench {time.monotonic() - t0:6.1f}s] {msg}", flush=True)  # noqa: E731
+        mapper, sink = [], []
+        for rep in range(plan.reps):
+            say(f"mapper throughput, repeat {rep + 1}/{plan.reps}")
+            mapper.append(await bench_mapper(plan, run, topics, rep))
+            say(
+                f"  mapper {mapper[-1]['value']:,.0f} ev/s, ceiling {mapper[-1]['ceiling']:,.0f} ev/s"
+            )
+            say(f"sink apply rate, repeat {rep + 1}/{plan.reps}")
+            sink.append(await bench_sink(plan, run, topics, rep))
+            say(f"  sink {sink[-1]['value']:,.0f} cmd/s, ceiling {sink[-1]['ceiling']:,.0f} cmd/s")
+        out["mapper"] = mapper
+        out["sink"] = sink
+        latency = []
+        for rep in range(plan.latency_reps):
+            say(
+                f"end-to-end latency at {plan.latency_rate:,}/s for {plan.latency_seconds:.0f}s, "
+                f"repeat {rep + 1}/{plan.latency_reps}"
+            )
+            latency.append(
+                await bench_latency(plan, run, topics, rep, plan.latency_rate, plan.latency_seconds)
+            )
+            say(f"  {_lat_line(latency[-1])}")
+        if plan.latency_low_rate:
+            say(
+                f"end-to-end latency at {plan.latency_low_rate:,}/s for "
+                f"{plan.latency_low_seconds:.0f}s (a rate this machine sustains)"
+            )
+            out["latency_low"] = await bench_latency(
+                plan, run, topics, 50, plan.latency_low_rate, plan.latency_low_seconds
+            )
+            say(f"  {_lat_line(out['latency_low'])}")
+        out["latency"] = latency
+        backlog = []
+        for size in plan.backlog_sizes:
+            say(f"backlog of {size:,} events")
+            backlog.append(await bench_backlog(plan, run, topics, size))
+            say(
+                f"  drained in {backlog[-1]['drain_s']:.1f}s, peak RSS {backlog[-1]['peak_rss_mb']}"
+            )
+        out["backlog"] = backlog
+        say("CDN burst (bench/cdn_burst.py)")
+        out["cdn"] = await bench_cdn(plan)
+        say(f"  {out['cdn']['status']}")
+        out["summary"] = summarize(out)
+        if plan.profile:
+            slowest = min(("mapper", "sink"), key=lambda s: out["summary"][s]["ratio"]["median"])
+            say(f"profiling (slowest stage: {slowest})")
+            (RESULTS / "profile.txt").write_text(await profile_stages(plan, run, topics, slowest))
+            out["profile"] = {"slowest": slowest, "file": "bench/results/profile.txt"}
+    finally:
+        await Worker.reap_all()
+        with contextlib.suppress(Exception):
+            await topics.delete_all()
+        with contextlib.suppress(Exception):
+            await cleanup_redis(run)
+    out["seconds"] = time.monotonic() - t0
+    return out
+
+
+def summarize(out: dict[str, Any]) -> dict[str, Any]:
+    def ratio_of(reps: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "value": _spread([r["value"] for r in reps]),
+            "ceiling": _spread([r["ceiling"] for r in reps]),
+            "ratio": _spread([r["value"] / r["ceiling"] for r in reps]),
+        }
+
+    lat = out["latency"]
+    small, large = out["backlog"]
+    return {
+        "mapper": ratio_of(out["mapper"]),
+        "sink": ratio_of(out["sink"]),
+        "latency": {k: _spread([r[k] for r in lat]) for k in ("p50", "p99", "max")},
+        "backlog": {
+            "sizes": [small["size"], large["size"]],
+            "drain_s": [small["drain_s"], large["drain_s"]],
+            "peak_rss_mb": {
+                name: [small["peak_rss_mb"][name], large["peak_rss_mb"][name]]
+                for name in large["peak_rss_mb"]
+            },
+        },
+    }
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no infinity: an event never applied within the run is null."""
+    if isinstance(value, float) and math.isinf(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def main() -> None:
+    # A new topic's leaders take a moment: aiokafka retries and says so; that is not news.
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    parser = argparse.ArgumentParser(description="cachesync benchmarks (issue 8)")
+    parser.add_argument("--smoke", action="store_true", help="everything small and fast")
+    parser.add_argument("--latency-seconds", type=float, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--backlog", default=None, help="two sizes, e.g. 10000,100000")
+    args = parser.parse_args()
+    plan = SMOKE if args.smoke else FULL
+    if args.latency_seconds is not None:
+        plan = Plan(**{**asdict(plan), "latency_seconds": args.latency_seconds})
+    if args.backlog is not None:
+        small, large = (int(x) for x in args.backlog.split(","))
+        plan = Plan(**{**asdict(plan), "backlog_sizes": (small, large)})
+    if args.reps is not None:
+        plan = Plan(**{**asdict(plan), "reps": args.reps, "latency_reps": args.reps})
+    try:
+        out = asyncio.run(run_all(plan, args.smoke))
+    except BenchError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "smoke" if args.smoke else "latest"
+    table = report.table(out)
+    (RESULTS / f"{name}.json").write_text(json.dumps(_finite(out), indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(report.markdown(out, table))
+    report.plot(out, RESULTS / f"{name}.png")
+    print()
+    print(report.markdown(out, table))
+    print(f"written: bench/results/{name}.json, {name}.md, {name}.png ({out['seconds']:.0f}s)")
