@@ -217,6 +217,11 @@ class CommitAfterEffect:
         await self._commit(batch)
         return True
 
+    @property
+    def paused(self) -> set[TopicPartition]:
+        """Partitions whose batch was put back and waits for its retry time."""
+        return set(self._paused_until)
+
     async def _observe_lag(self) -> None:
         """Consumer lag per partition (high-water mark minus position), at most once a second."""
         now = time.monotonic()

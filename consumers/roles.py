@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +29,13 @@ from redis.asyncio import Redis
 from consumers import telemetry
 from consumers.audit import AuditLog, Note
 from consumers.codecs import close_codec, codec_for, resolve, start_codec
-from consumers.commands import COMMAND_TYPES, Command, to_millis
+from consumers.commands import COMMAND_TYPES, Command, PurgeCommand, to_millis
 from consumers.errors import (
     BadInput,
     InvalidRecord,
     Oversized,
     PermanentSinkError,
+    RetryAfter,
     TransientError,
     bad_input_from_serde,
 )
@@ -267,9 +269,8 @@ class SinkRole:
         await close_codec(self.codec)
 
     async def handle(self, records: list[Record]) -> None:
-        accepted: dict[str, tuple[Record, Command, Span]] = {}
+        candidates: list[tuple[Record, Command]] = []
         for record in records:
-            self.stats.records += 1
             try:
                 command = await self._decode(record)
             except BadInput as exc:
@@ -281,6 +282,11 @@ class SinkRole:
             ):
                 self.stats.skipped += 1
                 continue
+            candidates.append((record, command))
+        await self._wait_for_earlier_tiers([c for _, c in candidates])
+        self.stats.records += len(records)
+        accepted: dict[str, tuple[Record, Command, Span]] = {}
+        for record, command in candidates:
             # One span per command, in the trace of the event that caused it.
             span = telemetry.tracer.start_span(
                 f"cachesync.apply {self.sink.kind}",
@@ -331,6 +337,32 @@ class SinkRole:
                     self.stats.dead_lettered += 1
                 await self.audit.handled(command, sink=self.sink.kind, note=note)
         await self.audit.flush()
+
+    async def _wait_for_earlier_tiers(self, commands: list[Command]) -> None:
+        """Hold the batch back (RetryAfter) until the tiers this sink follows have applied it."""
+        ledger = getattr(self.sink, "ledger", None)
+        purges = [c for c in commands if isinstance(c, PurgeCommand)]
+        if not self.sink.after or ledger is None or not purges:
+            return
+        waiting = await ledger.events_not_applied(
+            self.sink.after, sorted({c.origin_event_id for c in purges})
+        )
+        if not waiting:
+            return
+        now_ms = time.time() * 1000
+        deadline_ms = self.sink.after_max_wait_s * 1000
+        if any(now_ms - c.issued_at < deadline_ms for c in purges if c.origin_event_id in waiting):
+            raise RetryAfter(
+                f"{self.name}: {len(waiting)} events not yet applied by {', '.join(self.sink.after)}",
+                0.2,
+            )
+        log.warning(
+            "%s: purging %d events that %s has not applied after %.0fs",
+            self.name,
+            len(waiting),
+            "/".join(self.sink.after),
+            self.sink.after_max_wait_s,
+        )
 
     async def _decode(self, record: Record) -> Command:
         await resolve(self.codec, record.value or b"")

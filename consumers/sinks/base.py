@@ -45,6 +45,13 @@ class Sink(ABC):
     # CDN sinks cost money and rate budget; a replay run with --no-cdn marks its
     # commands so that these sinks skip them (see consumers.replay).
     is_cdn: ClassVar[bool] = False
+    # Tier order within a region: the purge sinks that must have applied the same event
+    # before this one purges (edges after Redis, so an edge miss cannot refill from a
+    # stale Redis). The runner holds the batch back until they have, or until
+    # `after_max_wait_s` has passed since the command was issued (a stopped Redis sink
+    # must not stop the edges for good). Set by the factory; empty: no wait.
+    after: tuple[str, ...] = ()
+    after_max_wait_s: float = 30.0
     # The coalescing window: the runner gathers records for up to `linger_ms` (and at
     # most `max_batch_records`) before one flush, so a sink with a purge budget
     # (consumers/budget.py) sees a whole window's commands at once. 0: flush per poll.

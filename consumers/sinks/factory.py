@@ -61,6 +61,17 @@ def build_sink(settings: Settings, region: str, kind: str) -> Sink:
     reason = unavailable(settings, region, kind)
     if reason is not None:
         raise ConfigError(f"sink {kind} in {region}: {reason}")
+    sink = _build(settings, region, kind)
+    if kind in EDGE_KINDS:
+        sink.after = ("redis",)  # tier order: the edges purge after the region's Redis
+    return sink
+
+
+# Sinks in front of guests (CDNs and HTTP edges): they purge after Redis has.
+EDGE_KINDS = ("cloudflare", "cloudfront", "http_purge")
+
+
+def _build(settings: Settings, region: str, kind: str) -> Sink:
     spec = settings.topology.regions[region]
     policy = settings.topology.cdn
     redis_url = settings.region_redis_urls[region]

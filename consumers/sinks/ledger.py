@@ -83,6 +83,25 @@ class PurgeLedger:
                 f"{self.sink} {self.region}: recording applied purges failed: {type(exc).__name__}"
             ) from exc
 
+    async def events_not_applied(self, sinks: Sequence[str], event_ids: Sequence[str]) -> set[str]:
+        """The event ids whose purge some of `sinks` has not applied yet in this region."""
+        if not sinks or not event_ids:
+            return set()
+        try:
+            values = await self.redis.mget(
+                [keys.applied_event(sink, e) for e in event_ids for sink in sinks]
+            )
+        except (RedisError, OSError) as exc:
+            raise TransientError(
+                f"{self.sink} {self.region}: reading applied events failed: {type(exc).__name__}"
+            ) from exc
+        n = len(sinks)
+        return {
+            e
+            for i, e in enumerate(event_ids)
+            if any(v is None for v in values[i * n : (i + 1) * n])
+        }
+
     async def applied_ids(self, command_ids: Sequence[str]) -> set[str]:
         """Which of these commands this sink already applied (markers live APPLIED_TTL_S)."""
         if not command_ids:

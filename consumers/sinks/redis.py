@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from consumers import keys, telemetry
+from consumers.audit import Note
 from consumers.commands import Command, PurgeCommand
 from consumers.errors import TransientError
 from consumers.sinks.base import FlushResult, Sink
@@ -16,15 +17,20 @@ from consumers.sinks.ledger import PurgeLedger
 
 # Deletes the given keys and, for each tag index set, its members and the set itself,
 # in one round trip and atomically, so a key added to a tag mid-purge is either
-# deleted now or survives with the newer value.
-# KEYS: plain keys..., then tag index sets (ARGV[1] = how many plain keys).
+# deleted now or survives with the newer value. A command already applied (its
+# marker, KEYS[1], exists) is skipped: a redelivered command must not delete what
+# the platform cached again after the first, real purge.
+# KEYS: applied marker, plain keys..., then tag index sets (ARGV[1] = how many plain keys).
 _PURGE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return -1
+end
 local n = tonumber(ARGV[1])
 local deleted = 0
-for i = 1, n do
+for i = 2, n + 1 do
   deleted = deleted + redis.call('DEL', KEYS[i])
 end
-for i = n + 1, #KEYS do
+for i = n + 2, #KEYS do
   local members = redis.call('SMEMBERS', KEYS[i])
   for j = 1, #members, 500 do
     deleted = deleted + redis.call('DEL', unpack(members, j, math.min(j + 499, #members)))
@@ -48,7 +54,9 @@ class RedisSink(Sink):
         self._pending: list[PurgeCommand] = []
 
     def accepts(self, command: Command) -> bool:
-        return isinstance(command, PurgeCommand) and bool(command.keys or command.tags)
+        # Every purge, even one with no keys or tags: its applied marker is what the edges
+        # and the warmer wait for (tier order), so it must be written for each event.
+        return isinstance(command, PurgeCommand)
 
     def add(self, command: Command) -> None:
         if isinstance(command, PurgeCommand):
@@ -61,21 +69,33 @@ class RedisSink(Sink):
         try:
             pipe = self.redis.pipeline(transaction=False)
             for cmd in pending:
+                marker = keys.applied(self.kind, cmd.command_id)
                 tag_sets = [keys.tag_index(t) for t in cmd.tags]
-                await self._script(keys=[*cmd.keys, *tag_sets], args=[len(cmd.keys)], client=pipe)
+                await self._script(
+                    keys=[marker, *cmd.keys, *tag_sets], args=[len(cmd.keys)], client=pipe
+                )
             await self.ledger.queue(pipe, pending)
-            results = (await pipe.execute())[: len(pending)]
+            results = [int(r) for r in (await pipe.execute())[: len(pending)]]
         except (RedisError, OSError) as exc:
             raise TransientError(
                 f"redis {self.region}: purge failed: {type(exc).__name__}: {exc}"
             ) from exc
         now_ms = time.time() * 1000
         attrs = {"region": self.region, "sink": self.kind}
-        telemetry.redis_keys_deleted.add(sum(int(r) for r in results), {"region": self.region})
-        telemetry.commands_applied.add(len(pending), {**attrs, "outcome": "applied"})
-        for cmd in pending:
+        applied = [cmd for cmd, r in zip(pending, results, strict=True) if r >= 0]
+        duplicates = {cmd.command_id for cmd, r in zip(pending, results, strict=True) if r < 0}
+        telemetry.redis_keys_deleted.add(sum(r for r in results if r > 0), {"region": self.region})
+        telemetry.commands_applied.add(len(applied), {**attrs, "outcome": "applied"})
+        if duplicates:
+            telemetry.commands_applied.add(len(duplicates), {**attrs, "outcome": "duplicate"})
+        for cmd in applied:
             telemetry.purge_latency.record(now_ms - cmd.origin_occurred_at, attrs)
-        return FlushResult(applied=len(pending))
+        note = Note(outcome="skipped", detail="duplicate: this command was already applied")
+        return FlushResult(
+            applied=len(applied),
+            skipped=len(duplicates),
+            notes={command_id: note for command_id in duplicates},
+        )
 
     async def close(self) -> None:
         await self.redis.aclose()

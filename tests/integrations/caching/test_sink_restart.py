@@ -18,6 +18,7 @@ from consumers.sinks.base import FlushResult
 from consumers.sinks.redis import RedisSink
 from schemas import SingleObjectCodec
 from tests.helpers import eventually
+from topology.admin import apply_topics
 
 REGION = "eu-west"
 
@@ -68,14 +69,25 @@ async def _committed(settings: Settings, group: str, topic: str) -> int:
 async def test_killed_sink_reapplies_uncommitted_commands(
     settings: Settings, topics: list[str], region_redis: dict[str, Redis]
 ) -> None:
-    """Killed between apply and commit: the restarted sink re-reads those commands and all keys end up gone."""
+    """Killed between apply and commit: the restarted sink re-reads every command, applies the
+    rest, and skips those already applied (their marker is written with the effect)."""
     redis = region_redis[REGION]
     run = uuid.uuid4().hex[:8]
     cache_keys = [f"restart:{run}:{i}" for i in range(50)]
     for key in cache_keys:
         await cache_put(redis, key, b"stale")
+    # Topics and groups of its own: the sink must see exactly these commands, in order.
+    test_settings = settings.model_copy(
+        update={
+            "group_prefix": f"{settings.group_prefix}-restart-{run}",
+            "topic_prefix": f"{settings.topic_prefix}restart-{run}.",
+        }
+    )
+    await apply_topics(
+        test_settings.kafka_bootstrap_servers, test_settings.topology, test_settings.topic_prefix
+    )
     codec = SingleObjectCodec(settings.catalog)
-    topic = settings.commands_topic(REGION)
+    topic = test_settings.commands_topic(REGION)
     producer = make_producer(settings.kafka_bootstrap_servers, client_id="test")
     await producer.start()
     ids = []
@@ -101,10 +113,6 @@ async def test_killed_sink_reapplies_uncommitted_commands(
     finally:
         await producer.stop()
 
-    # A separate group for this test, so other tests' sinks do not share the commands.
-    test_settings = settings.model_copy(
-        update={"group_prefix": f"{settings.group_prefix}-restart-{run}"}
-    )
     url = settings.region_redis_urls[REGION]
     dying = SinkRole(test_settings, DiesAfterApply(REGION, url))
     await dying.start()
@@ -122,18 +130,31 @@ async def test_killed_sink_reapplies_uncommitted_commands(
         "offsets were committed before the effect returned"
     )
 
-    # Stale copies reappear (a reader refilled them); the restarted sink must purge them again.
-    for key in cache_keys:
-        await cache_put(redis, key, b"stale-again")
+    # The platform re-caches one key after its real purge: that copy is fresh, and a
+    # redelivered command must not delete it again (applied at most once in effect).
+    refilled = cache_keys[ids.index(first_batch[0])]
+    await cache_put(redis, refilled, b"fresh-after-the-purge")
     restarted = SinkRole(test_settings, Counting(REGION, url))
     await restarted.start()
     stop = asyncio.Event()
     task = asyncio.create_task(restarted.loop.run(stop))
+    others = [k for k in cache_keys if k != refilled]
     try:
-        await eventually(lambda: _none_left(redis, cache_keys), what="keys left after restart")
+
+        async def all_reread() -> bool:
+            return set(ids) <= set(restarted.sink.seen) and restarted.loop.records_committed >= len(
+                ids
+            )  # type: ignore[attr-defined]
+
+        await eventually(all_reread, what="the restarted sink did not re-read every command")
+        assert await _none_left(redis, others), "keys left after restart"
         seen = set(restarted.sink.seen)  # type: ignore[attr-defined]
         assert set(first_batch) <= seen, "commands applied before the kill were not re-read"
         assert set(ids) <= seen
+        assert await redis.get(refilled) == b"fresh-after-the-purge", (
+            "a duplicate was applied twice"
+        )
+        assert restarted.stats.applied == len(ids) - len(set(first_batch))
     finally:
         stop.set()
         await task
