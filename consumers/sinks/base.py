@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from consumers.audit import Note
-from consumers.commands import Command
+from consumers.commands import Command, PurgeCommand
 
 
 @dataclass(frozen=True)
@@ -78,3 +78,29 @@ class Sink(ABC):
 
     async def close(self) -> None:
         """Release connections; the runner has already flushed."""
+
+
+class PurgeSink(Sink):
+    """A sink that acts on purges only, buffering them for one flush.
+
+    `acts_on` names the purge fields the sink can do something with; a purge with none
+    of them is not its business (`accepts` says no).
+    """
+
+    acts_on: ClassVar[tuple[str, ...]] = ("keys", "tags", "urls", "prefixes")
+
+    def __init__(self, region: str) -> None:
+        super().__init__(region)
+        self._pending: list[PurgeCommand] = []
+
+    def accepts(self, command: Command) -> bool:
+        return isinstance(command, PurgeCommand) and any(getattr(command, f) for f in self.acts_on)
+
+    def add(self, command: Command) -> None:
+        if isinstance(command, PurgeCommand):
+            self._pending.append(command)
+
+    def take(self) -> list[PurgeCommand]:
+        """The buffered purges, leaving the buffer empty (as the contract requires)."""
+        pending, self._pending = self._pending, []
+        return pending

@@ -26,9 +26,8 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from consumers import budget, telemetry
-from consumers.commands import Command, PurgeCommand
 from consumers.errors import RetryAfter, TransientError
-from consumers.sinks.base import FlushResult, Rejected, Sink
+from consumers.sinks.base import FlushResult, PurgeSink, Rejected
 from consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
 from topology.model import CdnPolicy
 
@@ -79,7 +78,8 @@ class _ServerError(Exception):
         self.status = status
 
 
-class CloudflareSink(Sink):
+class CloudflareSink(PurgeSink):
+    acts_on: ClassVar[tuple[str, ...]] = ("urls", "tags", "prefixes")
     kind: ClassVar[str] = "cloudflare"
     is_cdn: ClassVar[bool] = True
     # One bucket per (API, zone) in the process, shared by every sink on that zone.
@@ -125,7 +125,6 @@ class CloudflareSink(Sink):
         self.bucket = self._buckets[key]
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
-        self._pending: list[PurgeCommand] = []
         self._progress = budget.Progress()
         self._recent = budget.RecentPurges(
             keep_s=self.policy.remember_purged_s, skew_ms=self.policy.clock_skew_ms
@@ -148,17 +147,8 @@ class CloudflareSink(Sink):
     async def setup(self) -> None:
         _ = self.client
 
-    def accepts(self, command: Command) -> bool:
-        return isinstance(command, PurgeCommand) and bool(
-            command.urls or command.tags or command.prefixes
-        )
-
-    def add(self, command: Command) -> None:
-        if isinstance(command, PurgeCommand):
-            self._pending.append(command)
-
     async def flush(self) -> FlushResult:
-        pending, self._pending = self._pending, []
+        pending = self.take()
         if not pending:
             return FlushResult()
         self._recent.expire(time.time() * 1000)

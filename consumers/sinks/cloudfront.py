@@ -41,9 +41,8 @@ from redis.exceptions import RedisError
 
 from consumers import budget, keys, telemetry
 from consumers.audit import Note
-from consumers.commands import Command, PurgeCommand
 from consumers.errors import RetryAfter, TransientError
-from consumers.sinks.base import FlushResult, Rejected, Sink
+from consumers.sinks.base import FlushResult, PurgeSink, Rejected
 from consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
 from topology.model import CdnPolicy
 
@@ -81,7 +80,8 @@ class _ServerError(Exception):
     pass
 
 
-class CloudFrontSink(Sink):
+class CloudFrontSink(PurgeSink):
+    acts_on: ClassVar[tuple[str, ...]] = ("urls", "prefixes")
     kind: ClassVar[str] = "cloudfront"
     is_cdn: ClassVar[bool] = True
 
@@ -115,7 +115,6 @@ class CloudFrontSink(Sink):
         )
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
-        self._pending: list[PurgeCommand] = []
         # Invalidations started here and not yet seen complete: id -> (paths, wildcards).
         self.in_flight: dict[str, tuple[int, int]] = {}
         self._recent = budget.RecentPurges(
@@ -137,15 +136,8 @@ class CloudFrontSink(Sink):
             self._session.client("cloudfront", endpoint_url=self.endpoint_url, config=config)
         )
 
-    def accepts(self, command: Command) -> bool:
-        return isinstance(command, PurgeCommand) and bool(command.urls or command.prefixes)
-
-    def add(self, command: Command) -> None:
-        if isinstance(command, PurgeCommand):
-            self._pending.append(command)
-
     async def flush(self) -> FlushResult:
-        pending, self._pending = self._pending, []
+        pending = self.take()
         if not pending:
             return FlushResult()
         done = await self.ledger.applied_ids([c.command_id for c in pending])

@@ -26,9 +26,8 @@ import stamina
 from redis.asyncio import Redis
 
 from consumers import budget, telemetry
-from consumers.commands import Command, PurgeCommand
 from consumers.errors import TransientError
-from consumers.sinks.base import FlushResult, Rejected, Sink
+from consumers.sinks.base import FlushResult, PurgeSink, Rejected
 from consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
 from topology.model import CdnPolicy
 
@@ -41,7 +40,8 @@ class _ServerError(Exception):
     pass
 
 
-class HttpPurgeSink(Sink):
+class HttpPurgeSink(PurgeSink):
+    acts_on: ClassVar[tuple[str, ...]] = ("urls", "tags", "prefixes")
     kind: ClassVar[str] = "http_purge"
     is_cdn: ClassVar[bool] = True
 
@@ -71,7 +71,6 @@ class HttpPurgeSink(Sink):
         )
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
-        self._pending: list[PurgeCommand] = []
         self._progress = budget.Progress()
         self._recent = budget.RecentPurges(
             keep_s=self.policy.remember_purged_s, skew_ms=self.policy.clock_skew_ms
@@ -93,17 +92,8 @@ class HttpPurgeSink(Sink):
     async def setup(self) -> None:
         _ = self.client
 
-    def accepts(self, command: Command) -> bool:
-        return isinstance(command, PurgeCommand) and bool(
-            command.urls or command.tags or command.prefixes
-        )
-
-    def add(self, command: Command) -> None:
-        if isinstance(command, PurgeCommand):
-            self._pending.append(command)
-
     async def flush(self) -> FlushResult:
-        pending, self._pending = self._pending, []
+        pending = self.take()
         if not pending:
             return FlushResult()
         self._recent.expire(time.time() * 1000)

@@ -12,7 +12,7 @@ from consumers import keys, telemetry
 from consumers.audit import Note
 from consumers.commands import Command, PurgeCommand
 from consumers.errors import TransientError
-from consumers.sinks.base import FlushResult, Sink
+from consumers.sinks.base import FlushResult, PurgeSink
 from consumers.sinks.ledger import PurgeLedger
 
 # Deletes the given keys and, for each tag index set, its members and the set itself,
@@ -41,7 +41,7 @@ return deleted
 """
 
 
-class RedisSink(Sink):
+class RedisSink(PurgeSink):
     kind: ClassVar[str] = "redis"
 
     def __init__(self, region: str, url: str, *, client: Redis | None = None) -> None:
@@ -51,19 +51,14 @@ class RedisSink(Sink):
         self._script = self.redis.register_script(_PURGE_SCRIPT)
         # Purge versions and applied markers, for the warmer's fencing (sinks/ledger.py).
         self.ledger = PurgeLedger(self.redis, self.kind, region)
-        self._pending: list[PurgeCommand] = []
 
     def accepts(self, command: Command) -> bool:
         # Every purge, even one with no keys or tags: its applied marker is what the edges
         # and the warmer wait for (tier order), so it must be written for each event.
         return isinstance(command, PurgeCommand)
 
-    def add(self, command: Command) -> None:
-        if isinstance(command, PurgeCommand):
-            self._pending.append(command)
-
     async def flush(self) -> FlushResult:
-        pending, self._pending = self._pending, []
+        pending = self.take()
         if not pending:
             return FlushResult()
         try:
