@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PYTHON := $(abspath $(BIN)/python)
 
-.PHONY: setup stack topics run test lint unit integration down wipe
+.PHONY: setup stack topics run test lint unit integration bench down wipe
 
 setup:
 	@bash deploy/local/install.sh
@@ -17,16 +17,24 @@ stack: setup
 topics: stack
 	@$(BIN)/cachesync topology apply
 
+# The CDN stand-ins (deploy/local/up.d/cdn.sh) write where they listen to .stack/cdn.env.
 run: topics
-	@$(BIN)/cachesync run all --demo --rate $${RATE:-20}
+	@set -a; if [ -f .stack/cdn.env ]; then . ./.stack/cdn.env; fi; set +a; \
+	$(BIN)/cachesync run all --demo --rate $${RATE:-20}
 
 lint: setup
 	@$(BIN)/ruff check consumers schemas topology tests
 	@$(BIN)/ruff format --check consumers schemas topology tests
 	@$(BIN)/mypy
 
+# The benchmark smoke run goes first so that pytest's summary is the run's last line.
 test: lint stack
+	@$(BIN)/python -m bench --smoke
 	@$(BIN)/pytest -q $${PYTEST_ARGS:-}
+
+# Throughput, latency and memory against ceilings measured in the same run (bench/).
+bench: stack
+	@$(BIN)/python -m bench
 
 unit: setup
 	@$(BIN)/pytest -q tests/unit

@@ -134,6 +134,26 @@ class Settings(BaseSettings):
                 urls[region] = value.rstrip("/")
         return urls
 
+    @cached_property
+    def region_cloudflare_zones(self) -> dict[str, str]:
+        """Each region's Cloudflare zone: CLOUDFLARE_ZONE_<REGION> if set, else the topology's."""
+        return self._per_region("CLOUDFLARE_ZONE_", "cloudflare_zone")
+
+    @cached_property
+    def region_cloudfront_distributions(self) -> dict[str, str]:
+        """Each region's CloudFront distribution: CLOUDFRONT_DISTRIBUTION_<REGION> or the topology's."""
+        return self._per_region("CLOUDFRONT_DISTRIBUTION_", "cloudfront_distribution")
+
+    def _per_region(self, env_prefix: str, field: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for region, spec in self.topology.regions.items():
+            value = os.environ.get(env_prefix + region.upper().replace("-", "_")) or getattr(
+                spec, field
+            )
+            if value:
+                out[region] = str(value)
+        return out
+
     def topic(self, name: str) -> str:
         return self.topic_prefix + name
 

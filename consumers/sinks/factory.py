@@ -34,16 +34,19 @@ def unavailable(settings: Settings, region: str, kind: str) -> str | None:
     if kind == "redis":
         return None
     if kind == "cloudflare":
-        if not spec.cloudflare_zone:
-            return f"region {region} has no cloudflare_zone in {settings.topology_file}"
+        if region not in settings.region_cloudflare_zones:
+            return f"region {region} has no cloudflare_zone ({_var('CLOUDFLARE_ZONE_', region)} or {settings.topology_file})"
         if not spec.public_url:
             return f"region {region} has no public_url in {settings.topology_file}"
         if settings.cloudflare_api_token is None:
             return "CLOUDFLARE_API_TOKEN is not set"
         return None
     if kind == "cloudfront":
-        if not spec.cloudfront_distribution:
-            return f"region {region} has no cloudfront_distribution in {settings.topology_file}"
+        if region not in settings.region_cloudfront_distributions:
+            return (
+                f"region {region} has no cloudfront_distribution "
+                f"({_var('CLOUDFRONT_DISTRIBUTION_', region)} or {settings.topology_file})"
+            )
         has_keys = settings.aws_access_key_id is not None and settings.aws_secret_access_key
         if not (has_keys or any(os.environ.get(v) for v in _AWS_CREDENTIAL_SOURCES)):
             return "no AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile/role)"
@@ -54,6 +57,10 @@ def unavailable(settings: Settings, region: str, kind: str) -> str | None:
             return f"region {region} has no edge_url ({var} or the topology)"
         return None
     return f"unknown sink {kind!r}; known: {SINK_KINDS}"
+
+
+def _var(prefix: str, region: str) -> str:
+    return prefix + region.upper().replace("-", "_")
 
 
 def build_sink(settings: Settings, region: str, kind: str) -> Sink:
@@ -82,10 +89,10 @@ def _build(settings: Settings, region: str, kind: str) -> Sink:
     if kind == "cloudflare":
         from consumers.sinks.cloudflare import CloudflareSink
 
-        assert spec.cloudflare_zone and spec.public_url and settings.cloudflare_api_token
+        assert spec.public_url and settings.cloudflare_api_token
         return CloudflareSink(
             region,
-            zone=spec.cloudflare_zone,
+            zone=settings.region_cloudflare_zones[region],
             token=settings.cloudflare_api_token,
             public_url=spec.public_url,
             redis=redis_url,
@@ -96,10 +103,9 @@ def _build(settings: Settings, region: str, kind: str) -> Sink:
     if kind == "cloudfront":
         from consumers.sinks.cloudfront import CloudFrontSink
 
-        assert spec.cloudfront_distribution
         return CloudFrontSink(
             region,
-            distribution=spec.cloudfront_distribution,
+            distribution=settings.region_cloudfront_distributions[region],
             redis=redis_url,
             policy=policy,
             endpoint_url=settings.cloudfront_endpoint_url,

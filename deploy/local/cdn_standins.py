@@ -1,0 +1,55 @@
+"""Local stand-ins for the CDN APIs that cannot be reached from here, for `make run`.
+
+One process serves the Cloudflare purge_cache API stub (the contract-faithful stub the
+tests use, `tests/stubs/cloudflare.py`) and moto's CloudFront in server mode, creates
+one CloudFront distribution per region, and writes the environment that points
+cachesync at them to `$CACHESYNC_STACK_DIR/cdn.env` (sourced by `make run`).
+
+Usage: python deploy/local/cdn_standins.py CLOUDFLARE_PORT MOTO_PORT ENV_FILE
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import uvicorn  # noqa: E402
+from moto.server import ThreadedMotoServer  # noqa: E402
+
+from tests.stubs.aws import create_distribution  # noqa: E402
+from tests.stubs.cloudflare import CloudflareStub  # noqa: E402
+from topology import load_topology  # noqa: E402
+
+TOKEN = "local-cloudflare-token"  # the stub's; a real token only ever comes from the environment
+
+
+def main(cloudflare_port: int, moto_port: int, env_file: Path) -> None:
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
+    moto.start()
+    endpoint = f"http://127.0.0.1:{moto_port}"
+    lines = [
+        f"CLOUDFLARE_API_URL=http://127.0.0.1:{cloudflare_port}",
+        f"CLOUDFLARE_API_TOKEN={TOKEN}",
+        f"CLOUDFRONT_ENDPOINT_URL={endpoint}",
+        "AWS_ACCESS_KEY_ID=testing",
+        "AWS_SECRET_ACCESS_KEY=testing",
+        "AWS_DEFAULT_REGION=us-east-1",
+    ]
+    for region in load_topology().regions:
+        var = region.upper().replace("-", "_")
+        lines.append(f"CLOUDFLARE_ZONE_{var}=local-zone-{region}")
+        lines.append(f"CLOUDFRONT_DISTRIBUTION_{var}={create_distribution(endpoint, f'local {region}')}")
+    tmp = env_file.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.rename(env_file)  # appears whole: up.d/cdn.sh waits for it
+    # A generous rate: locally the stub stands in for an Enterprise zone (50 req/s).
+    stub = CloudflareStub(token=TOKEN)
+    stub.set_rate(50, 50)
+    uvicorn.run(stub.app, host="127.0.0.1", port=cloudflare_port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
