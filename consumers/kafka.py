@@ -20,6 +20,7 @@ from typing import Any, TypeAlias
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from consumers import telemetry
 from consumers.errors import BadInput, PermanentSinkError, RetryAfter, TransientError
@@ -28,6 +29,26 @@ log = logging.getLogger(__name__)
 
 Record: TypeAlias = "ConsumerRecord[bytes, bytes]"
 BatchHandler = Callable[[list[Record]], Awaitable[None]]
+
+
+class CachedPartitioner:
+    """The default partitioner's choice (murmur2 of the key, as every Kafka client makes
+    it, so other producers agree), memoized per key: entity keys repeat, and aiokafka's
+    murmur2 is pure Python."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self.max_keys = max_keys
+        self._hashes: dict[bytes, int] = {}
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            return int(DefaultPartitioner()(key, all_partitions, available))
+        h = self._hashes.get(key)
+        if h is None:
+            if len(self._hashes) >= self.max_keys:
+                self._hashes.clear()
+            h = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+        return all_partitions[h % len(all_partitions)]
 
 
 def make_producer(bootstrap_servers: str, *, client_id: str, **overrides: Any) -> AIOKafkaProducer:
@@ -39,6 +60,7 @@ def make_producer(bootstrap_servers: str, *, client_id: str, **overrides: Any) -
         "linger_ms": 5,
         "max_batch_size": 256 * 1024,
         "max_request_size": 2 * 1024 * 1024,
+        "partitioner": CachedPartitioner(),
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)

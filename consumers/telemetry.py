@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
@@ -297,7 +298,14 @@ def _instrument_libraries() -> None:
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 
-    for instrumentor in (AIOKafkaInstrumentor(), RedisInstrumentor(), HTTPXClientInstrumentor()):
+    instrumentors: list[Any] = [RedisInstrumentor(), HTTPXClientInstrumentor()]
+    # A span per Kafka send and per received record was half of the mapper's and the
+    # sinks' CPU (bench/results/profile.txt), for little the map/apply/flush spans do
+    # not already show: opt in with CACHESYNC_TRACE_KAFKA=1. Context still travels in
+    # the headers either way (inject_context / extract_context).
+    if os.environ.get("CACHESYNC_TRACE_KAFKA", "").lower() in ("1", "true", "yes"):
+        instrumentors.append(AIOKafkaInstrumentor())
+    for instrumentor in instrumentors:
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument()
     aws = AiobotocoreInstrumentor()  # type: ignore[no-untyped-call]

@@ -49,7 +49,7 @@ class SchemaCatalog:
             if match is None:
                 raise ValueError(f"{path}: schema files must be named <type>.v<N>.avsc")
             raw = json.loads(path.read_text())
-            parsed = fastavro.parse_schema(raw, _write_hint=False)
+            parsed = fastavro.parse_schema(raw)  # with its parse hint: writers then skip re-parsing
             canonical = to_parsing_canonical_form(parsed)
             fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
             sv = SchemaVersion(

@@ -105,7 +105,7 @@ class ConfluentCodec:
         type_name = self._type_of_record.get(_full_name(raw)) if isinstance(raw, dict) else None
         if type_name is None:
             return
-        parsed = fastavro.parse_schema(raw, _write_hint=False)
+        parsed = fastavro.parse_schema(raw)
         fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
         known = self.catalog.by_fingerprint(fp)
         self._by_id[schema_id] = known or replace(

@@ -97,12 +97,22 @@ def writer_schema(catalog: SchemaCatalog, type_name: str, version: int | None) -
 
 
 def write_body(writer: SchemaVersion, record: dict[str, Any]) -> bytes:
-    try:
-        validate(record, writer.parsed, raise_errors=True)
-    except Exception as exc:  # fastavro raises ValidationError with the field path
-        raise InvalidRecord(f"{writer.type_name} v{writer.version}: {exc}") from exc
+    """The Avro binary body of `record`; InvalidRecord, naming the field, if it does not fit.
+
+    fastavro's writer refuses a wrong type or a missing field by itself; its full
+    `validate` is run only then, for the message: run on every record it cost more than
+    the encoding (a ValidationError is built, JSON and all, for every union branch
+    that does not match).
+    """
     buf = io.BytesIO()
-    schemaless_writer(buf, writer.parsed, record)
+    try:
+        schemaless_writer(buf, writer.parsed, record)
+    except Exception as exc:  # TypeError, ValueError, KeyError, struct.error, ...
+        try:
+            validate(record, writer.parsed, raise_errors=True)
+        except Exception as detail:
+            raise InvalidRecord(f"{writer.type_name} v{writer.version}: {detail}") from exc
+        raise InvalidRecord(f"{writer.type_name} v{writer.version}: {exc}") from exc
     return buf.getvalue()
 
 
