@@ -161,7 +161,7 @@ async def _report(
                 )
             )
         last = now
-        console.print("\n".join(lines))
+        console.print("\n".join(lines), soft_wrap=True)
 
 
 @run_app.command("mapper")

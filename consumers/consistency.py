@@ -8,7 +8,7 @@ after each, it reads back what a guest would be served:
   copy; a newer one is a legitimate refill. Unstamped keys cannot be judged and are
   counted apart.
 - HTTP edge (http_purge sink): a GET of each purged URL through the region's edge. A
-  HIT whose `Age` is older than the purge means the edge still serves its old copy.
+  HIT whose `Age` reaches back before the event means the edge still serves its old copy.
 
 A purge is *converged* when nothing stale is left at the first read-back. Stale ones
 are read again until they converge or `give_up_s` passes; staleness is the time from
@@ -288,8 +288,11 @@ class ConsistencyChecker:
             response = await self._http.get(base + path, headers={"Accept-Encoding": "identity"})
             status = (response.headers.get("x-cache") or "").upper()
             age = float(response.headers.get("age") or 0)
-            since_purge_s = (time.time() * 1000 - probe.applied_at) / 1000
-            if "HIT" in status and age > since_purge_s + 1.0:
+            # Cached before the event happened: a copy the purge should have dropped. (Not
+            # "before this purge": the budget may skip a URL another purge already dropped
+            # after the event, and that later copy is fresh.) Age has whole seconds: +1.
+            since_event_s = (time.time() * 1000 - probe.occurred_at) / 1000
+            if "HIT" in status and age > since_event_s + 1.0:
                 stale.append(path)
         return stale
 

@@ -151,3 +151,34 @@ async def test_refill_is_not_stale_but_an_old_copy_is(
         assert tally.unjudged_keys == 1
     finally:
         await checker.close()
+
+
+async def test_edge_copy_from_before_the_event_is_stale(settings: Settings, edge: str) -> None:
+    """Through real Varnish: a HIT whose Age reaches back before the event is stale; after a PURGE it is not."""
+    import httpx
+
+    from consumers.consistency import Probe, Tally
+
+    page = f"/weddings/w-{uuid.uuid4().hex[:8]}/gallery"
+    async with httpx.AsyncClient(base_url=edge) as http:
+        await http.get(page)
+        await asyncio.sleep(2.2)  # let the cached copy age: Age has whole seconds
+        event_at = int(time.time() * 1000)
+        checker = ConsistencyChecker(settings, edge_urls={"eu-west": edge})
+        try:
+            probe = Probe(
+                due=0,
+                seq=0,
+                region="eu-west",
+                sink="http_purge",
+                event_id="e",
+                command_id="c",
+                occurred_at=event_at,
+                applied_at=event_at,
+                urls=[page],
+            )
+            assert await checker._stale(probe, Tally()) == [page]
+            assert (await http.request("PURGE", page)).status_code == 200
+            assert await checker._stale(probe, Tally()) == []
+        finally:
+            await checker.close()
