@@ -66,6 +66,11 @@ def wedding_regions(wedding_id: str) -> str:
     return WEDDING_REGIONS.format(wedding_id=wedding_id)
 
 
+def url_target(url: str) -> str:
+    """The fencing target of one purged URL (an `entity` for PURGE_VERSION)."""
+    return f"url:{url}"
+
+
 def purge_version(sink: str, entity: str) -> str:
     return PURGE_VERSION.format(sink=sink, entity=entity)
 

@@ -62,6 +62,10 @@ class PurgeLedger:
         newest: dict[str, int] = {}
         for cmd in commands:
             newest[cmd.entity] = max(newest.get(cmd.entity, -1), cmd.version)
+            # Per URL as well: the warmer fences each URL by the newest purge that named it.
+            for url in cmd.urls:
+                target = keys.url_target(url)
+                newest[target] = max(newest.get(target, -1), cmd.version)
             pipe.set(keys.applied(self.sink, cmd.command_id), 1, ex=keys.APPLIED_TTL_S)
             pipe.set(keys.applied_event(self.sink, cmd.origin_event_id), 1, ex=keys.APPLIED_TTL_S)
         for entity, version in newest.items():

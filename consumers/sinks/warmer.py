@@ -5,8 +5,9 @@ put back, the partition paused for `wait_retry_s`) until the purge sinks it foll
 (`after`, e.g. redis and http_purge) have applied that purge in this region; warming
 earlier would put the stale page back into the edge. It drops a warm that:
 
-- a newer purge of the same entity has overtaken (version fencing): that purge's own
-  warm will follow, and this one would fetch a page that is already stale;
+- newer purges have overtaken on every one of its URLs (version fencing, per URL):
+  their own warms follow, and this one would fetch pages that are already stale (a
+  warm with only some URLs overtaken fetches the others);
 - is past its deadline, or whose purge is still not applied `max_wait_s` after it was
   issued (so one lost purge cannot hold the partition's other warms).
 
@@ -124,14 +125,16 @@ class WarmerSink(Sink):
             notes[warm.command_id] = Note(
                 outcome="fenced" if reason == "fenced" else "dropped", detail=reason
             )
-        results = await asyncio.gather(*(self._warm(w) for w in ready))
-        for warm, fetched in zip(ready, results, strict=True):
+        results = await asyncio.gather(*(self._warm(w, urls) for w, urls in ready))
+        for (warm, urls), fetched in zip(ready, results, strict=True):
             # The status that counts is the last one: MISS then HIT means warmed and confirmed.
+            skipped = len(warm.urls) - len(urls)
             notes[warm.command_id] = Note(
-                cache_status={r.url: "HIT" if r.confirmed else r.cache_status for r in fetched}
+                cache_status={r.url: "HIT" if r.confirmed else r.cache_status for r in fetched},
+                detail=f"{skipped} URLs left to a newer purge's warm" if skipped else "",
             )
         if waiting:
-            for warm in ready:
+            for warm, _urls in ready:
                 self._remember(warm.command_id, notes[warm.command_id])
             raise RetryAfter(
                 f"warmer {self.region}: {len(waiting)} warms wait for their purge",
@@ -142,42 +145,59 @@ class WarmerSink(Sink):
 
     async def _triage(
         self, warms: list[WarmCommand]
-    ) -> tuple[list[WarmCommand], list[WarmCommand], list[tuple[WarmCommand, str]]]:
-        """Split into ready (purge applied, not overtaken), waiting, and dropped with why."""
+    ) -> tuple[
+        list[tuple[WarmCommand, tuple[str, ...]]], list[WarmCommand], list[tuple[WarmCommand, str]]
+    ]:
+        """Split into ready (with the URLs still worth fetching), waiting, and dropped with why.
+
+        Fencing is per URL: a URL that a newer purge named has been (or will be) warmed
+        by that purge's own warm, so this older warm skips it; a warm all of whose URLs
+        are overtaken is dropped as fenced. (Fencing by the whole wedding starved warms:
+        with a wedding changing every second, every warm had a newer purge somewhere.)
+        """
         now_ms = time.time() * 1000
         try:
             pipe = self.redis.pipeline(transaction=False)
             for warm in warms:
                 for sink in self.after:
                     pipe.exists(keys.applied_event(sink, warm.origin_event_id))
-                    pipe.get(keys.purge_version(sink, warm.entity))
+                    for url in warm.urls:
+                        pipe.get(keys.purge_version(sink, keys.url_target(url)))
             values = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise TransientError(
                 f"warmer {self.region}: reading purge versions failed: {type(exc).__name__}"
             ) from exc
-        ready: list[WarmCommand] = []
+        ready: list[tuple[WarmCommand, tuple[str, ...]]] = []
         waiting: list[WarmCommand] = []
         dropped: list[tuple[WarmCommand, str]] = []
-        step = 2 * len(self.after)
-        for i, warm in enumerate(warms):
-            row = values[i * step : (i + 1) * step]
-            applied = all(bool(row[j]) for j in range(0, step, 2))
-            versions = [int(row[j]) for j in range(1, step, 2) if row[j] is not None]
-            if versions and max(versions) > warm.version:
+        position = 0
+        for warm in warms:
+            applied = True
+            overtaken: set[str] = set()
+            for _sink in self.after:
+                applied = applied and bool(values[position])
+                position += 1
+                for url in warm.urls:
+                    version = values[position]
+                    position += 1
+                    if version is not None and int(version) > warm.version:
+                        overtaken.add(url)
+            urls = tuple(u for u in warm.urls if u not in overtaken)
+            if not urls:
                 dropped.append((warm, "fenced"))
             elif now_ms > warm.deadline:
                 dropped.append((warm, "expired"))
             elif applied:
-                ready.append(warm)
+                ready.append((warm, urls))
             elif now_ms > warm.issued_at + self.policy.warm.max_wait_s * 1000:
                 dropped.append((warm, "purge_not_applied"))
             else:
                 waiting.append(warm)
         return ready, waiting, dropped
 
-    async def _warm(self, warm: WarmCommand) -> list[WarmResult]:
-        results = await asyncio.gather(*(self._fetch(warm, url) for url in warm.urls))
+    async def _warm(self, warm: WarmCommand, urls: Sequence[str]) -> list[WarmResult]:
+        results = await asyncio.gather(*(self._fetch(warm, url) for url in urls))
         hits = sum(r.confirmed for r in results)
         log.debug("warmed %s in %s: %d/%d confirmed", warm.entity, self.region, hits, len(results))
         return list(results)
