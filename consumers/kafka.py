@@ -231,8 +231,11 @@ class CommitAfterEffect:
             delay = exc.retry_after if isinstance(exc, RetryAfter) else self.backoff.next_delay()
             self._put_back(batch, delay)
             telemetry.retries.add(1, {"consumer": self.name, "reason": type(exc).__name__})
-            log.warning(
-                "%s: batch of %d put back for %.2fs: %s", self.name, len(records), delay, exc
+            # A provider's Retry-After or a tier not yet applied is flow control, counted by
+            # the retries metric; a failure (a Redis or an API down) is worth a warning.
+            level = logging.DEBUG if isinstance(exc, RetryAfter) else logging.WARNING
+            log.log(
+                level, "%s: batch of %d put back for %.2fs: %s", self.name, len(records), delay, exc
             )
             return False
         self.backoff.reset()
