@@ -15,27 +15,45 @@ from consumers.errors import TransientError
 from consumers.sinks.base import FlushResult, PurgeSink
 from consumers.sinks.ledger import PurgeLedger
 
-# Deletes the given keys and, for each tag index set, its members and the set itself,
-# in one round trip and atomically, so a key added to a tag mid-purge is either
-# deleted now or survives with the newer value. A command already applied (its
-# marker, KEYS[1], exists) is skipped: a redelivered command must not delete what
-# the platform cached again after the first, real purge.
-# KEYS: applied marker, plain keys..., then tag index sets (ARGV[1] = how many plain keys).
+# One call per command, atomic, so a crash can never leave a purge applied but not
+# recorded (or the reverse):
+# - a command already applied (its marker exists) is skipped: a redelivered command
+#   must not delete what the platform cached again after the first, real purge;
+# - the keys are deleted, and for each tag index set its members and the set itself,
+#   so a key added to a tag mid-purge is either deleted now or survives, newer;
+# - the applied markers (per command, per event) are set: the edges and the warmer
+#   wait for them (tier order);
+# - each fence (per entity, per URL) is raised to this version if it is lower:
+#   versions only grow, whatever order commands of different entities come in.
+# KEYS: command marker, event marker, keys..., tag index sets..., fences...
+# ARGV: how many keys, how many tag sets, version, marker TTL, fence TTL.
 _PURGE_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return -1
 end
-local n = tonumber(ARGV[1])
+local nk = tonumber(ARGV[1])
+local nt = tonumber(ARGV[2])
+local version = tonumber(ARGV[3])
 local deleted = 0
-for i = 2, n + 1 do
+for i = 3, nk + 2 do
   deleted = deleted + redis.call('DEL', KEYS[i])
 end
-for i = n + 2, #KEYS do
+for i = nk + 3, nk + nt + 2 do
   local members = redis.call('SMEMBERS', KEYS[i])
   for j = 1, #members, 500 do
     deleted = deleted + redis.call('DEL', unpack(members, j, math.min(j + 499, #members)))
   end
   redis.call('DEL', KEYS[i])
+end
+redis.call('SET', KEYS[1], 1, 'EX', ARGV[4])
+redis.call('SET', KEYS[2], 1, 'EX', ARGV[4])
+for i = nk + nt + 3, #KEYS do
+  local current = tonumber(redis.call('GET', KEYS[i]) or '-1')
+  if version > current then
+    redis.call('SET', KEYS[i], ARGV[3], 'EX', ARGV[5])
+  else
+    redis.call('EXPIRE', KEYS[i], ARGV[5])
+  end
 end
 return deleted
 """
@@ -64,13 +82,25 @@ class RedisSink(PurgeSink):
         try:
             pipe = self.redis.pipeline(transaction=False)
             for cmd in pending:
-                marker = keys.applied(self.kind, cmd.command_id)
-                tag_sets = [keys.tag_index(t) for t in cmd.tags]
+                fences = [cmd.entity, *(keys.url_target(u) for u in cmd.urls)]
                 await self._script(
-                    keys=[marker, *cmd.keys, *tag_sets], args=[len(cmd.keys)], client=pipe
+                    keys=[
+                        keys.applied(self.kind, cmd.command_id),
+                        keys.applied_event(self.kind, cmd.origin_event_id),
+                        *cmd.keys,
+                        *(keys.tag_index(t) for t in cmd.tags),
+                        *(keys.purge_version(self.kind, f) for f in fences),
+                    ],
+                    args=[
+                        len(cmd.keys),
+                        len(cmd.tags),
+                        cmd.version,
+                        keys.APPLIED_TTL_S,
+                        keys.PURGE_VERSION_TTL_S,
+                    ],
+                    client=pipe,
                 )
-            await self.ledger.queue(pipe, pending)
-            results = [int(r) for r in (await pipe.execute())[: len(pending)]]
+            results = [int(r) for r in await pipe.execute()]
         except (RedisError, OSError) as exc:
             raise TransientError(
                 f"redis {self.region}: purge failed: {type(exc).__name__}: {exc}"
