@@ -8,18 +8,16 @@ so `cachesync trace EVENT_ID` reads a single partition.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 from opentelemetry import trace
 
 from consumers.commands import Command
-from consumers.errors import TransientError
+from consumers.kafka import BatchedSends
 from schemas import Codec
 
 
@@ -45,7 +43,7 @@ class AuditLog:
         self.producer = producer
         self.topic = topic
         self.codec = codec
-        self._pending: list[asyncio.Future[Any]] = []
+        self._batch = BatchedSends(producer)
 
     async def mapped(
         self,
@@ -110,18 +108,8 @@ class AuditLog:
             "trace_id": current_trace_id(),
         }
         value = self.codec.encode("audit", record)
-        try:
-            self._pending.append(
-                await self.producer.send(self.topic, value=value, key=event_id.encode())
-            )
-        except KafkaError as exc:
-            raise TransientError(f"audit produce failed: {exc}") from exc
+        self._batch.add(self.topic, event_id.encode(), value, [])
 
     async def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        try:
-            await asyncio.gather(*pending)
-        except KafkaError as exc:
-            raise TransientError(f"audit produce failed: {exc}") from exc
+        """Send the records gathered since the last flush and wait for their acks."""
+        await self._batch.send()

@@ -11,10 +11,8 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 from opentelemetry.trace import (
     Link,
     Span,
@@ -36,10 +34,10 @@ from consumers.errors import (
     Oversized,
     PermanentSinkError,
     RetryAfter,
-    TransientError,
     bad_input_from_serde,
 )
 from consumers.kafka import (
+    BatchedSends,
     CommitAfterEffect,
     DeadLetters,
     Record,
@@ -127,7 +125,7 @@ class MapperRole:
                 (d.type_name, d.record) for d in decoded if isinstance(d, Decoded)
             )
         )
-        pending: list[asyncio.Future[Any]] = []
+        sends = BatchedSends(self.producer)
         out: Counter[tuple[str, str]] = Counter()
         for record, item in zip(records, decoded, strict=True):
             self.stats.records += 1
@@ -169,13 +167,11 @@ class MapperRole:
                         ("cachesync.event_id", command.origin_event_id.encode()),
                         *trace_headers,
                     ]
-                    pending.append(
-                        await self._send(
-                            self.settings.commands_topic(command.region),
-                            command.entity.encode(),
-                            value,
-                            headers,
-                        )
+                    sends.add(
+                        self.settings.commands_topic(command.region),
+                        command.entity.encode(),
+                        value,
+                        headers,
                     )
                     self.stats.produced[command.region] += 1
                     out[command.kind, command.region] += 1
@@ -188,23 +184,8 @@ class MapperRole:
         for (kind, region), n in out.items():
             telemetry.commands_out.add(n, {"kind": kind, "region": region})
         await index.flush()
-        await self._acked(pending)
+        await sends.send()
         await self.audit.flush()
-
-    async def _send(
-        self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
-    ) -> Any:
-        try:
-            return await self.producer.send(topic, value=value, key=key, headers=headers)
-        except KafkaError as exc:
-            raise TransientError(f"produce to {topic} failed: {exc}") from exc
-
-    @staticmethod
-    async def _acked(pending: list[asyncio.Future[Any]]) -> None:
-        try:
-            await asyncio.gather(*pending)
-        except KafkaError as exc:
-            raise TransientError(f"produce failed: {exc}") from exc
 
     async def _decode(self, record: Record) -> Decoded:
         value = record.value or b""

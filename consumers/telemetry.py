@@ -186,18 +186,11 @@ def extract_context(headers: Sequence[tuple[str, bytes]] | None) -> Context:
 
 
 def inject_context(headers: list[tuple[str, bytes]]) -> None:
-    """Put the current span's context in outgoing headers, unless the aiokafka
-    instrumentation does it for us at send time (then it links its send span)."""
-    if not _kafka_instrumented():
-        propagate.inject(headers, setter=KAFKA_HEADERS)
+    """Put the current span's context in outgoing headers (W3C traceparent/tracestate).
 
-
-def _kafka_instrumented() -> bool:
-    try:
-        from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
-    except ImportError:
-        return False
-    return bool(AIOKafkaInstrumentor().is_instrumented_by_opentelemetry)
+    Done by hand, not left to the aiokafka instrumentation: commands go out in
+    batches (`BatchedSends`), which it does not see."""
+    propagate.inject(headers, setter=KAFKA_HEADERS)
 
 
 # The consistency checker (consumers/consistency.py), by region and sink.
