@@ -78,6 +78,25 @@ def _counting(send: Any, audit_topic: str, outputs: dict[str, Counter[str]]) -> 
     return counted
 
 
+def _count_batched(audit_topic: str, outputs: dict[str, Counter[str]]) -> None:
+    """The same tally for what goes out through BatchedSends (commands, audit records)."""
+    from consumers.kafka import BatchedSends
+
+    add = BatchedSends.add
+
+    def counted(
+        self: BatchedSends, topic: str, key: bytes | None, value: bytes, headers: Any
+    ) -> None:
+        tally = outputs.setdefault("audit" if topic == audit_topic else "commands", Counter())
+        tally["messages"] += 1
+        tally["value_bytes"] += len(value or b"")
+        tally["key_bytes"] += len(key or b"")
+        tally["header_bytes"] += sum(len(k) + len(v) for k, v in headers or ())
+        add(self, topic, key, value, headers)
+
+    BatchedSends.add = counted  # type: ignore[method-assign]
+
+
 def _write(path: str, text: str) -> None:
     Path(path).write_text(text)
 
@@ -163,6 +182,7 @@ async def run_roles_worker(args: argparse.Namespace) -> dict[str, Any]:
     for role in roles:
         if isinstance(role, MapperRole):
             role.producer.send = _counting(role.producer.send, settings.audit_topic, outputs)
+            _count_batched(settings.audit_topic, outputs)
 
     profiler = None
     if args.profile:
