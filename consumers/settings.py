@@ -31,8 +31,14 @@ from topology import DEFAULT_TOPOLOGY, Topology, TopologyError, load_topology
 _REDIS_DSN = TypeAdapter(RedisDsn)
 
 
+def region_var(prefix: str, region: str) -> str:
+    """The environment variable that overrides a region's setting: `EDGE_URL_` + eu-west
+    gives EDGE_URL_EU_WEST."""
+    return prefix + region.upper().replace("-", "_")
+
+
 def region_env_var(region: str) -> str:
-    return "REDIS_URL_" + region.upper().replace("-", "_")
+    return region_var("REDIS_URL_", region)
 
 
 class Settings(BaseSettings):
@@ -124,15 +130,12 @@ class Settings(BaseSettings):
     @cached_property
     def region_edge_urls(self) -> dict[str, str]:
         """Each region's HTTP edge: EDGE_URL_<REGION> if set, else the topology's edge_url."""
-        urls: dict[str, str] = {}
-        for region, spec in self.topology.regions.items():
-            var = "EDGE_URL_" + region.upper().replace("-", "_")
-            value = os.environ.get(var) or spec.edge_url
-            if value:
-                if not value.startswith(("http://", "https://")):
-                    raise ConfigError(f"{var}: expected an http(s) URL, got {value!r}")
-                urls[region] = value.rstrip("/")
-        return urls
+        urls = self._per_region("EDGE_URL_", "edge_url")
+        for region, value in urls.items():
+            if not value.startswith(("http://", "https://")):
+                var = region_var("EDGE_URL_", region)
+                raise ConfigError(f"{var}: expected an http(s) URL, got {value!r}")
+        return {region: value.rstrip("/") for region, value in urls.items()}
 
     @cached_property
     def region_cloudflare_zones(self) -> dict[str, str]:
@@ -147,9 +150,7 @@ class Settings(BaseSettings):
     def _per_region(self, env_prefix: str, field: str) -> dict[str, str]:
         out: dict[str, str] = {}
         for region, spec in self.topology.regions.items():
-            value = os.environ.get(env_prefix + region.upper().replace("-", "_")) or getattr(
-                spec, field
-            )
+            value = os.environ.get(region_var(env_prefix, region)) or getattr(spec, field)
             if value:
                 out[region] = str(value)
         return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from consumers.errors import ConfigError
-from consumers.settings import Settings
+from consumers.settings import Settings, region_var
 from consumers.sinks.base import Sink
 
 SINK_KINDS = ["redis", "cloudflare", "cloudfront", "http_purge", "warmer"]
@@ -35,7 +35,7 @@ def unavailable(settings: Settings, region: str, kind: str) -> str | None:
         return None
     if kind == "cloudflare":
         if region not in settings.region_cloudflare_zones:
-            return f"region {region} has no cloudflare_zone ({_var('CLOUDFLARE_ZONE_', region)} or {settings.topology_file})"
+            return f"region {region} has no cloudflare_zone ({region_var('CLOUDFLARE_ZONE_', region)} or {settings.topology_file})"
         if not spec.public_url:
             return f"region {region} has no public_url in {settings.topology_file}"
         if settings.cloudflare_api_token is None:
@@ -45,7 +45,7 @@ def unavailable(settings: Settings, region: str, kind: str) -> str | None:
         if region not in settings.region_cloudfront_distributions:
             return (
                 f"region {region} has no cloudfront_distribution "
-                f"({_var('CLOUDFRONT_DISTRIBUTION_', region)} or {settings.topology_file})"
+                f"({region_var('CLOUDFRONT_DISTRIBUTION_', region)} or {settings.topology_file})"
             )
         has_keys = settings.aws_access_key_id is not None and settings.aws_secret_access_key
         if not (has_keys or any(os.environ.get(v) for v in _AWS_CREDENTIAL_SOURCES)):
@@ -53,14 +53,10 @@ def unavailable(settings: Settings, region: str, kind: str) -> str | None:
         return None
     if kind in ("http_purge", "warmer"):
         if region not in settings.region_edge_urls:
-            var = "EDGE_URL_" + region.upper().replace("-", "_")
+            var = region_var("EDGE_URL_", region)
             return f"region {region} has no edge_url ({var} or the topology)"
         return None
     return f"unknown sink {kind!r}; known: {SINK_KINDS}"
-
-
-def _var(prefix: str, region: str) -> str:
-    return prefix + region.upper().replace("-", "_")
 
 
 def build_sink(settings: Settings, region: str, kind: str) -> Sink:

@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO))
 import uvicorn  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
+from consumers.settings import region_var  # noqa: E402
 from tests.stubs.aws import create_distribution  # noqa: E402
 from tests.stubs.cloudflare import CloudflareStub  # noqa: E402
 from topology import load_topology  # noqa: E402
@@ -39,9 +40,9 @@ def main(cloudflare_port: int, moto_port: int, env_file: Path) -> None:
         "AWS_DEFAULT_REGION=us-east-1",
     ]
     for region in load_topology().regions:
-        var = region.upper().replace("-", "_")
-        lines.append(f"CLOUDFLARE_ZONE_{var}=local-zone-{region}")
-        lines.append(f"CLOUDFRONT_DISTRIBUTION_{var}={create_distribution(endpoint, f'local {region}')}")
+        lines.append(f"{region_var('CLOUDFLARE_ZONE_', region)}=local-zone-{region}")
+        distribution = create_distribution(endpoint, f"local {region}")
+        lines.append(f"{region_var('CLOUDFRONT_DISTRIBUTION_', region)}={distribution}")
     tmp = env_file.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.rename(env_file)  # appears whole: up.d/cdn.sh waits for it
