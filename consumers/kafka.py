@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -349,22 +349,3 @@ class BatchedSends:
             await asyncio.gather(*futures)
         except KafkaError as exc:
             raise TransientError(f"produce failed: {type(exc).__name__}: {exc}") from exc
-
-
-async def send_all(
-    producer: AIOKafkaProducer,
-    messages: Sequence[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]],
-) -> None:
-    """Produce (topic, key, value, headers) messages and wait until every one is acked.
-
-    Broker-side failures surface as TransientError so the caller's batch is retried.
-    """
-    try:
-        futures = [
-            await producer.send(topic, value=value, key=key, headers=headers)
-            for topic, key, value, headers in messages
-        ]
-        if futures:
-            await asyncio.gather(*futures)
-    except KafkaError as exc:
-        raise TransientError(f"produce failed: {type(exc).__name__}: {exc}") from exc

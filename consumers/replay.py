@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 from consumers.codecs import close_codec, codec_for, resolve, start_codec
 from consumers.commands import Command, PurgeCommand
 from consumers.errors import BadInput, bad_input_from_serde
-from consumers.kafka import make_producer, partitions_of, send_all
+from consumers.kafka import BatchedSends, make_producer, partitions_of
 from consumers.mapper import Mapper
 from consumers.settings import Settings
 from consumers.state import RelationshipIndex
@@ -111,6 +111,7 @@ async def replay(
     started = time.monotonic()
     await start_codec(codec)
     await consumer.start()
+    sends = BatchedSends(producer) if producer is not None else None
     if producer is not None:
         await producer.start()
     try:
@@ -128,7 +129,6 @@ async def replay(
             headers.append((REPLAY_CDN_HEADER, b"off"))
         while todo:
             batch = await consumer.getmany(timeout_ms=500, max_records=batch_size)
-            messages: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
             for tp, records in batch.items():
                 for record in records:
                     if record.offset >= ends[tp]:
@@ -144,20 +144,17 @@ async def replay(
                             report.cdn_items[command.region] += (
                                 len(command.urls) + len(command.tags) + len(command.prefixes)
                             )
-                        if produce:
-                            value = codec.encode(command.schema_type, command.to_record())
-                            messages.append(
-                                (
-                                    settings.commands_topic(command.region),
-                                    command.entity.encode(),
-                                    value,
-                                    [("cachesync.kind", command.kind.encode()), *headers],
-                                )
+                        if sends is not None:
+                            sends.add(
+                                settings.commands_topic(command.region),
+                                command.entity.encode(),
+                                codec.encode(command.schema_type, command.to_record()),
+                                [("cachesync.kind", command.kind.encode()), *headers],
                             )
                 if records and records[-1].offset + 1 >= ends[tp]:
                     todo.discard(tp)
-            if messages and producer is not None:
-                await send_all(producer, messages)
+            if sends is not None:
+                await sends.send()
             if progress:
                 progress(report.records, total)
     finally:
