@@ -13,7 +13,6 @@ from consumers.audit import Note
 from consumers.commands import Command, PurgeCommand
 from consumers.errors import TransientError
 from consumers.sinks.base import FlushResult, PurgeSink
-from consumers.sinks.ledger import PurgeLedger
 
 # One call per command, atomic, so a crash can never leave a purge applied but not
 # recorded (or the reverse):
@@ -22,7 +21,8 @@ from consumers.sinks.ledger import PurgeLedger
 # - the keys are deleted, and for each tag index set its members and the set itself,
 #   so a key added to a tag mid-purge is either deleted now or survives, newer;
 # - the applied markers (per command, per event) are set: the edges and the warmer
-#   wait for them (tier order);
+#   wait for them (tier order). The other purge sinks write the same keys through
+#   sinks/ledger.py after their effect; here it is in the script, to be atomic with it;
 # - each fence (per entity, per URL) is raised to this version if it is lower:
 #   versions only grow, whatever order commands of different entities come in.
 # KEYS: command marker, event marker, keys..., tag index sets..., fences...
@@ -67,8 +67,6 @@ class RedisSink(PurgeSink):
         self.url = url
         self.redis = client or Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
         self._script = self.redis.register_script(_PURGE_SCRIPT)
-        # Purge versions and applied markers, for the warmer's fencing (sinks/ledger.py).
-        self.ledger = PurgeLedger(self.redis, self.kind, region)
 
     def accepts(self, command: Command) -> bool:
         # Every purge, even one with no keys or tags: its applied marker is what the edges
