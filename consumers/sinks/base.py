@@ -22,6 +22,11 @@ from consumers.audit import Note
 from consumers.commands import Command, PurgeCommand
 
 
+class ServerError(Exception):
+    """A provider answered 5xx (or failed in a way worth another try): the sinks retry it
+    with stamina and, when the attempts run out, raise TransientError. Never leaves a sink."""
+
+
 @dataclass(frozen=True)
 class Rejected:
     command: Command

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from consumers import budget, telemetry
 from consumers.errors import RetryAfter, TransientError
-from consumers.sinks.base import FlushResult, PurgeSink, Rejected
+from consumers.sinks.base import FlushResult, PurgeSink, Rejected, ServerError
 from consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
 from topology.model import CdnPolicy
 
@@ -70,12 +70,6 @@ class TokenBucket:
         now = self._refill()
         self.tokens = 0.0
         self.blocked_until = max(self.blocked_until, now + seconds)
-
-
-class _ServerError(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(f"HTTP {status}: {detail}")
-        self.status = status
 
 
 class CloudflareSink(PurgeSink):
@@ -229,7 +223,7 @@ class CloudflareSink(PurgeSink):
         cf = self.policy.cloudflare
         try:
             async for attempt in stamina.retry_context(
-                on=(httpx.TransportError, _ServerError),
+                on=(httpx.TransportError, ServerError),
                 attempts=cf.attempts,
                 timeout=cf.timeout_s * cf.attempts,
                 wait_initial=0.2,
@@ -240,8 +234,8 @@ class CloudflareSink(PurgeSink):
                     response = await self.client.post(path, json=body)
                     if response.status_code >= 500:
                         telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "error"})
-                        raise _ServerError(response.status_code, _errors(response))
-        except _ServerError as exc:
+                        raise ServerError(f"HTTP {response.status_code}: {_errors(response)}")
+        except ServerError as exc:
             raise TransientError(f"cloudflare zone {self.zone}: {exc}") from exc
         except httpx.TransportError as exc:
             telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "error"})

@@ -42,7 +42,7 @@ from redis.exceptions import RedisError
 from consumers import budget, keys, telemetry
 from consumers.audit import Note
 from consumers.errors import RetryAfter, TransientError
-from consumers.sinks.base import FlushResult, PurgeSink, Rejected
+from consumers.sinks.base import FlushResult, PurgeSink, Rejected, ServerError
 from consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
 from topology.model import CdnPolicy
 
@@ -74,10 +74,6 @@ class InvalidationRecord:
     status: str
     created_at_ms: float
     deduplicated: bool = False
-
-
-class _ServerError(Exception):
-    pass
 
 
 class CloudFrontSink(PurgeSink):
@@ -261,7 +257,7 @@ class CloudFrontSink(PurgeSink):
         batch = {"Paths": {"Quantity": len(paths), "Items": list(paths)}, "CallerReference": ref}
         try:
             async for attempt in stamina.retry_context(
-                on=(_ServerError, *_TRANSIENT_NETWORK),
+                on=(ServerError, *_TRANSIENT_NETWORK),
                 attempts=cf.attempts,
                 timeout=cf.timeout_s * cf.attempts,
                 wait_initial=0.5,
@@ -276,7 +272,7 @@ class CloudFrontSink(PurgeSink):
                     except ClientError as exc:
                         if _status(exc) >= 500 and _code(exc) not in _BUSY | _THROTTLED:
                             telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "error"})
-                            raise _ServerError(_describe(exc)) from exc
+                            raise ServerError(_describe(exc)) from exc
                         raise
         except ClientError as exc:
             code = _code(exc)
@@ -296,7 +292,7 @@ class CloudFrontSink(PurgeSink):
                 ) from exc
             telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "rejected"})
             raise _Permanent(_describe(exc)) from exc
-        except _ServerError as exc:
+        except ServerError as exc:
             raise TransientError(f"cloudfront {self.distribution}: {exc}") from exc
         except BotoCoreError as exc:
             telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "error"})

@@ -27,17 +27,13 @@ from redis.asyncio import Redis
 
 from consumers import budget, telemetry
 from consumers.errors import TransientError
-from consumers.sinks.base import FlushResult, PurgeSink, Rejected
+from consumers.sinks.base import FlushResult, PurgeSink, Rejected, ServerError
 from consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
 from topology.model import CdnPolicy
 
 log = logging.getLogger(__name__)
 
 PROVIDER = "http_purge"
-
-
-class _ServerError(Exception):
-    pass
 
 
 class HttpPurgeSink(PurgeSink):
@@ -146,7 +142,7 @@ class HttpPurgeSink(PurgeSink):
         async with self._gate:
             try:
                 async for attempt in stamina.retry_context(
-                    on=(httpx.TransportError, _ServerError),
+                    on=(httpx.TransportError, ServerError),
                     attempts=hp.attempts,
                     timeout=hp.timeout_s * hp.attempts,
                     wait_initial=0.1,
@@ -157,8 +153,8 @@ class HttpPurgeSink(PurgeSink):
                         response = await self.client.request(method, path, headers=headers)
                         if response.status_code >= 500:
                             telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "error"})
-                            raise _ServerError(f"HTTP {response.status_code}")
-            except _ServerError as exc:
+                            raise ServerError(f"HTTP {response.status_code}")
+            except ServerError as exc:
                 raise TransientError(f"http_purge {self.edge_url}: {method}: {exc}") from exc
             except httpx.TransportError as exc:
                 telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "error"})

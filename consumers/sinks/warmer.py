@@ -35,7 +35,7 @@ from consumers import keys, telemetry
 from consumers.audit import Note
 from consumers.commands import Command, WarmCommand
 from consumers.errors import RetryAfter, TransientError
-from consumers.sinks.base import FlushResult, Sink
+from consumers.sinks.base import FlushResult, ServerError, Sink
 from topology.model import CdnPolicy
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,6 @@ class WarmResult:
     cache_status: str  # HIT, MISS, ... as the edge says; "error" when no answer
     confirmed: bool  # the edge now serves it from cache
     at_ms: float
-
-
-class _ServerError(Exception):
-    pass
 
 
 class WarmerSink(Sink):
@@ -229,7 +225,7 @@ class WarmerSink(Sink):
         w = self.policy.warm
         try:
             async for attempt in stamina.retry_context(
-                on=(httpx.TransportError, _ServerError),
+                on=(httpx.TransportError, ServerError),
                 attempts=w.attempts,
                 timeout=w.timeout_s * w.attempts,
                 wait_initial=0.1,
@@ -238,8 +234,8 @@ class WarmerSink(Sink):
                 with attempt:
                     response = await self.client.get(url)
                     if response.status_code >= 500:
-                        raise _ServerError(f"HTTP {response.status_code}")
-        except (_ServerError, httpx.TransportError) as exc:
+                        raise ServerError(f"HTTP {response.status_code}")
+        except (ServerError, httpx.TransportError) as exc:
             telemetry.warm_fetches.add(1, {"region": self.region, "cache_status": "error"})
             raise TransientError(
                 f"warmer {self.region}: GET {url} via {self.edge_url}: {exc or type(exc).__name__}"
