@@ -7,9 +7,17 @@ schema version.
 
 from __future__ import annotations
 
-from consumers.errors import TransientError
+from consumers.errors import Oversized, TransientError, bad_input_from_serde
 from consumers.settings import Settings
-from schemas import Codec, ConfluentCodec, RegistryUnavailable, SingleObjectCodec
+from consumers.validation import validate_event
+from schemas import (
+    Codec,
+    ConfluentCodec,
+    Decoded,
+    RegistryUnavailable,
+    SerdeError,
+    SingleObjectCodec,
+)
 
 
 def codec_for(settings: Settings) -> Codec:
@@ -38,3 +46,22 @@ async def resolve(codec: Codec, data: bytes) -> None:
         await codec.resolve(data)
     except RegistryUnavailable as exc:
         raise TransientError(str(exc)) from exc
+
+
+async def decode(codec: Codec, data: bytes) -> Decoded:
+    """Resolve and decode one message; the schemas package's errors become BadInput."""
+    await resolve(codec, data)
+    try:
+        return codec.decode(data)
+    except SerdeError as exc:
+        raise bad_input_from_serde(exc) from exc
+
+
+async def decode_event(codec: Codec, data: bytes, *, max_bytes: int) -> Decoded:
+    """A platform event as the mapper (live or replaying) accepts it: within the size
+    limit, decodable, and passing the field checks; BadInput with the reason if not."""
+    if len(data) > max_bytes:
+        raise Oversized(f"{len(data)} bytes > limit {max_bytes}")
+    decoded = await decode(codec, data)
+    validate_event(decoded.type_name, decoded.record)
+    return decoded

@@ -27,15 +27,14 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.asyncio import Redis
 
-from consumers.codecs import close_codec, codec_for, resolve, start_codec
+from consumers.codecs import close_codec, codec_for, decode_event, start_codec
 from consumers.commands import Command, PurgeCommand
-from consumers.errors import BadInput, bad_input_from_serde
+from consumers.errors import BadInput
 from consumers.kafka import BatchedSends, make_producer, partitions_of
 from consumers.mapper import Mapper
 from consumers.settings import Settings
 from consumers.state import RelationshipIndex
-from consumers.validation import validate_event
-from schemas import SerdeError
+from schemas import Codec
 
 REPLAY_CDN_HEADER = "cachesync.replay-cdn"
 
@@ -135,7 +134,12 @@ async def replay(
                         continue
                     report.records += 1
                     for command in await _map(
-                        codec, mapper, record.value or b"", report, index_only
+                        codec,
+                        mapper,
+                        record.value or b"",
+                        report,
+                        index_only,
+                        settings.max_event_bytes,
                     ):
                         if command.region not in wanted_regions:
                             continue
@@ -185,16 +189,16 @@ async def _range(
 
 
 async def _map(
-    codec: Any, mapper: Mapper, value: bytes, report: ReplayReport, index_only: bool
+    codec: Codec,
+    mapper: Mapper,
+    value: bytes,
+    report: ReplayReport,
+    index_only: bool,
+    max_bytes: int,
 ) -> list[Command]:
     """Decode and map one event; bad input is counted (the live mapper already dead-lettered it)."""
     try:
-        await resolve(codec, value)
-        try:
-            decoded = codec.decode(value)
-        except SerdeError as exc:
-            raise bad_input_from_serde(exc) from exc
-        validate_event(decoded.type_name, decoded.record)
+        decoded = await decode_event(codec, value, max_bytes=max_bytes)
         report.events[decoded.type_name] += 1
         if index_only:
             await mapper.update_index(decoded.type_name, decoded.record)

@@ -26,15 +26,13 @@ from redis.asyncio import Redis
 
 from consumers import telemetry
 from consumers.audit import AuditLog, Note
-from consumers.codecs import close_codec, codec_for, resolve, start_codec
+from consumers.codecs import close_codec, codec_for, decode, decode_event, start_codec
 from consumers.commands import COMMAND_TYPES, Command, PurgeCommand, to_millis
 from consumers.errors import (
     BadInput,
     InvalidRecord,
-    Oversized,
     PermanentSinkError,
     RetryAfter,
-    bad_input_from_serde,
 )
 from consumers.kafka import (
     BatchedSends,
@@ -50,8 +48,7 @@ from consumers.replay import REPLAY_CDN_HEADER
 from consumers.settings import Settings
 from consumers.sinks.base import Sink
 from consumers.state import RelationshipIndex
-from consumers.validation import validate_event
-from schemas import Codec, Decoded, SerdeError
+from schemas import Codec, Decoded
 
 log = logging.getLogger(__name__)
 
@@ -188,16 +185,10 @@ class MapperRole:
         await self.audit.flush()
 
     async def _decode(self, record: Record) -> Decoded:
-        value = record.value or b""
-        if len(value) > self.settings.max_event_bytes:
-            raise Oversized(f"{len(value)} bytes > limit {self.settings.max_event_bytes}")
-        await resolve(self.codec, value)
-        try:
-            decoded = self.codec.decode(value)
-        except SerdeError as exc:
-            raise bad_input_from_serde(exc) from exc
+        decoded = await decode_event(
+            self.codec, record.value or b"", max_bytes=self.settings.max_event_bytes
+        )
         telemetry.events_in.add(1, {"event_type": decoded.type_name})
-        validate_event(decoded.type_name, decoded.record)
         return decoded
 
 
@@ -346,11 +337,7 @@ class SinkRole:
         )
 
     async def _decode(self, record: Record) -> Command:
-        await resolve(self.codec, record.value or b"")
-        try:
-            decoded = self.codec.decode(record.value or b"")
-        except SerdeError as exc:
-            raise bad_input_from_serde(exc) from exc
+        decoded = await decode(self.codec, record.value or b"")
         model = COMMAND_TYPES.get(decoded.type_name)
         if model is None:
             raise BadInput(f"{decoded.type_name!r} is not a command")
