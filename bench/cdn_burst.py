@@ -33,20 +33,20 @@ sys.path.insert(0, str(REPO))
 
 from pydantic import SecretStr  # noqa: E402
 
-from consumers.commands import command_id  # noqa: E402
-from consumers.publish import EventPublisher, new_event  # noqa: E402
-from consumers.roles import SinkRole, run_roles  # noqa: E402
-from consumers.settings import load_settings, region_env_var  # noqa: E402
-from consumers.sinks.cloudflare import CloudflareSink  # noqa: E402
-from consumers.sinks.cloudfront import CloudFrontSink  # noqa: E402
-from consumers.sinks.http_purge import HttpPurgeSink  # noqa: E402
-from consumers.sinks.ledger import PurgeAck  # noqa: E402
-from consumers.sinks.redis import RedisSink  # noqa: E402
+from cachesync.consumers.commands import command_id  # noqa: E402
+from cachesync.consumers.ops.publish import EventPublisher, new_event  # noqa: E402
+from cachesync.consumers.pipeline.roles import SinkRole, run_roles  # noqa: E402
+from cachesync.consumers.settings import load_settings, region_env_var  # noqa: E402
+from cachesync.consumers.sinks.cloudflare import CloudflareSink  # noqa: E402
+from cachesync.consumers.sinks.cloudfront import CloudFrontSink  # noqa: E402
+from cachesync.consumers.sinks.http_purge import HttpPurgeSink  # noqa: E402
+from cachesync.consumers.sinks.ledger import PurgeAck  # noqa: E402
+from cachesync.consumers.sinks.redis import RedisSink  # noqa: E402
+from cachesync.topology import render_all  # noqa: E402
+from cachesync.topology.model import CdnPolicy, CloudflarePolicy  # noqa: E402
 from tests.stubs.aws import create_distribution, moto_server  # noqa: E402
 from tests.stubs.cloudflare import CloudflareStub  # noqa: E402
 from tests.stubs.serve import serve  # noqa: E402
-from topology import render_all  # noqa: E402
-from topology.model import CdnPolicy, CloudflarePolicy  # noqa: E402
 
 TOKEN = "bench-token"
 PUBLIC = "https://{region}.weddings.example"
@@ -162,7 +162,7 @@ async def main(args: argparse.Namespace) -> None:
     settings = load_settings(topic_prefix=f"bench-{run}.", group_prefix=f"bench-{run}")
     topology = settings.topology
     regions = list(topology.regions)
-    from topology.admin import apply_topics
+    from cachesync.topology.admin import apply_topics
 
     await apply_topics(settings.kafka_bootstrap_servers, topology, settings.topic_prefix)
     edge = settings.region_edge_urls.get("eu-west") or "http://127.0.0.1:16081"

@@ -13,12 +13,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from consumers.codecs import codec_for
-from consumers.demo import DemoWorld
-from consumers.kafka import make_producer
-from consumers.publish import event_key
-from consumers.settings import Settings, load_settings, region_env_var
-from schemas import Codec
+from cachesync.consumers.ops.demo import DemoWorld
+from cachesync.consumers.ops.publish import event_key
+from cachesync.consumers.pipeline.codecs import codec_for
+from cachesync.consumers.pipeline.kafka import make_producer
+from cachesync.consumers.settings import Settings, load_settings, region_env_var
+from cachesync.schemas import Codec
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"

@@ -236,7 +236,7 @@ class Topics:
         self.created: list[str] = []
 
     async def create(self, prefix: str) -> Any:
-        from topology.admin import apply_topics
+        from cachesync.topology.admin import apply_topics
 
         settings = bench_settings(prefix)
         changes = await apply_topics(
@@ -280,7 +280,7 @@ class Lag:
         await self.admin.close()
 
     async def of(self, group: str, topics: list[str]) -> int:
-        from consumers.kafka import partitions_of
+        from cachesync.consumers.pipeline.kafka import partitions_of
 
         key = tuple(topics)
         if key not in self._parts:
@@ -308,8 +308,8 @@ async def read_topic(settings: Any, topic: str) -> list[dict[str, Any]]:
     """Every record of a topic from the start to its current end, decoded."""
     from aiokafka import AIOKafkaConsumer
 
-    from consumers.codecs import codec_for
-    from consumers.kafka import partitions_of
+    from cachesync.consumers.pipeline.codecs import codec_for
+    from cachesync.consumers.pipeline.kafka import partitions_of
 
     codec = codec_for(settings)
     parts = await partitions_of(settings.kafka_bootstrap_servers, [topic])
@@ -387,7 +387,7 @@ async def bench_mapper(
 
 
 async def _fill_cache(redis: Any, entries: list[tuple[str, list[str]]]) -> None:
-    from consumers import keys
+    from cachesync.consumers import keys
 
     pipe = redis.pipeline(transaction=False)
     for key, tags in entries:
@@ -404,11 +404,11 @@ async def bench_sink(
 ) -> dict[str, Any]:
     from redis.asyncio import Redis
 
-    from consumers import keys
-    from consumers.codecs import codec_for
-    from consumers.commands import PurgeCommand
-    from consumers.mapper import Mapper
-    from consumers.state import RelationshipIndex
+    from cachesync.consumers import keys
+    from cachesync.consumers.commands import PurgeCommand
+    from cachesync.consumers.mapping.index import RelationshipIndex
+    from cachesync.consumers.mapping.mapper import Mapper
+    from cachesync.consumers.pipeline.codecs import codec_for
 
     prefix = f"bench-{run}-s{rep}"
     settings = await topics.create(prefix)
@@ -502,9 +502,9 @@ async def bench_latency(
     """Events at a steady `rate`; each one's latency is the last region's audit `recorded_at`
     (written right after that sink's flush) minus its `occurred_at` (stamped at produce).
     An event not applied in all regions within `drain_cap_s` of the end counts as infinite."""
-    from consumers.codecs import codec_for
-    from consumers.commands import to_millis
-    from consumers.kafka import make_producer
+    from cachesync.consumers.commands import to_millis
+    from cachesync.consumers.pipeline.codecs import codec_for
+    from cachesync.consumers.pipeline.kafka import make_producer
 
     prefix = f"bench-{run}-l{rep}"
     settings = await topics.create(prefix)
@@ -730,7 +730,7 @@ async def cleanup_redis(run: str) -> None:
     """The run's relationship index and cache entries (tagged ids) in the state and region Redis."""
     from redis.asyncio import Redis
 
-    from consumers.settings import load_settings
+    from cachesync.consumers.settings import load_settings
 
     settings = load_settings()
     for url in [str(settings.state_redis_url), *settings.region_redis_urls.values()]:

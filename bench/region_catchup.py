@@ -20,14 +20,14 @@ import uuid
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumers.demo import DemoWorld
-from consumers.kafka import partitions_of
-from consumers.publish import EventPublisher
-from consumers.replay import replay
-from consumers.roles import MapperRole, SinkRole, run_roles
-from consumers.settings import Settings, load_settings
-from consumers.sinks.redis import RedisSink
-from topology.admin import apply_topics
+from cachesync.consumers.ops.demo import DemoWorld
+from cachesync.consumers.ops.publish import EventPublisher
+from cachesync.consumers.ops.replay import replay
+from cachesync.consumers.pipeline.kafka import partitions_of
+from cachesync.consumers.pipeline.roles import MapperRole, SinkRole, run_roles
+from cachesync.consumers.settings import Settings, load_settings
+from cachesync.consumers.sinks.redis import RedisSink
+from cachesync.topology.admin import apply_topics
 
 REGION = "eu-west"
 

@@ -35,10 +35,10 @@ from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from consumers.vendor_api import VendorApiClient
+from cachesync.consumers.vendor_api import VendorApiClient
+from cachesync.topology import VendorApiPolicy, load_topology
 from tests.stubs.serve import free_port, serve
 from tests.stubs.vendor_api import Behaviour, VendorApiStub
-from topology import VendorApiPolicy, load_topology
 
 
 def zipf_sequence(keys: int, n: int, s: float, seed: int) -> list[int]:

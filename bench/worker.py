@@ -80,7 +80,7 @@ def _counting(send: Any, audit_topic: str, outputs: dict[str, Counter[str]]) -> 
 
 def _count_batched(audit_topic: str, outputs: dict[str, Counter[str]]) -> None:
     """The same tally for what goes out through BatchedSends (commands, audit records)."""
-    from consumers.kafka import BatchedSends
+    from cachesync.consumers.pipeline.kafka import BatchedSends
 
     add = BatchedSends.add
 
@@ -146,9 +146,9 @@ async def _wait_assigned(consumers: list[Any], task: asyncio.Task[Any] | None = 
 
 
 async def run_roles_worker(args: argparse.Namespace) -> dict[str, Any]:
-    from consumers.roles import MapperRole, SinkRole, run_roles
-    from consumers.sinks.redis import RedisSink
-    from consumers.telemetry import setup_telemetry
+    from cachesync.consumers.pipeline.roles import MapperRole, SinkRole, run_roles
+    from cachesync.consumers.sinks.redis import RedisSink
+    from cachesync.consumers.telemetry import setup_telemetry
 
     settings = bench_settings(args.prefix)
     setup_telemetry("cachesync-bench", metrics_port=None)
@@ -228,7 +228,7 @@ async def run_roles_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 async def run_kafka_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     """A bare consume -> produce -> commit loop moving what the mapper moved, nothing else."""
-    from consumers.kafka import make_consumer, make_producer
+    from cachesync.consumers.pipeline.kafka import make_consumer, make_producer
 
     settings = bench_settings(args.prefix)
     plan = json.loads(args.plan)

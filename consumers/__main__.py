@@ -1,5 +1,5 @@
-"""`python -m consumers` is the `cachesync` command."""
+"""`python -m cachesync.consumers` is the `cachesync` command."""
 
-from consumers.cli import main
+from cachesync.consumers.cli.app import main
 
 main()

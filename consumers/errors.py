@@ -27,10 +27,10 @@ re-raised `from` the original, and nowhere else.
 
 from __future__ import annotations
 
-from schemas.serde import InvalidRecord as _SchemaInvalid
-from schemas.serde import SerdeError
-from schemas.serde import UndecodableMessage as _SchemaUndecodable
-from schemas.serde import UnknownSchema as _SchemaUnknown
+from cachesync.schemas.serde import InvalidRecord as _SchemaInvalid
+from cachesync.schemas.serde import SerdeError
+from cachesync.schemas.serde import UndecodableMessage as _SchemaUndecodable
+from cachesync.schemas.serde import UnknownSchema as _SchemaUnknown
 
 
 class CachesyncError(Exception):

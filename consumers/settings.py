@@ -24,9 +24,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from consumers.errors import ConfigError
-from schemas import SchemaCatalog
-from topology import DEFAULT_TOPOLOGY, Topology, TopologyError, load_topology
+from cachesync.consumers.errors import ConfigError
+from cachesync.schemas import SchemaCatalog
+from cachesync.topology import DEFAULT_TOPOLOGY, Topology, TopologyError, load_topology
 
 _REDIS_DSN = TypeAdapter(RedisDsn)
 

@@ -4,10 +4,10 @@
 turns records into bytes and back (single-object encoding by default).
 """
 
-from schemas.catalog import SchemaCatalog, SchemaVersion
-from schemas.compat import CompatProblem, can_read, check_catalog
-from schemas.registry import ConfluentCodec, RegistryUnavailable
-from schemas.serde import (
+from cachesync.schemas.catalog import SchemaCatalog, SchemaVersion
+from cachesync.schemas.compat import CompatProblem, can_read, check_catalog
+from cachesync.schemas.registry import ConfluentCodec, RegistryUnavailable
+from cachesync.schemas.serde import (
     Codec,
     Decoded,
     InvalidRecord,

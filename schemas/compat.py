@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.catalog import SchemaCatalog
+from cachesync.schemas.catalog import SchemaCatalog
 
 _PROMOTIONS = {
     "int": {"int", "long", "float", "double"},

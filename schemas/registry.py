@@ -18,8 +18,8 @@ import fastavro
 import httpx
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from schemas.catalog import SchemaCatalog, SchemaVersion
-from schemas.serde import (
+from cachesync.schemas.catalog import SchemaCatalog, SchemaVersion
+from cachesync.schemas.serde import (
     Decoded,
     UndecodableMessage,
     UnknownSchema,

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.validation import validate
 
-from schemas.catalog import SchemaCatalog, SchemaVersion
+from cachesync.schemas.catalog import SchemaCatalog, SchemaVersion
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from consumers.settings import Settings, load_settings, region_env_var
-from topology import load_topology
+from cachesync.consumers.settings import Settings, load_settings, region_env_var
+from cachesync.topology import load_topology
 
 REPO = Path(__file__).resolve().parent.parent
 REGIONS = list(load_topology().regions)
@@ -100,7 +100,7 @@ def settings(services: dict[str, str]) -> Iterator[Settings]:
 
 @pytest.fixture(scope="session")
 async def topics(settings: Settings) -> list[str]:
-    from topology.admin import apply_topics
+    from cachesync.topology.admin import apply_topics
 
     changes = await apply_topics(
         settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix
@@ -119,7 +119,7 @@ async def region_redis(settings: Settings) -> AsyncIterator[dict[str, Redis]]:
 @pytest.fixture
 async def run_roles_bg() -> AsyncIterator[Callable[[list[Any]], Awaitable[asyncio.Event]]]:
     """Start roles in the background; they are stopped (and drained) at teardown."""
-    from consumers.roles import run_roles
+    from cachesync.consumers.pipeline.roles import run_roles
 
     running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
 
@@ -155,7 +155,7 @@ def telemetry() -> Iterator[Any]:
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from consumers.telemetry import setup_telemetry
+    from cachesync.consumers.telemetry import setup_telemetry
     from tests.stubs.serve import free_port
 
     handle = setup_telemetry(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas import SchemaCatalog
+from cachesync.schemas import SchemaCatalog
 
 _CATALOG = SchemaCatalog()
 

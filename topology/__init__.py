@@ -1,6 +1,6 @@
 """The declarative topology: topics, regions, and the rules that turn events into cache work."""
 
-from topology.model import (
+from cachesync.topology.model import (
     DEFAULT_TOPOLOGY,
     ContentTopic,
     PurgeTemplate,
@@ -13,7 +13,7 @@ from topology.model import (
     WarmTemplate,
     load_topology,
 )
-from topology.templates import MissingField, render, render_all
+from cachesync.topology.templates import MissingField, render, render_all
 
 __all__ = [
     "DEFAULT_TOPOLOGY",

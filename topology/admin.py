@@ -8,7 +8,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.admin.new_partitions import NewPartitions
 
-from topology.model import TopicSpec, Topology
+from cachesync.topology.model import TopicSpec, Topology
 
 
 @dataclass(frozen=True)

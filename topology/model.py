@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from topology.templates import fields_of
+from cachesync.topology.templates import fields_of
 
 DEFAULT_TOPOLOGY = Path(__file__).parent / "topology.yaml"
 

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from consumers.audit import Note
-from consumers.commands import Command, PurgeCommand
+from cachesync.consumers.commands import Command, PurgeCommand
+from cachesync.consumers.pipeline.audit import Note
 
 
 class ServerError(Exception):
@@ -48,7 +48,7 @@ class Sink(ABC):
 
     kind: ClassVar[str]
     # CDN sinks cost money and rate budget; a replay run with --no-cdn marks its
-    # commands so that these sinks skip them (see consumers.replay).
+    # commands so that these sinks skip them (see cachesync.consumers.ops.replay).
     is_cdn: ClassVar[bool] = False
     # Tier order within a region: the purge sinks that must have applied the same event
     # before this one purges (edges after Redis, so an edge miss cannot refill from a

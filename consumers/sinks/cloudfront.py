@@ -39,12 +39,13 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from consumers import budget, keys, telemetry
-from consumers.audit import Note
-from consumers.errors import RetryAfter, TransientError
-from consumers.sinks.base import FlushResult, PurgeSink, Rejected, ServerError
-from consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
-from topology.model import CdnPolicy
+from cachesync.consumers import keys, telemetry
+from cachesync.consumers.errors import RetryAfter, TransientError
+from cachesync.consumers.pipeline.audit import Note
+from cachesync.consumers.sinks import budget
+from cachesync.consumers.sinks.base import FlushResult, PurgeSink, Rejected, ServerError
+from cachesync.consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
+from cachesync.topology.model import CdnPolicy
 
 log = logging.getLogger(__name__)
 

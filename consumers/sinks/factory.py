@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 
-from consumers.errors import ConfigError
-from consumers.settings import Settings, region_var
-from consumers.sinks.base import Sink
+from cachesync.consumers.errors import ConfigError
+from cachesync.consumers.settings import Settings, region_var
+from cachesync.consumers.sinks.base import Sink
 
 SINK_KINDS = ["redis", "cloudflare", "cloudfront", "http_purge", "warmer"]
 PURGE_KINDS = ["redis", "cloudflare", "cloudfront", "http_purge"]
@@ -79,11 +79,11 @@ def _build(settings: Settings, region: str, kind: str) -> Sink:
     policy = settings.topology.cdn
     redis_url = settings.region_redis_urls[region]
     if kind == "redis":
-        from consumers.sinks.redis import RedisSink
+        from cachesync.consumers.sinks.redis import RedisSink
 
         return RedisSink(region, redis_url)
     if kind == "cloudflare":
-        from consumers.sinks.cloudflare import CloudflareSink
+        from cachesync.consumers.sinks.cloudflare import CloudflareSink
 
         assert spec.public_url and settings.cloudflare_api_token
         return CloudflareSink(
@@ -97,7 +97,7 @@ def _build(settings: Settings, region: str, kind: str) -> Sink:
             rate_per_s=spec.cloudflare_rate_per_s,
         )
     if kind == "cloudfront":
-        from consumers.sinks.cloudfront import CloudFrontSink
+        from cachesync.consumers.sinks.cloudfront import CloudFrontSink
 
         return CloudFrontSink(
             region,
@@ -110,10 +110,10 @@ def _build(settings: Settings, region: str, kind: str) -> Sink:
         )
     edge_url = settings.region_edge_urls[region]
     if kind == "http_purge":
-        from consumers.sinks.http_purge import HttpPurgeSink
+        from cachesync.consumers.sinks.http_purge import HttpPurgeSink
 
         return HttpPurgeSink(region, edge_url=edge_url, redis=redis_url, policy=policy)
-    from consumers.sinks.warmer import WarmerSink
+    from cachesync.consumers.sinks.warmer import WarmerSink
 
     # Warm only after every purge sink configured here has applied the event's purge.
     after = [k for k in PURGE_KINDS if unavailable(settings, region, k) is None]

@@ -25,11 +25,12 @@ import httpx
 import stamina
 from redis.asyncio import Redis
 
-from consumers import budget, telemetry
-from consumers.errors import TransientError
-from consumers.sinks.base import FlushResult, PurgeSink, Rejected, ServerError
-from consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
-from topology.model import CdnPolicy
+from cachesync.consumers import telemetry
+from cachesync.consumers.errors import TransientError
+from cachesync.consumers.sinks import budget
+from cachesync.consumers.sinks.base import FlushResult, PurgeSink, Rejected, ServerError
+from cachesync.consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
+from cachesync.topology.model import CdnPolicy
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from consumers import keys, telemetry
-from consumers.commands import PurgeCommand
-from consumers.errors import TransientError
+from cachesync.consumers import keys, telemetry
+from cachesync.consumers.commands import PurgeCommand
+from cachesync.consumers.errors import TransientError
 
 # Sets KEYS[1] to ARGV[1] unless it already holds a higher version (versions only grow).
 _MAX_VERSION = """

@@ -8,11 +8,11 @@ from typing import ClassVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from consumers import keys, telemetry
-from consumers.audit import Note
-from consumers.commands import Command, PurgeCommand
-from consumers.errors import TransientError
-from consumers.sinks.base import FlushResult, PurgeSink
+from cachesync.consumers import keys, telemetry
+from cachesync.consumers.commands import Command, PurgeCommand
+from cachesync.consumers.errors import TransientError
+from cachesync.consumers.pipeline.audit import Note
+from cachesync.consumers.sinks.base import FlushResult, PurgeSink
 
 # One call per command, atomic, so a crash can never leave a purge applied but not
 # recorded (or the reverse):

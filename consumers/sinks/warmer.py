@@ -31,12 +31,12 @@ import stamina
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from consumers import keys, telemetry
-from consumers.audit import Note
-from consumers.commands import Command, WarmCommand
-from consumers.errors import RetryAfter, TransientError
-from consumers.sinks.base import FlushResult, ServerError, Sink
-from topology.model import CdnPolicy
+from cachesync.consumers import keys, telemetry
+from cachesync.consumers.commands import Command, WarmCommand
+from cachesync.consumers.errors import RetryAfter, TransientError
+from cachesync.consumers.pipeline.audit import Note
+from cachesync.consumers.sinks.base import FlushResult, ServerError, Sink
+from cachesync.topology.model import CdnPolicy
 
 log = logging.getLogger(__name__)
 

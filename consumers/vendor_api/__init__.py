@@ -3,9 +3,14 @@
 See `client.py` for the life of an entry and `store.py` for how it meets the Redis sink.
 """
 
-from consumers.vendor_api.cache_control import CacheControl, StoragePlan, plan_storage
-from consumers.vendor_api.client import VendorApiClient
-from consumers.vendor_api.entry import CacheStatus, StaleReason, StoredEntry, VendorResponse
+from cachesync.consumers.vendor_api.cache_control import CacheControl, StoragePlan, plan_storage
+from cachesync.consumers.vendor_api.client import VendorApiClient
+from cachesync.consumers.vendor_api.entry import (
+    CacheStatus,
+    StaleReason,
+    StoredEntry,
+    VendorResponse,
+)
 
 __all__ = [
     "CacheControl",

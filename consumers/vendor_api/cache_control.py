@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-from topology import VendorApiPolicy
+from cachesync.topology import VendorApiPolicy
 
 # RFC 9111 §1.2.2: a delta-seconds value past 2^31 is taken as 2^31.
 _MAX_DELTA = 2**31

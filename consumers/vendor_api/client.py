@@ -45,8 +45,8 @@ from urllib.parse import urlencode
 
 import httpx
 
-from consumers import keys, telemetry
-from consumers.errors import (
+from cachesync.consumers import keys, telemetry
+from cachesync.consumers.errors import (
     BadVendorResponse,
     CacheUnavailable,
     ConfigError,
@@ -55,16 +55,16 @@ from consumers.errors import (
     VendorTimeout,
     VendorUnavailable,
 )
-from consumers.vendor_api.cache_control import StoragePlan, plan_storage
-from consumers.vendor_api.entry import (
+from cachesync.consumers.vendor_api.cache_control import StoragePlan, plan_storage
+from cachesync.consumers.vendor_api.entry import (
     CacheStatus,
     StaleReason,
     StoredEntry,
     VendorResponse,
     kept_headers,
 )
-from consumers.vendor_api.store import EntryStore, LockHeld
-from topology import Topology, VendorApiPolicy
+from cachesync.consumers.vendor_api.store import EntryStore, LockHeld
+from cachesync.topology import Topology, VendorApiPolicy
 
 log = logging.getLogger(__name__)
 

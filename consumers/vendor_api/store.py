@@ -27,9 +27,9 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from consumers import keys
-from consumers.errors import CacheUnavailable
-from consumers.vendor_api.entry import StoredEntry
+from cachesync.consumers import keys
+from cachesync.consumers.errors import CacheUnavailable
+from cachesync.consumers.vendor_api.entry import StoredEntry
 
 log = logging.getLogger(__name__)
 

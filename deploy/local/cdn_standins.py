@@ -19,10 +19,10 @@ sys.path.insert(0, str(REPO))
 import uvicorn  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
-from consumers.settings import region_var  # noqa: E402
+from cachesync.consumers.settings import region_var  # noqa: E402
+from cachesync.topology import load_topology  # noqa: E402
 from tests.stubs.aws import create_distribution  # noqa: E402
 from tests.stubs.cloudflare import CloudflareStub  # noqa: E402
-from topology import load_topology  # noqa: E402
 
 TOKEN = "local-cloudflare-token"  # the stub's; a real token only ever comes from the environment
 

@@ -38,7 +38,7 @@ def surrogate_keys(path: str) -> list[str]:
 class Origin(BaseHTTPRequestHandler):
     server_version = "cachesync-origin/1"
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/_health":
             body = b"ok"

@@ -16,8 +16,8 @@ from collections import Counter
 
 from redis.asyncio import Redis
 
-from consumers.vendor_api import VendorApiClient
-from topology import VendorApiPolicy
+from cachesync.consumers.vendor_api import VendorApiClient
+from cachesync.topology import VendorApiPolicy
 
 
 async def main(

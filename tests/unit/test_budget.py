@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from consumers import budget
-from consumers.commands import PurgeCommand
+from cachesync.consumers.commands import PurgeCommand
+from cachesync.consumers.sinks import budget
 
 _ids = itertools.count()
 

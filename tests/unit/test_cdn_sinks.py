@@ -12,12 +12,12 @@ import pytest
 import stamina
 from pydantic import SecretStr
 
-from consumers.commands import PurgeCommand
-from consumers.errors import RetryAfter, TransientError
-from consumers.sinks.cloudflare import CloudflareSink, TokenBucket
-from consumers.sinks.cloudfront import caller_reference
-from consumers.sinks.http_purge import HttpPurgeSink
-from topology.model import CdnPolicy, CloudflarePolicy
+from cachesync.consumers.commands import PurgeCommand
+from cachesync.consumers.errors import RetryAfter, TransientError
+from cachesync.consumers.sinks.cloudflare import CloudflareSink, TokenBucket
+from cachesync.consumers.sinks.cloudfront import caller_reference
+from cachesync.consumers.sinks.http_purge import HttpPurgeSink
+from cachesync.topology.model import CdnPolicy, CloudflarePolicy
 
 TOKEN = "sekrit-token-value"
 _ids = itertools.count()

@@ -7,7 +7,7 @@ import struct
 import httpx
 import pytest
 
-from schemas import ConfluentCodec, SchemaCatalog, UndecodableMessage, UnknownSchema
+from cachesync.schemas import ConfluentCodec, SchemaCatalog, UndecodableMessage, UnknownSchema
 from tests.samples import sample_record
 from tests.stubs.registry import RegistryStub
 

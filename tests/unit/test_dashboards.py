@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from consumers.telemetry import prometheus_families
+from cachesync.consumers.telemetry import prometheus_families
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 _METRIC = re.compile(r"\b(cachesync_[a-z0-9_]+)")

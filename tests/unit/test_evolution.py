@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from schemas import SchemaCatalog, SingleObjectCodec, can_read, check_catalog
+from cachesync.schemas import SchemaCatalog, SingleObjectCodec, can_read, check_catalog
 from tests.samples import sample_record
 
 CATALOG = SchemaCatalog()

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 import yaml
 
-from consumers.commands import PurgeCommand, WarmCommand
-from consumers.errors import RuleError
-from consumers.mapper import Mapper
-from consumers.state import RelationshipIndex
-from schemas import SchemaCatalog
+from cachesync.consumers.commands import PurgeCommand, WarmCommand
+from cachesync.consumers.errors import RuleError
+from cachesync.consumers.mapping.index import RelationshipIndex
+from cachesync.consumers.mapping.mapper import Mapper
+from cachesync.schemas import SchemaCatalog
+from cachesync.topology import DEFAULT_TOPOLOGY, Topology, load_topology
 from tests.samples import sample_record
-from topology import DEFAULT_TOPOLOGY, Topology, load_topology
 
 CATALOG = SchemaCatalog()
 KNOWN = {t: CATALOG.latest(t).field_names for t in CATALOG.types("events")}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiokafka.partitioner import DefaultPartitioner
 
-from consumers.kafka import CachedPartitioner
+from cachesync.consumers.pipeline.kafka import CachedPartitioner
 
 
 def test_same_choice_as_the_default_partitioner() -> None:

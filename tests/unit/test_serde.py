@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from schemas import (
+from cachesync.schemas import (
     InvalidRecord,
     SchemaCatalog,
     SingleObjectCodec,

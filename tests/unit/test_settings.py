@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from consumers.errors import ConfigError
-from consumers.settings import load_settings
+from cachesync.consumers.errors import ConfigError
+from cachesync.consumers.settings import load_settings
 
 
 def test_bad_bootstrap_servers_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from topology import MissingField, render, render_all
+from cachesync.topology import MissingField, render, render_all
 
 
 def test_plain_fields() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from schemas import SchemaCatalog
-from topology import DEFAULT_TOPOLOGY, TopologyError, load_topology
+from cachesync.schemas import SchemaCatalog
+from cachesync.topology import DEFAULT_TOPOLOGY, TopologyError, load_topology
 
 CATALOG = SchemaCatalog()
 KNOWN = {t: CATALOG.latest(t).field_names for t in CATALOG.types("events")}

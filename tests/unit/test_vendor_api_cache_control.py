@@ -6,8 +6,8 @@ from email.utils import formatdate
 
 import pytest
 
-from consumers.vendor_api import CacheControl, StoredEntry, plan_storage
-from topology import VendorApiPolicy
+from cachesync.consumers.vendor_api import CacheControl, StoredEntry, plan_storage
+from cachesync.topology import VendorApiPolicy
 
 
 def policy(**overrides: object) -> VendorApiPolicy:
@@ -157,7 +157,7 @@ def test_an_entry_is_fresh_then_revalidatable_then_servable_only_on_error_then_d
 
 def test_the_topology_declares_a_policy_per_vendor_api_of_vendor_api_changed() -> None:
     """vendor_apis names the integrations that vendor_api.changed's `api` field names."""
-    from topology import load_topology
+    from cachesync.topology import load_topology
 
     apis = load_topology().vendor_apis
     assert set(apis) == {"availability", "prices", "portfolio", "reviews"}

@@ -12,18 +12,18 @@ import stamina
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from consumers.platform_cache import cache_put
-from consumers.publish import EventPublisher, new_event
-from consumers.roles import MapperRole, SinkRole
-from consumers.settings import Settings
-from consumers.sinks.cloudflare import CloudflareSink
-from consumers.sinks.cloudfront import CloudFrontSink
-from consumers.sinks.http_purge import HttpPurgeSink
-from consumers.sinks.redis import RedisSink
-from consumers.sinks.warmer import WarmerSink
+from cachesync.consumers.ops.platform_cache import cache_put
+from cachesync.consumers.ops.publish import EventPublisher, new_event
+from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.cloudflare import CloudflareSink
+from cachesync.consumers.sinks.cloudfront import CloudFrontSink
+from cachesync.consumers.sinks.http_purge import HttpPurgeSink
+from cachesync.consumers.sinks.redis import RedisSink
+from cachesync.consumers.sinks.warmer import WarmerSink
+from cachesync.topology.model import CdnPolicy
 from tests.helpers import eventually
 from tests.integrations.caching.conftest import CloudflareApi
-from topology.model import CdnPolicy
 
 EU = "eu-west"
 POLICY = CdnPolicy(window_ms=200)

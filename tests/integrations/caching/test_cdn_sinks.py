@@ -12,20 +12,20 @@ import stamina
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from consumers import keys
-from consumers.commands import PurgeCommand, WarmCommand, command_id
-from consumers.errors import RetryAfter
-from consumers.kafka import make_producer
-from consumers.roles import SinkRole
-from consumers.settings import Settings
-from consumers.sinks.cloudflare import CloudflareSink
-from consumers.sinks.cloudfront import CloudFrontSink
-from consumers.sinks.http_purge import HttpPurgeSink
-from consumers.sinks.warmer import WarmerSink
-from schemas import SingleObjectCodec
+from cachesync.consumers import keys
+from cachesync.consumers.commands import PurgeCommand, WarmCommand, command_id
+from cachesync.consumers.errors import RetryAfter
+from cachesync.consumers.pipeline.kafka import make_producer
+from cachesync.consumers.pipeline.roles import SinkRole
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.cloudflare import CloudflareSink
+from cachesync.consumers.sinks.cloudfront import CloudFrontSink
+from cachesync.consumers.sinks.http_purge import HttpPurgeSink
+from cachesync.consumers.sinks.warmer import WarmerSink
+from cachesync.schemas import SingleObjectCodec
+from cachesync.topology.model import CdnPolicy
 from tests.helpers import eventually
 from tests.integrations.caching.conftest import CloudflareApi
-from topology.model import CdnPolicy
 
 EU = "eu-west"
 POLICY = CdnPolicy(window_ms=200)

@@ -9,13 +9,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from consumers.consistency import ConsistencyChecker
-from consumers.platform_cache import cache_put
-from consumers.publish import EventPublisher, new_event
-from consumers.roles import MapperRole, SinkRole
-from consumers.settings import Settings
-from consumers.sinks.base import FlushResult
-from consumers.sinks.redis import RedisSink
+from cachesync.consumers.ops.consistency import ConsistencyChecker
+from cachesync.consumers.ops.platform_cache import cache_put
+from cachesync.consumers.ops.publish import EventPublisher, new_event
+from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.base import FlushResult
+from cachesync.consumers.sinks.redis import RedisSink
 from tests.helpers import eventually
 
 
@@ -124,7 +124,7 @@ async def test_refill_is_not_stale_but_an_old_copy_is(
     settings: Settings, region_redis: dict[str, Redis]
 ) -> None:
     """The write stamp decides: newer than the event is a refill, older is stale, none is unjudged."""
-    from consumers.consistency import Probe, Tally
+    from cachesync.consumers.ops.consistency import Probe, Tally
 
     redis = region_redis["us-east"]
     run = uuid.uuid4().hex[:6]
@@ -157,7 +157,7 @@ async def test_edge_copy_from_before_the_event_is_stale(settings: Settings, edge
     """Through real Varnish: a HIT whose Age reaches back before the event is stale; after a PURGE it is not."""
     import httpx
 
-    from consumers.consistency import Probe, Tally
+    from cachesync.consumers.ops.consistency import Probe, Tally
 
     page = f"/weddings/w-{uuid.uuid4().hex[:8]}/gallery"
     async with httpx.AsyncClient(base_url=edge) as http:

@@ -9,14 +9,14 @@ import yaml
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
-from consumers.platform_cache import cache_put
-from consumers.publish import EventPublisher, new_event
-from consumers.roles import MapperRole, SinkRole
-from consumers.settings import Settings
-from consumers.sinks.redis import RedisSink
+from cachesync.consumers.ops.platform_cache import cache_put
+from cachesync.consumers.ops.publish import EventPublisher, new_event
+from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.redis import RedisSink
+from cachesync.topology import DEFAULT_TOPOLOGY, load_topology
 from tests.conftest import metric_points
 from tests.helpers import eventually
-from topology import DEFAULT_TOPOLOGY, load_topology
 
 
 def _photo(wedding: str, **extra: object) -> dict[str, object]:

@@ -8,10 +8,10 @@ from typing import Any
 from redis.asyncio import Redis
 
 from bench.common import World
-from consumers.mapper import Mapper
-from consumers.publish import new_event
-from consumers.settings import Settings
-from consumers.state import RelationshipIndex
+from cachesync.consumers.mapping.index import RelationshipIndex
+from cachesync.consumers.mapping.mapper import Mapper
+from cachesync.consumers.ops.publish import new_event
+from cachesync.consumers.settings import Settings
 
 T0 = 1_764_000_000.0
 

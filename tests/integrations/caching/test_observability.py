@@ -11,13 +11,13 @@ from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from consumers.platform_cache import cache_put
-from consumers.publish import EventPublisher, new_event
-from consumers.roles import MapperRole, SinkRole
-from consumers.settings import Settings
-from consumers.sinks.redis import RedisSink
-from consumers.telemetry import inject_context
-from consumers.trace import read_trace
+from cachesync.consumers.ops.platform_cache import cache_put
+from cachesync.consumers.ops.publish import EventPublisher, new_event
+from cachesync.consumers.ops.trace import read_trace
+from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.redis import RedisSink
+from cachesync.consumers.telemetry import inject_context
 from tests.helpers import eventually
 
 
@@ -203,7 +203,7 @@ def _total(values: dict[str, list[Any]], family: str, **labels: str) -> float:
 
 async def test_exported_names_match_the_declared_families(telemetry: Any) -> None:
     """What /metrics really serves is what `prometheus_families` (and so the dashboard test) assumes."""
-    from consumers.telemetry import prometheus_families
+    from cachesync.consumers.telemetry import prometheus_families
 
     declared = prometheus_families()
     served = [name for name in await _scrape(telemetry) if name.startswith("cachesync_")]

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from consumers import keys
-from consumers.commands import Command
-from consumers.platform_cache import cache_put
-from consumers.publish import EventPublisher, new_event
-from consumers.replay import replay
-from consumers.roles import MapperRole, SinkRole
-from consumers.settings import Settings
-from consumers.sinks.redis import RedisSink
+from cachesync.consumers import keys
+from cachesync.consumers.commands import Command
+from cachesync.consumers.ops.platform_cache import cache_put
+from cachesync.consumers.ops.publish import EventPublisher, new_event
+from cachesync.consumers.ops.replay import replay
+from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.redis import RedisSink
 from tests.helpers import eventually
 from tests.stubs.serve import free_port
 

@@ -8,13 +8,13 @@ import uuid
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
-from consumers import keys
-from consumers.platform_cache import cache_put
-from consumers.publish import EventPublisher, new_event
-from consumers.replay import replay
-from consumers.roles import SinkRole
-from consumers.settings import Settings
-from consumers.sinks.redis import RedisSink
+from cachesync.consumers import keys
+from cachesync.consumers.ops.platform_cache import cache_put
+from cachesync.consumers.ops.publish import EventPublisher, new_event
+from cachesync.consumers.ops.replay import replay
+from cachesync.consumers.pipeline.roles import SinkRole
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.redis import RedisSink
 from tests.helpers import eventually
 
 
@@ -120,7 +120,7 @@ async def _command_ends(settings: Settings) -> dict[str, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
     await consumer.start()
     try:
-        from consumers.kafka import partitions_of
+        from cachesync.consumers.pipeline.kafka import partitions_of
 
         tps = await partitions_of(
             settings.kafka_bootstrap_servers,

@@ -9,16 +9,16 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 
-from consumers.commands import Command, PurgeCommand, command_id
-from consumers.kafka import make_producer
-from consumers.platform_cache import cache_put
-from consumers.roles import SinkRole
-from consumers.settings import Settings
-from consumers.sinks.base import FlushResult
-from consumers.sinks.redis import RedisSink
-from schemas import SingleObjectCodec
+from cachesync.consumers.commands import Command, PurgeCommand, command_id
+from cachesync.consumers.ops.platform_cache import cache_put
+from cachesync.consumers.pipeline.kafka import make_producer
+from cachesync.consumers.pipeline.roles import SinkRole
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.base import FlushResult
+from cachesync.consumers.sinks.redis import RedisSink
+from cachesync.schemas import SingleObjectCodec
+from cachesync.topology.admin import apply_topics
 from tests.helpers import eventually
-from topology.admin import apply_topics
 
 REGION = "eu-west"
 

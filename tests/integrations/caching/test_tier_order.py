@@ -7,11 +7,11 @@ import uuid
 
 import httpx
 
-from consumers import keys
-from consumers.publish import EventPublisher, new_event
-from consumers.roles import MapperRole, SinkRole
-from consumers.settings import Settings
-from consumers.sinks.factory import build_sink
+from cachesync.consumers import keys
+from cachesync.consumers.ops.publish import EventPublisher, new_event
+from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.factory import build_sink
 from tests.helpers import eventually
 
 EU = "eu-west"

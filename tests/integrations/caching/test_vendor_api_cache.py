@@ -15,19 +15,19 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from consumers import keys
-from consumers.commands import PurgeCommand
-from consumers.errors import BadVendorResponse, VendorRejected, VendorUnavailable
-from consumers.publish import EventPublisher, new_event
-from consumers.roles import MapperRole, SinkRole
-from consumers.settings import Settings
-from consumers.sinks.redis import RedisSink
-from consumers.vendor_api import VendorApiClient
+from cachesync.consumers import keys
+from cachesync.consumers.commands import PurgeCommand
+from cachesync.consumers.errors import BadVendorResponse, VendorRejected, VendorUnavailable
+from cachesync.consumers.ops.publish import EventPublisher, new_event
+from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.redis import RedisSink
+from cachesync.consumers.vendor_api import VendorApiClient
+from cachesync.topology import VendorApiPolicy
 from tests.conftest import REPO, metric_points
 from tests.helpers import eventually
 from tests.stubs.serve import free_port, serve
 from tests.stubs.vendor_api import VendorApiStub
-from topology import VendorApiPolicy
 
 REGION = "us-east"
 

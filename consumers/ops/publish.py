@@ -12,10 +12,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from consumers.codecs import close_codec, codec_for, start_codec
-from consumers.kafka import make_producer
-from consumers.settings import Settings
-from schemas import Codec
+from cachesync.consumers.pipeline.codecs import close_codec, codec_for, start_codec
+from cachesync.consumers.pipeline.kafka import make_producer
+from cachesync.consumers.settings import Settings
+from cachesync.schemas import Codec
 
 # The field that keys each event type's topic, so one entity's events stay in order.
 _KEY_FIELD = {

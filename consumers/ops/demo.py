@@ -19,9 +19,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from consumers.platform_cache import cache_put_many
-from consumers.publish import EventPublisher, new_event
-from consumers.settings import Settings
+from cachesync.consumers.ops.platform_cache import cache_put_many
+from cachesync.consumers.ops.publish import EventPublisher, new_event
+from cachesync.consumers.settings import Settings
 
 CATEGORIES = [
     "photographer",

@@ -27,14 +27,14 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.asyncio import Redis
 
-from consumers.codecs import close_codec, codec_for, decode_event, start_codec
-from consumers.commands import Command, PurgeCommand
-from consumers.errors import BadInput
-from consumers.kafka import BatchedSends, make_producer, partitions_of
-from consumers.mapper import Mapper
-from consumers.settings import Settings
-from consumers.state import RelationshipIndex
-from schemas import Codec
+from cachesync.consumers.commands import Command, PurgeCommand
+from cachesync.consumers.errors import BadInput
+from cachesync.consumers.mapping.index import RelationshipIndex
+from cachesync.consumers.mapping.mapper import Mapper
+from cachesync.consumers.pipeline.codecs import close_codec, codec_for, decode_event, start_codec
+from cachesync.consumers.pipeline.kafka import BatchedSends, make_producer, partitions_of
+from cachesync.consumers.settings import Settings
+from cachesync.schemas import Codec
 
 REPLAY_CDN_HEADER = "cachesync.replay-cdn"
 

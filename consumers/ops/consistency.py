@@ -35,11 +35,11 @@ from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from consumers import keys, telemetry
-from consumers.codecs import close_codec, codec_for, start_codec
-from consumers.kafka import partitions_of
-from consumers.settings import Settings
-from schemas import SerdeError
+from cachesync.consumers import keys, telemetry
+from cachesync.consumers.pipeline.codecs import close_codec, codec_for, start_codec
+from cachesync.consumers.pipeline.kafka import partitions_of
+from cachesync.consumers.settings import Settings
+from cachesync.schemas import SerdeError
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from collections.abc import Iterable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from consumers import keys
-from consumers.errors import TransientError
-from topology import Topology
+from cachesync.consumers import keys
+from cachesync.consumers.errors import TransientError
+from cachesync.topology import Topology
 
 
 class RelationshipIndex:

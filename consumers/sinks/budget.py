@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from consumers.commands import PurgeCommand
+from cachesync.consumers.commands import PurgeCommand
 
 Kind = Literal["urls", "tags", "prefixes"]
 KINDS: tuple[Kind, ...] = ("tags", "urls", "prefixes")

@@ -16,9 +16,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from opentelemetry import trace
 
-from consumers.commands import Command
-from consumers.kafka import BatchedSends
-from schemas import Codec
+from cachesync.consumers.commands import Command
+from cachesync.consumers.pipeline.kafka import BatchedSends
+from cachesync.schemas import Codec
 
 
 @dataclass(frozen=True)

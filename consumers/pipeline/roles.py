@@ -24,17 +24,26 @@ from opentelemetry.trace import (
 )
 from redis.asyncio import Redis
 
-from consumers import telemetry
-from consumers.audit import AuditLog, Note
-from consumers.codecs import close_codec, codec_for, decode, decode_event, start_codec
-from consumers.commands import COMMAND_TYPES, Command, PurgeCommand, to_millis
-from consumers.errors import (
+from cachesync.consumers import telemetry
+from cachesync.consumers.commands import COMMAND_TYPES, Command, PurgeCommand, to_millis
+from cachesync.consumers.errors import (
     BadInput,
     InvalidRecord,
     PermanentSinkError,
     RetryAfter,
 )
-from consumers.kafka import (
+from cachesync.consumers.mapping.index import RelationshipIndex
+from cachesync.consumers.mapping.mapper import Mapper
+from cachesync.consumers.ops.replay import REPLAY_CDN_HEADER
+from cachesync.consumers.pipeline.audit import AuditLog, Note
+from cachesync.consumers.pipeline.codecs import (
+    close_codec,
+    codec_for,
+    decode,
+    decode_event,
+    start_codec,
+)
+from cachesync.consumers.pipeline.kafka import (
     BatchedSends,
     CommitAfterEffect,
     DeadLetters,
@@ -43,12 +52,9 @@ from consumers.kafka import (
     make_consumer,
     make_producer,
 )
-from consumers.mapper import Mapper
-from consumers.replay import REPLAY_CDN_HEADER
-from consumers.settings import Settings
-from consumers.sinks.base import Sink
-from consumers.state import RelationshipIndex
-from schemas import Codec, Decoded
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.base import Sink
+from cachesync.schemas import Codec, Decoded
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from consumers.errors import InvalidRecord
+from cachesync.consumers.errors import InvalidRecord
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")

@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from consumers.commands import Command, PurgeCommand, WarmCommand, command_id, to_millis
-from consumers.errors import RuleError
-from consumers.state import IndexView, RelationshipIndex
-from topology import MissingField, PurgeTemplate, Rule, Topology, render, render_all
+from cachesync.consumers.commands import Command, PurgeCommand, WarmCommand, command_id, to_millis
+from cachesync.consumers.errors import RuleError
+from cachesync.consumers.mapping.index import IndexView, RelationshipIndex
+from cachesync.topology import MissingField, PurgeTemplate, Rule, Topology, render, render_all
 
 
 class Mapper:

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Group
 from rich.table import Table
 
-from consumers.settings import Settings
+from cachesync.consumers.settings import Settings
 
 Labels = tuple[tuple[str, str], ...]
 

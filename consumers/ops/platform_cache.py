@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from redis.asyncio import Redis
 
-from consumers import keys
+from cachesync.consumers import keys
 
 
 async def cache_put(

@@ -17,10 +17,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from rich.tree import Tree
 
-from consumers.codecs import close_codec, codec_for, start_codec
-from consumers.kafka import partitions_of
-from consumers.settings import Settings
-from schemas import SerdeError
+from cachesync.consumers.pipeline.codecs import close_codec, codec_for, start_codec
+from cachesync.consumers.pipeline.kafka import partitions_of
+from cachesync.consumers.settings import Settings
+from cachesync.schemas import SerdeError
 
 
 @dataclass

@@ -7,10 +7,10 @@ schema version.
 
 from __future__ import annotations
 
-from consumers.errors import Oversized, TransientError, bad_input_from_serde
-from consumers.settings import Settings
-from consumers.validation import validate_event
-from schemas import (
+from cachesync.consumers.errors import Oversized, TransientError, bad_input_from_serde
+from cachesync.consumers.mapping.validation import validate_event
+from cachesync.consumers.settings import Settings
+from cachesync.schemas import (
     Codec,
     ConfluentCodec,
     Decoded,

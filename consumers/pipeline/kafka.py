@@ -22,8 +22,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
-from consumers import telemetry
-from consumers.errors import BadInput, PermanentSinkError, RetryAfter, TransientError
+from cachesync.consumers import telemetry
+from cachesync.consumers.errors import BadInput, PermanentSinkError, RetryAfter, TransientError
 
 log = logging.getLogger(__name__)
 

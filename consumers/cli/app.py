@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from consumers.errors import ConfigError
-from consumers.settings import Settings, load_settings
-from consumers.sinks.factory import PURGE_KINDS, SINK_KINDS
+from cachesync.consumers.errors import ConfigError
+from cachesync.consumers.settings import Settings, load_settings
+from cachesync.consumers.sinks.factory import PURGE_KINDS, SINK_KINDS
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 run_app = typer.Typer(help="Run pipeline roles.", no_args_is_help=True)
@@ -54,7 +54,7 @@ def _settings() -> Settings:
 
 def _telemetry(settings: Settings, role: str) -> None:
     """Tracing, metrics (/metrics on CACHESYNC_METRICS_PORT) and library instrumentation."""
-    from consumers.telemetry import setup_telemetry
+    from cachesync.consumers.telemetry import setup_telemetry
 
     port = settings.metrics_port or None
     try:
@@ -100,7 +100,7 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
 
 
 def _build_sink(settings: Settings, region: str, kind: str):  # type: ignore[no-untyped-def]
-    from consumers.sinks.factory import build_sink
+    from cachesync.consumers.sinks.factory import build_sink
 
     try:
         return build_sink(settings, region, kind)
@@ -110,7 +110,7 @@ def _build_sink(settings: Settings, region: str, kind: str):  # type: ignore[no-
 
 def _runnable_sinks(settings: Settings) -> list[tuple[str, str]]:
     """Every (region, sink) whose provider is configured; a note for each one skipped."""
-    from consumers.sinks.factory import unavailable
+    from cachesync.consumers.sinks.factory import unavailable
 
     sinks = []
     for region in settings.topology.regions:
@@ -127,7 +127,7 @@ async def _report(
     roles: list[Any], stop: asyncio.Event, every: float = 2.0, checker: Any = None
 ) -> None:
     """Every `every` seconds: the mapper's rate, each region's sinks, the consistency read-backs."""
-    from consumers.roles import MapperRole
+    from cachesync.consumers.pipeline.roles import MapperRole
 
     last = time.monotonic()
     last_records = {r.name: 0 for r in roles}
@@ -224,10 +224,10 @@ async def _run(
     weddings: int = 20,
     consistency: float = 0.0,
 ) -> None:
-    from consumers.consistency import ConsistencyChecker
-    from consumers.demo import run_demo
-    from consumers.roles import MapperRole, Role, SinkRole, run_roles
-    from topology.admin import apply_topics
+    from cachesync.consumers.ops.consistency import ConsistencyChecker
+    from cachesync.consumers.ops.demo import run_demo
+    from cachesync.consumers.pipeline.roles import MapperRole, Role, SinkRole, run_roles
+    from cachesync.topology.admin import apply_topics
 
     await apply_topics(settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix)
     roles: list[Role] = []
@@ -264,7 +264,7 @@ async def _run(
 @topology_app.command("apply")
 def topology_apply() -> None:
     """Create missing topics, grow partitions and set retention (idempotent)."""
-    from topology.admin import apply_topics
+    from cachesync.topology.admin import apply_topics
 
     settings = _settings()
     changes = asyncio.run(
@@ -325,7 +325,7 @@ def topology_show() -> None:
 @schemas_app.command("check")
 def schemas_check() -> None:
     """Fail when a schema version breaks backward or forward compatibility with an older one."""
-    from schemas import SchemaCatalog, check_catalog
+    from cachesync.schemas import SchemaCatalog, check_catalog
 
     catalog = SchemaCatalog()
     problems = check_catalog(catalog)
@@ -343,7 +343,7 @@ def schemas_check() -> None:
 @schemas_app.command("list")
 def schemas_list() -> None:
     """Every schema type, its versions and the fingerprint of the newest."""
-    from schemas import SchemaCatalog
+    from cachesync.schemas import SchemaCatalog
 
     catalog = SchemaCatalog()
     table = Table("type", "kind", "versions", "fingerprint (newest)")
@@ -392,7 +392,7 @@ def replay_cmd(
     """Re-read content topics for a time window and re-emit commands marked as replay."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from consumers.replay import replay
+    from cachesync.consumers.ops.replay import replay
 
     _setup_logging(False)
     settings = _settings()
@@ -453,7 +453,7 @@ def consistency_cmd(
     ] = None,
 ) -> None:
     """Read back applied purges in each region's Redis and edge; report convergence as nines."""
-    from consumers.consistency import ConsistencyChecker
+    from cachesync.consumers.ops.consistency import ConsistencyChecker
 
     _setup_logging(False)
     settings = _settings()
@@ -517,7 +517,7 @@ def trace_cmd(
     wait: Annotated[float, typer.Option(help="Seconds to wait for pending parts to arrive")] = 0.0,
 ) -> None:
     """Print where one event went: commands per region, each sink's outcome and latency."""
-    from consumers.trace import read_trace, render
+    from cachesync.consumers.ops.trace import read_trace, render
 
     settings = _settings()
     expected = _expected_sinks(settings)
@@ -548,7 +548,7 @@ def trace_cmd(
 
 def _expected_sinks(settings: Settings) -> Callable[[str, str], list[str]]:
     """Which sinks should report on a command of a kind in a region (the ones configured)."""
-    from consumers.sinks.factory import unavailable
+    from cachesync.consumers.sinks.factory import unavailable
 
     def expected(region: str, kind: str) -> list[str]:
         kinds = ["warmer"] if kind == "warm" else PURGE_KINDS
@@ -566,7 +566,7 @@ def status_cmd(
     """Live view of throughput, lag, purge latency and hit ratios per region and sink."""
     from rich.live import Live
 
-    from consumers.status import collect, render
+    from cachesync.consumers.ops.status import collect, render
 
     settings = _settings()
     url = metrics_url or f"http://127.0.0.1:{settings.metrics_port or 9464}/metrics"
@@ -595,7 +595,7 @@ def demo(
     seed: Annotated[int | None, typer.Option(help="Random seed for a repeatable run")] = None,
 ) -> None:
     """Produce realistic wedding traffic to the content topics."""
-    from consumers.demo import run_demo
+    from cachesync.consumers.ops.demo import run_demo
 
     _setup_logging(False)
     settings = _settings()
@@ -631,8 +631,8 @@ def vendor_api_get(
     """GET through the cache: prints the cache status on stderr, the JSON body on stdout."""
     import json
 
-    from consumers.errors import VendorApiError
-    from consumers.vendor_api import VendorApiClient, VendorResponse
+    from cachesync.consumers.errors import VendorApiError
+    from cachesync.consumers.vendor_api import VendorApiClient, VendorResponse
 
     settings = _settings()
     region = region or settings.topology.default_region
