@@ -80,7 +80,7 @@ def _counting(send: Any, audit_topic: str, outputs: dict[str, Counter[str]]) -> 
 
 def _count_batched(audit_topic: str, outputs: dict[str, Counter[str]]) -> None:
     """The same tally for what goes out through BatchedSends (commands, audit records)."""
-    from cachesync.consumers.pipeline.kafka import BatchedSends
+    from cachesync.consumers.pipeline.sends import BatchedSends
 
     add = BatchedSends.add
 

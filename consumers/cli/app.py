@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -17,8 +16,10 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from cachesync.consumers.errors import ConfigError
+from cachesync.consumers.pipeline import assemble
+from cachesync.consumers.pipeline.roles import MapperRole
 from cachesync.consumers.settings import Settings, load_settings
-from cachesync.consumers.sinks.factory import PURGE_KINDS, SINK_KINDS
+from cachesync.consumers.sinks.registry import PURGE_KINDS, SINK_KINDS
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 run_app = typer.Typer(help="Run pipeline roles.", no_args_is_help=True)
@@ -69,65 +70,31 @@ def _telemetry(settings: Settings, role: str) -> None:
 
 
 def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
-    """Run `main(stop)`; the first Ctrl-C/SIGTERM sets `stop` (drain), a second one aborts."""
-
-    async def runner() -> T:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        hits = 0
-
-        def on_signal() -> None:
-            nonlocal hits
-            hits += 1
-            if hits == 1:
-                console.print(
-                    "[yellow]stopping: finishing in-flight batches (Ctrl-C again to abort)[/yellow]"
-                )
-                stop.set()
-            else:
-                for task in asyncio.all_tasks(loop):
-                    task.cancel()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
-        return await main(stop)
-
+    """Run `main(stop)` until Ctrl-C/SIGTERM (drain), a second one aborts."""
     try:
-        return asyncio.run(runner())
+        return assemble.run_until_signal(
+            main,
+            on_stop=lambda: console.print(
+                "[yellow]stopping: finishing in-flight batches (Ctrl-C again to abort)[/yellow]"
+            ),
+        )
     except asyncio.CancelledError:
         console.print("[red]aborted[/red]")
         raise typer.Exit(130) from None
 
 
-def _build_sink(settings: Settings, region: str, kind: str):  # type: ignore[no-untyped-def]
-    from cachesync.consumers.sinks.factory import build_sink
-
-    try:
-        return build_sink(settings, region, kind)
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
 def _runnable_sinks(settings: Settings) -> list[tuple[str, str]]:
     """Every (region, sink) whose provider is configured; a note for each one skipped."""
-    from cachesync.consumers.sinks.factory import unavailable
-
-    sinks = []
-    for region in settings.topology.regions:
-        for kind in SINK_KINDS:
-            reason = unavailable(settings, region, kind)
-            if reason is None:
-                sinks.append((region, kind))
-            else:
-                console.print(f"[dim]skipping sink {kind} in {region}: {reason}[/dim]")
-    return sinks
+    runnable, skipped = assemble.runnable_sinks(settings)
+    for s in skipped:
+        console.print(f"[dim]skipping sink {s.kind} in {s.region}: {s.reason}[/dim]")
+    return runnable
 
 
 async def _report(
     roles: list[Any], stop: asyncio.Event, every: float = 2.0, checker: Any = None
 ) -> None:
     """Every `every` seconds: the mapper's rate, each region's sinks, the consistency read-backs."""
-    from cachesync.consumers.pipeline.roles import MapperRole
 
     last = time.monotonic()
     last_records = {r.name: 0 for r in roles}
@@ -226,34 +193,27 @@ async def _run(
 ) -> None:
     from cachesync.consumers.ops.consistency import ConsistencyChecker
     from cachesync.consumers.ops.demo import run_demo
-    from cachesync.consumers.pipeline.roles import MapperRole, Role, SinkRole, run_roles
-    from cachesync.topology.admin import apply_topics
 
-    await apply_topics(settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix)
-    roles: list[Role] = []
-    if mapper:
-        roles.append(MapperRole(settings))
-    roles.extend(SinkRole(settings, _build_sink(settings, region, kind)) for region, kind in sinks)
+    try:
+        roles = assemble.build_roles(settings, mapper=mapper, sinks=sinks)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
     console.print(
         f"[green]running[/green] {', '.join(r.name for r in roles)} against {settings.kafka_bootstrap_servers}"
     )
     checker = ConsistencyChecker(settings, sample=consistency) if consistency > 0 else None
-    extra: list[asyncio.Task[Any]] = [asyncio.create_task(_report(roles, stop, checker=checker))]
+    companions: list[assemble.Companion] = [lambda stop: _report(roles, stop, checker=checker)]
     if checker is not None:
         console.print(
             f"[green]consistency checker[/green]: reading back {consistency:.0%} of purges"
         )
-        extra.append(asyncio.create_task(checker.run(stop)))
+        companions.append(checker.run)
     if demo_rate is not None:
         console.print(f"[green]demo[/green]: {weddings} weddings, {demo_rate:g} events/s")
-        extra.append(
-            asyncio.create_task(run_demo(settings, stop, rate=demo_rate, weddings=weddings))
-        )
+        companions.append(lambda stop: run_demo(settings, stop, rate=demo_rate, weddings=weddings))
     try:
-        await run_roles(roles, stop)
+        await assemble.run(settings, stop, roles, companions=companions)
     finally:
-        stop.set()
-        await asyncio.gather(*extra, return_exceptions=True)
         if checker is not None:
             await checker.close()
     if checker is not None and checker.tallies:
@@ -548,7 +508,7 @@ def trace_cmd(
 
 def _expected_sinks(settings: Settings) -> Callable[[str, str], list[str]]:
     """Which sinks should report on a command of a kind in a region (the ones configured)."""
-    from cachesync.consumers.sinks.factory import unavailable
+    from cachesync.consumers.sinks.registry import unavailable
 
     def expected(region: str, kind: str) -> list[str]:
         kinds = ["warmer"] if kind == "warm" else PURGE_KINDS

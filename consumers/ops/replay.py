@@ -32,11 +32,10 @@ from cachesync.consumers.errors import BadInput
 from cachesync.consumers.mapping.index import RelationshipIndex
 from cachesync.consumers.mapping.mapper import Mapper
 from cachesync.consumers.pipeline.codecs import close_codec, codec_for, decode_event, start_codec
-from cachesync.consumers.pipeline.kafka import BatchedSends, make_producer, partitions_of
+from cachesync.consumers.pipeline.kafka import make_producer, partitions_of
+from cachesync.consumers.pipeline.writer import CommandWriter
 from cachesync.consumers.settings import Settings
 from cachesync.schemas import Codec
-
-REPLAY_CDN_HEADER = "cachesync.replay-cdn"
 
 
 @dataclass
@@ -110,7 +109,17 @@ async def replay(
     started = time.monotonic()
     await start_codec(codec)
     await consumer.start()
-    sends = BatchedSends(producer) if producer is not None else None
+    writer = (
+        CommandWriter(
+            producer,
+            codec,
+            settings.commands_topic,
+            replay_id=report.replay_id,
+            cdn=cdn,
+        )
+        if producer is not None
+        else None
+    )
     if producer is not None:
         await producer.start()
     try:
@@ -123,9 +132,6 @@ async def replay(
             consumer.seek(tp, starts[tp])
         if progress:
             progress(0, total)
-        headers = [("cachesync.replay", report.replay_id.encode())]
-        if not cdn:
-            headers.append((REPLAY_CDN_HEADER, b"off"))
         while todo:
             batch = await consumer.getmany(timeout_ms=500, max_records=batch_size)
             for tp, records in batch.items():
@@ -148,17 +154,12 @@ async def replay(
                             report.cdn_items[command.region] += (
                                 len(command.urls) + len(command.tags) + len(command.prefixes)
                             )
-                        if sends is not None:
-                            sends.add(
-                                settings.commands_topic(command.region),
-                                command.entity.encode(),
-                                codec.encode(command.schema_type, command.to_record()),
-                                [("cachesync.kind", command.kind.encode()), *headers],
-                            )
+                        if writer is not None:
+                            writer.add([command])
                 if records and records[-1].offset + 1 >= ends[tp]:
                     todo.discard(tp)
-            if sends is not None:
-                await sends.send()
+            if writer is not None:
+                await writer.send()
             if progress:
                 progress(report.records, total)
     finally:

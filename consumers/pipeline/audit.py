@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 from opentelemetry import trace
 
 from cachesync.consumers.commands import Command
-from cachesync.consumers.pipeline.kafka import BatchedSends
+from cachesync.consumers.pipeline.sends import BatchedSends
 from cachesync.schemas import Codec
 
 

@@ -34,7 +34,7 @@ from cachesync.consumers.errors import (
 )
 from cachesync.consumers.mapping.index import RelationshipIndex
 from cachesync.consumers.mapping.mapper import Mapper
-from cachesync.consumers.ops.replay import REPLAY_CDN_HEADER
+from cachesync.consumers.pipeline import headers
 from cachesync.consumers.pipeline.audit import AuditLog, Note
 from cachesync.consumers.pipeline.codecs import (
     close_codec,
@@ -43,15 +43,10 @@ from cachesync.consumers.pipeline.codecs import (
     decode_event,
     start_codec,
 )
-from cachesync.consumers.pipeline.kafka import (
-    BatchedSends,
-    CommitAfterEffect,
-    DeadLetters,
-    Record,
-    header,
-    make_consumer,
-    make_producer,
-)
+from cachesync.consumers.pipeline.dead_letters import DeadLetters
+from cachesync.consumers.pipeline.kafka import Record, make_consumer, make_producer
+from cachesync.consumers.pipeline.loop import CommitAfterEffect
+from cachesync.consumers.pipeline.writer import CommandWriter
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.base import Sink
 from cachesync.schemas import Codec, Decoded
@@ -128,7 +123,7 @@ class MapperRole:
                 (d.type_name, d.record) for d in decoded if isinstance(d, Decoded)
             )
         )
-        sends = BatchedSends(self.producer)
+        writer = CommandWriter(self.producer, self.codec, self.settings.commands_topic)
         out: Counter[tuple[str, str]] = Counter()
         for record, item in zip(records, decoded, strict=True):
             self.stats.records += 1
@@ -161,21 +156,8 @@ class MapperRole:
                         "cachesync.commands": len(commands),
                     }
                 )
-                trace_headers: list[tuple[str, bytes]] = []
-                telemetry.inject_context(trace_headers)
+                writer.add(commands)
                 for command in commands:
-                    value = self.codec.encode(command.schema_type, command.to_record())
-                    headers = [
-                        ("cachesync.kind", command.kind.encode()),
-                        ("cachesync.event_id", command.origin_event_id.encode()),
-                        *trace_headers,
-                    ]
-                    sends.add(
-                        self.settings.commands_topic(command.region),
-                        command.entity.encode(),
-                        value,
-                        headers,
-                    )
                     self.stats.produced[command.region] += 1
                     out[command.kind, command.region] += 1
                 await self.audit.mapped(
@@ -187,7 +169,7 @@ class MapperRole:
         for (kind, region), n in out.items():
             telemetry.commands_out.add(n, {"kind": kind, "region": region})
         await index.flush()
-        await sends.send()
+        await writer.send()
         await self.audit.flush()
 
     async def _decode(self, record: Record) -> Decoded:
@@ -256,7 +238,7 @@ class SinkRole:
                 self.stats.dead_lettered += 1
                 continue
             if not self.sink.accepts(command) or (
-                self.sink.is_cdn and header(record, REPLAY_CDN_HEADER) == b"off"
+                self.sink.is_cdn and headers.header(record, headers.REPLAY_CDN) == b"off"
             ):
                 self.stats.skipped += 1
                 continue

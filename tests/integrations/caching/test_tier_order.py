@@ -11,7 +11,7 @@ from cachesync.consumers import keys
 from cachesync.consumers.ops.publish import EventPublisher, new_event
 from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
 from cachesync.consumers.settings import Settings
-from cachesync.consumers.sinks.factory import build_sink
+from cachesync.consumers.sinks.registry import build_sink
 from tests.helpers import eventually
 
 EU = "eu-west"

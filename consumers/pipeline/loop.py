@@ -1,0 +1,183 @@
+"""The commit-after-effect loop: the project's at-least-once guarantee.
+
+Offsets of a batch are committed only after its handler returned, i.e. after every
+command was acked by the broker (mapper) or applied to the cache (sinks). A
+`TransientError` puts the batch back: its partitions are sought to the batch start
+and paused until the backoff (or the provider's Retry-After) passes, so the process
+keeps serving other partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+from cachesync.consumers import telemetry
+from cachesync.consumers.errors import RetryAfter, TransientError
+from cachesync.consumers.pipeline.kafka import Record
+
+log = logging.getLogger(__name__)
+
+BatchHandler = Callable[[list[Record]], Awaitable[None]]
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter for putting a batch back."""
+
+    base: float = 0.2
+    cap: float = 30.0
+    failures: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return (
+            self.rng.uniform(0, min(self.cap, self.base * 2 ** (self.failures - 1))) + self.base / 2
+        )
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class CommitAfterEffect:
+    """consume a batch -> handler -> commit; on TransientError pause, seek back, retry."""
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        handler: BatchHandler,
+        *,
+        name: str,
+        max_records: int = 500,
+        poll_timeout_ms: int = 200,
+        backoff: Backoff | None = None,
+        linger_ms: int = 0,
+        group: str | None = None,
+    ) -> None:
+        self.consumer = consumer
+        self.group = group
+        self.handler = handler
+        self.name = name
+        self.max_records = max_records
+        self.poll_timeout_ms = poll_timeout_ms
+        self.backoff = backoff or Backoff()
+        # After the first records of a batch arrive, keep polling this long (up to
+        # max_records) so that one handler call sees a whole coalescing window.
+        self.linger_ms = linger_ms
+        self._paused_until: dict[TopicPartition, float] = {}
+        self._lag_observed_at = 0.0
+        self.records_committed = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Runs until `stop` is set; the batch in hand is finished and committed first."""
+        while not stop.is_set():
+            self._resume_due()
+            await self._observe_lag()
+            batch = await self.consumer.getmany(
+                timeout_ms=self.poll_timeout_ms, max_records=self.max_records
+            )
+            if not batch:
+                continue
+            if self.linger_ms > 0:
+                batch = await self._linger(batch, stop)
+            await self.process(batch)
+
+    async def _linger(
+        self, batch: dict[TopicPartition, list[Record]], stop: asyncio.Event
+    ) -> dict[TopicPartition, list[Record]]:
+        merged = {tp: list(part) for tp, part in batch.items()}
+        count = sum(len(p) for p in merged.values())
+        deadline = time.monotonic() + self.linger_ms / 1000
+        while count < self.max_records and not stop.is_set():
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            more = await self.consumer.getmany(
+                timeout_ms=min(left_ms, self.poll_timeout_ms),
+                max_records=self.max_records - count,
+            )
+            for tp, part in more.items():
+                merged.setdefault(tp, []).extend(part)
+                count += len(part)
+        return merged
+
+    async def process(self, batch: dict[TopicPartition, list[Record]]) -> bool:
+        records = [r for part in batch.values() for r in part]
+        try:
+            await self.handler(records)
+        except TransientError as exc:
+            delay = exc.retry_after if isinstance(exc, RetryAfter) else self.backoff.next_delay()
+            self._put_back(batch, delay)
+            telemetry.retries.add(1, {"consumer": self.name, "reason": type(exc).__name__})
+            # A provider's Retry-After or a tier not yet applied is flow control, counted by
+            # the retries metric; a failure (a Redis or an API down) is worth a warning.
+            level = logging.DEBUG if isinstance(exc, RetryAfter) else logging.WARNING
+            log.log(
+                level, "%s: batch of %d put back for %.2fs: %s", self.name, len(records), delay, exc
+            )
+            return False
+        self.backoff.reset()
+        await self._commit(batch)
+        return True
+
+    @property
+    def paused(self) -> set[TopicPartition]:
+        """Partitions whose batch was put back and waits for its retry time."""
+        return set(self._paused_until)
+
+    async def _observe_lag(self) -> None:
+        """Consumer lag per partition (high-water mark minus position), at most once a second."""
+        now = time.monotonic()
+        if now - self._lag_observed_at < 1.0:
+            return
+        self._lag_observed_at = now
+        group = self.group or self.name
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:
+                continue
+            position = await self.consumer.position(tp)
+            telemetry.record_lag(group, tp.topic, tp.partition, max(0, highwater - position))
+
+    def _put_back(self, batch: dict[TopicPartition, list[Record]], delay: float) -> None:
+        until = time.monotonic() + delay
+        for tp, part in batch.items():
+            if not part:
+                continue
+            self.consumer.seek(tp, part[0].offset)
+            self._paused_until[tp] = until
+        self.consumer.pause(*batch.keys())
+
+    def _resume_due(self) -> None:
+        if not self._paused_until:
+            return
+        now = time.monotonic()
+        due = [tp for tp, until in self._paused_until.items() if until <= now]
+        for tp in due:
+            del self._paused_until[tp]
+        assigned = self.consumer.assignment()
+        due = [tp for tp in due if tp in assigned]
+        if due:
+            self.consumer.resume(*due)
+
+    async def _commit(self, batch: dict[TopicPartition, list[Record]]) -> None:
+        offsets = {tp: part[-1].offset + 1 for tp, part in batch.items() if part}
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # A rebalance took the partitions away mid-batch: the new owner re-reads
+            # from the last commit and applies again, which is harmless by design.
+            log.warning("%s: commit skipped after rebalance: %s", self.name, exc)
+            return
+        except KafkaError as exc:
+            log.warning("%s: commit failed, batch will be re-read: %s", self.name, exc)
+            return
+        self.records_committed += sum(len(p) for p in batch.values())

@@ -1,0 +1,67 @@
+"""The one way commands are written: encoded, keyed by entity, with the headers consumers read.
+
+The live mapper and a replay both write through `CommandWriter`, so a replayed
+command is the same bytes and headers as a live one, plus the replay's marks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from aiokafka import AIOKafkaProducer
+
+from cachesync.consumers import telemetry
+from cachesync.consumers.commands import Command
+from cachesync.consumers.pipeline import headers
+from cachesync.consumers.pipeline.sends import BatchedSends
+from cachesync.schemas import Codec
+
+
+class CommandWriter:
+    """Gathers commands for their region's topic; `send` hands them over and waits for acks.
+
+    Keyed by entity, so one entity's commands stay in order on one partition. The
+    current span's trace context goes into every command added while it is active.
+    """
+
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        codec: Codec,
+        topic_for: Callable[[str], str],
+        *,
+        replay_id: str | None = None,
+        cdn: bool = True,
+    ) -> None:
+        self.codec = codec
+        self.topic_for = topic_for
+        self._sends = BatchedSends(producer)
+        self._marks: headers.Headers = []
+        if replay_id is not None:
+            self._marks.append((headers.REPLAY, replay_id.encode()))
+        if not cdn:
+            self._marks.append((headers.REPLAY_CDN, b"off"))
+
+    def add(self, commands: Iterable[Command]) -> None:
+        """One event's commands, in the trace of the current span (if any)."""
+        context: headers.Headers = []
+        telemetry.inject_context(context)
+        for command in commands:
+            self._sends.add(
+                self.topic_for(command.region),
+                command.entity.encode(),
+                self.codec.encode(command.schema_type, command.to_record()),
+                [
+                    (headers.KIND, command.kind.encode()),
+                    (headers.EVENT_ID, command.origin_event_id.encode()),
+                    *context,
+                    *self._marks,
+                ],
+            )
+
+    def __len__(self) -> int:
+        return len(self._sends)
+
+    async def send(self) -> None:
+        """Send everything added; TransientError when the broker did not ack all of it."""
+        await self._sends.send()
