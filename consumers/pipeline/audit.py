@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -18,17 +17,8 @@ from opentelemetry import trace
 
 from cachesync.consumers.commands import Command
 from cachesync.consumers.pipeline.sends import BatchedSends
+from cachesync.consumers.sinks.base import Note
 from cachesync.schemas import Codec
-
-
-@dataclass(frozen=True)
-class Note:
-    """What a sink says about one command, beyond applied / not applied."""
-
-    outcome: str = "applied"  # applied | skipped | fenced | rejected
-    detail: str = ""
-    provider_ids: tuple[str, ...] = ()
-    cache_status: dict[str, str] = field(default_factory=dict)
 
 
 def current_trace_id() -> str | None:

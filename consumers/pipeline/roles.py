@@ -35,7 +35,7 @@ from cachesync.consumers.errors import (
 from cachesync.consumers.mapping.index import RelationshipIndex
 from cachesync.consumers.mapping.mapper import Mapper
 from cachesync.consumers.pipeline import headers
-from cachesync.consumers.pipeline.audit import AuditLog, Note
+from cachesync.consumers.pipeline.audit import AuditLog
 from cachesync.consumers.pipeline.codecs import (
     close_codec,
     codec_for,
@@ -48,7 +48,7 @@ from cachesync.consumers.pipeline.kafka import Record, make_consumer, make_produ
 from cachesync.consumers.pipeline.loop import CommitAfterEffect
 from cachesync.consumers.pipeline.writer import CommandWriter
 from cachesync.consumers.settings import Settings
-from cachesync.consumers.sinks.base import Sink
+from cachesync.consumers.sinks.base import Note, Sink
 from cachesync.schemas import Codec, Decoded
 
 log = logging.getLogger(__name__)

@@ -19,12 +19,21 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from cachesync.consumers.commands import Command, PurgeCommand
-from cachesync.consumers.pipeline.audit import Note
 
 
 class ServerError(Exception):
     """A provider answered 5xx (or failed in a way worth another try): the sinks retry it
     with stamina and, when the attempts run out, raise TransientError. Never leaves a sink."""
+
+
+@dataclass(frozen=True)
+class Note:
+    """What a sink says about one command, beyond applied / not applied."""
+
+    outcome: str = "applied"  # applied | skipped | fenced | rejected
+    detail: str = ""
+    provider_ids: tuple[str, ...] = ()
+    cache_status: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

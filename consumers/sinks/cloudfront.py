@@ -41,9 +41,8 @@ from redis.exceptions import RedisError
 
 from cachesync.consumers import keys, telemetry
 from cachesync.consumers.errors import RetryAfter, TransientError
-from cachesync.consumers.pipeline.audit import Note
 from cachesync.consumers.sinks import budget
-from cachesync.consumers.sinks.base import FlushResult, PurgeSink, Rejected, ServerError
+from cachesync.consumers.sinks.base import FlushResult, Note, PurgeSink, Rejected, ServerError
 from cachesync.consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
 from cachesync.topology.model import CdnPolicy
 

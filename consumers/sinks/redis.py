@@ -11,8 +11,7 @@ from redis.exceptions import RedisError
 from cachesync.consumers import keys, telemetry
 from cachesync.consumers.commands import Command, PurgeCommand
 from cachesync.consumers.errors import TransientError
-from cachesync.consumers.pipeline.audit import Note
-from cachesync.consumers.sinks.base import FlushResult, PurgeSink
+from cachesync.consumers.sinks.base import FlushResult, Note, PurgeSink
 
 # One call per command, atomic, so a crash can never leave a purge applied but not
 # recorded (or the reverse):

@@ -34,8 +34,7 @@ from redis.exceptions import RedisError
 from cachesync.consumers import keys, telemetry
 from cachesync.consumers.commands import Command, WarmCommand
 from cachesync.consumers.errors import RetryAfter, TransientError
-from cachesync.consumers.pipeline.audit import Note
-from cachesync.consumers.sinks.base import FlushResult, ServerError, Sink
+from cachesync.consumers.sinks.base import FlushResult, Note, ServerError, Sink
 from cachesync.topology.model import CdnPolicy
 
 log = logging.getLogger(__name__)
