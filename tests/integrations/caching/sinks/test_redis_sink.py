@@ -1,0 +1,207 @@
+"""The Redis sink's purge script against a region's real Redis: skip, fence, markers, purge.
+
+Every test uses its own key names (a fresh run id), so tests never see each other's
+keys; the oracle is Redis itself (GET / EXISTS / TTL / SMEMBERS), not FlushResult.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from cachesync.consumers import keys
+from cachesync.consumers.commands import PurgeCommand
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.redis import RedisSink
+
+REGION = "eu-west"
+
+
+def purge(
+    run: str, n: int, *, entity: str, version: int, **fields: tuple[str, ...]
+) -> PurgeCommand:
+    """A purge of this test run: its own command id and event id per `n`."""
+    return PurgeCommand(
+        command_id=f"cmd-{run}-{n}",
+        origin_event_id=f"ev-{run}-{n}",
+        origin_event_type="photo.updated",
+        origin_occurred_at=version,
+        region=REGION,
+        entity=entity,
+        version=version,
+        issued_at=version,
+        scope="wedding",
+        **fields,
+    )
+
+
+@pytest.fixture
+def run() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def redis(region_redis: dict[str, Redis]) -> Redis:
+    return region_redis[REGION]
+
+
+@pytest.fixture
+async def sink(settings: Settings) -> AsyncIterator[RedisSink]:
+    sink = RedisSink(REGION, settings.region_redis_urls[REGION])
+    await sink.setup()
+    yield sink
+    await sink.close()
+
+
+async def apply(sink: RedisSink, *commands: PurgeCommand) -> None:
+    for command in commands:
+        assert sink.accepts(command)
+        sink.add(command)
+    await sink.flush()
+
+
+async def test_a_redelivered_command_does_not_delete_what_was_cached_again(
+    sink: RedisSink, redis: Redis, run: str
+) -> None:
+    """A command whose applied marker exists is skipped: keys and tag members re-cached after it survive."""
+    key = f"wedding:{run}:gallery"
+    tag = f"wedding:{run}"
+    member = f"wedding:{run}:photo:1"
+    await redis.set(key, "old")
+    await redis.set(member, "old")
+    await redis.sadd(keys.tag_index(tag), member)
+    command = purge(run, 1, entity=f"wedding:{run}", version=100, keys=(key,), tags=(tag,))
+
+    await apply(sink, command)
+    assert await redis.exists(key, member, keys.tag_index(tag)) == 0
+
+    # The platform caches them again after the real purge; then the command comes back.
+    await redis.set(key, "fresh")
+    await redis.set(member, "fresh")
+    await redis.sadd(keys.tag_index(tag), member)
+    await apply(sink, command)
+
+    assert await redis.get(key) == b"fresh"
+    assert await redis.get(member) == b"fresh"
+    assert await redis.smembers(keys.tag_index(tag)) == {member.encode()}
+
+
+async def test_the_purge_version_per_entity_and_url_only_grows(
+    sink: RedisSink, redis: Redis, run: str
+) -> None:
+    """An older purge never lowers an entity's or a URL's purge version; a newer one raises it."""
+    entity = f"wedding:{run}"
+    url = f"/weddings/{run}/gallery"
+    entity_fence = keys.purge_version(RedisSink.kind, entity)
+    url_fence = keys.purge_version(RedisSink.kind, keys.url_target(url))
+
+    await apply(sink, purge(run, 1, entity=entity, version=200, urls=(url,)))
+    assert await redis.get(entity_fence) == b"200"
+    assert await redis.get(url_fence) == b"200"
+
+    # An older command (another event, applied later) in its own flush, then in one flush
+    # after a newer one: neither lowers the record.
+    await apply(sink, purge(run, 2, entity=entity, version=100, urls=(url,)))
+    assert await redis.get(entity_fence) == b"200"
+    assert await redis.get(url_fence) == b"200"
+    await apply(
+        sink,
+        purge(run, 3, entity=entity, version=300, urls=(url,)),
+        purge(run, 4, entity=entity, version=250, urls=(url,)),
+    )
+    assert await redis.get(entity_fence) == b"300"
+    assert await redis.get(url_fence) == b"300"
+
+    for fence in (entity_fence, url_fence):
+        assert 0 < await redis.ttl(fence) <= keys.PURGE_VERSION_TTL_S
+
+
+async def test_an_older_purge_still_refreshes_the_fence_ttl(
+    sink: RedisSink, redis: Redis, run: str
+) -> None:
+    """An older purge keeps the fence's value but renews its TTL to PURGE_VERSION_TTL_S."""
+    entity = f"wedding:{run}"
+    fence = keys.purge_version(RedisSink.kind, entity)
+    await apply(sink, purge(run, 1, entity=entity, version=500))
+    await redis.expire(fence, 60)
+
+    await apply(sink, purge(run, 2, entity=entity, version=400))
+
+    assert await redis.get(fence) == b"500"
+    assert await redis.ttl(fence) > keys.PURGE_VERSION_TTL_S - 60
+
+
+async def test_applied_markers_per_command_and_per_event_exist_with_a_ttl(
+    sink: RedisSink, redis: Redis, run: str
+) -> None:
+    """After flush, each command's and each origin event's applied marker exist, expiring within APPLIED_TTL_S."""
+    with_keys = purge(run, 1, entity=f"wedding:{run}", version=1, keys=(f"wedding:{run}:page",))
+    # A purge with nothing for Redis still gets its markers: the edges and warmer wait on them.
+    empty = purge(run, 2, entity=f"wedding:{run}", version=2)
+    assert not await redis.exists(
+        keys.applied(RedisSink.kind, with_keys.command_id),
+        keys.applied_event(RedisSink.kind, with_keys.origin_event_id),
+    )
+
+    await apply(sink, with_keys, empty)
+
+    for command in (with_keys, empty):
+        markers = [
+            keys.applied(RedisSink.kind, command.command_id),
+            keys.applied_event(RedisSink.kind, command.origin_event_id),
+        ]
+        for marker in markers:
+            assert await redis.exists(marker) == 1, marker
+            assert 0 < await redis.ttl(marker) <= keys.APPLIED_TTL_S, marker
+
+
+async def test_the_purge_deletes_its_keys_and_every_tag_member_with_the_tag_set(
+    sink: RedisSink, redis: Redis, run: str
+) -> None:
+    """Named keys, the members of each purged tag and the tag sets are deleted; nothing else is."""
+    purged_keys = [f"wedding:{run}:gallery", f"wedding:{run}:guests"]
+    tags = [f"wedding:{run}", f"vendor-api:{run}"]
+    members = {
+        tags[0]: [f"wedding:{run}:photo:{i}" for i in range(3)],
+        tags[1]: [f"cachesync:vendor-api:prices:{run}:d{i}" for i in range(2)],
+    }
+    bystander = f"wedding:{run}:other"
+    other_tag = f"wedding:{run}-other"
+    other_member = f"wedding:{run}-other:photo:1"
+    for key in [*purged_keys, bystander, other_member, *members[tags[0]], *members[tags[1]]]:
+        await redis.set(key, "cached")
+    for tag, names in members.items():
+        await redis.sadd(keys.tag_index(tag), *names)
+    await redis.sadd(keys.tag_index(other_tag), other_member)
+
+    await apply(
+        sink,
+        purge(
+            run, 1, entity=f"wedding:{run}", version=1, keys=tuple(purged_keys), tags=tuple(tags)
+        ),
+    )
+
+    gone = [*purged_keys, *members[tags[0]], *members[tags[1]], *map(keys.tag_index, tags)]
+    for key in gone:
+        assert await redis.exists(key) == 0, key
+    assert await redis.get(bystander) == b"cached"
+    assert await redis.get(other_member) == b"cached"
+    assert await redis.smembers(keys.tag_index(other_tag)) == {other_member.encode()}
+
+
+async def test_a_tag_with_more_members_than_one_del_call_is_purged_whole(
+    sink: RedisSink, redis: Redis, run: str
+) -> None:
+    """A tag index larger than the script's 500-member DEL chunk has every member deleted."""
+    tag = f"wedding:{run}"
+    members = [f"wedding:{run}:photo:{i}" for i in range(1_234)]
+    await redis.mset(dict.fromkeys(members, "cached"))
+    await redis.sadd(keys.tag_index(tag), *members)
+
+    await apply(sink, purge(run, 1, entity=tag, version=1, tags=(tag,)))
+
+    assert await redis.exists(*members) == 0
+    assert await redis.exists(keys.tag_index(tag)) == 0

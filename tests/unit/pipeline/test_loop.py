@@ -1,0 +1,313 @@
+"""CommitAfterEffect with a fake consumer: commit after effect, put back on TransientError, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+from cachesync.consumers.errors import RetryAfter, TransientError
+from cachesync.consumers.pipeline import loop as loop_module
+from cachesync.consumers.pipeline.kafka import Record
+from cachesync.consumers.pipeline.loop import Backoff, CommitAfterEffect
+
+TP0 = TopicPartition("cache.commands.eu-west", 0)
+TP1 = TopicPartition("cache.commands.eu-west", 1)
+
+
+def record(tp: TopicPartition, offset: int) -> Record:
+    return ConsumerRecord(
+        topic=tp.topic,
+        partition=tp.partition,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=b"k",
+        value=b"v",
+        checksum=None,
+        serialized_key_size=1,
+        serialized_value_size=1,
+        headers=[],
+    )
+
+
+class FakeConsumer:
+    """Enough of AIOKafkaConsumer for the loop: a log and a position per partition.
+
+    `getmany` hands out what lies past each unpaused partition's position (and moves
+    it); `seek`, `pause`, `resume` and `commit` are recorded, and `commit` raises the
+    errors queued in `commit_errors` first.
+    """
+
+    def __init__(self, logs: dict[TopicPartition, list[int]]) -> None:
+        self.logs = {tp: [record(tp, o) for o in offsets] for tp, offsets in logs.items()}
+        self.positions = {tp: (offsets[0] if offsets else 0) for tp, offsets in logs.items()}
+        self.assigned = set(logs)
+        self.paused: set[TopicPartition] = set()
+        self.polls = 0
+        self.idle = asyncio.Event()  # set by the first poll that found nothing
+        self.commits: list[dict[TopicPartition, int]] = []
+        self.commit_errors: list[Exception] = []
+        self.seeks: list[tuple[TopicPartition, int]] = []
+        self.pauses: list[tuple[TopicPartition, ...]] = []
+        self.resumes: list[tuple[TopicPartition, ...]] = []
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[Record]]:
+        self.polls += 1
+        batch: dict[TopicPartition, list[Record]] = {}
+        budget = max_records or 10**9
+        for tp in sorted(self.assigned - self.paused, key=lambda t: t.partition):
+            part = [r for r in self.logs[tp] if r.offset >= self.positions[tp]][:budget]
+            if part:
+                batch[tp] = part
+                budget -= len(part)
+                self.positions[tp] = part[-1].offset + 1
+        if not batch:
+            self.idle.set()
+            await asyncio.sleep(0.001)  # an empty poll waits a little, as a real one does
+        return batch
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.commit_errors:
+            raise self.commit_errors.pop(0)
+        self.commits.append(dict(offsets))
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append((tp, offset))
+        self.positions[tp] = offset
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.pauses.append(tps)
+        self.paused.update(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.resumes.append(tps)
+        self.paused.difference_update(tps)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return None
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp]
+
+
+@dataclass
+class Handler:
+    """The batch handler (a sink's apply): each call takes the next outcome, then succeeds."""
+
+    consumer: FakeConsumer
+    outcomes: list[Exception | None] = field(default_factory=list)
+    calls: list[list[tuple[TopicPartition, int]]] = field(default_factory=list)
+    commits_seen: list[int] = field(default_factory=list)
+    stop: asyncio.Event | None = None
+    stop_on_call: int = 0
+
+    async def __call__(self, records: list[Record]) -> None:
+        self.calls.append([(TopicPartition(r.topic, r.partition), r.offset) for r in records])
+        self.commits_seen.append(len(self.consumer.commits))
+        await asyncio.sleep(0)
+        if self.stop is not None and len(self.calls) == self.stop_on_call:
+            self.stop.set()
+        outcome = self.outcomes.pop(0) if self.outcomes else None
+        if outcome is not None:
+            raise outcome
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[Clock]:
+    clock = Clock()
+    # Only the loop module's view of `time`: asyncio keeps the real clock.
+    monkeypatch.setattr(loop_module, "time", clock)
+    yield clock
+
+
+def tiny_backoff() -> Backoff:
+    # Delays in [0.005, 0.015] s.
+    return Backoff(base=0.01, cap=0.01, rng=random.Random(7))
+
+
+def make(
+    logs: dict[TopicPartition, list[int]], *outcomes: Exception | None
+) -> tuple[FakeConsumer, Handler, CommitAfterEffect]:
+    consumer = FakeConsumer(logs)
+    handler = Handler(consumer, list(outcomes))
+    runner = CommitAfterEffect(
+        consumer,  # type: ignore[arg-type]
+        handler,
+        name="test",
+        poll_timeout_ms=1,
+        backoff=tiny_backoff(),
+    )
+    return consumer, handler, runner
+
+
+async def take(consumer: FakeConsumer) -> dict[TopicPartition, list[Record]]:
+    return await consumer.getmany(timeout_ms=1, max_records=500)
+
+
+async def test_offsets_are_committed_after_the_handler_as_last_offset_plus_one() -> None:
+    """A successful batch commits last offset + 1 per partition, and only after the handler returned."""
+    consumer, handler, runner = make({TP0: [5, 6, 7], TP1: [10]})
+
+    assert await runner.process(await take(consumer)) is True
+
+    assert handler.calls == [[(TP0, 5), (TP0, 6), (TP0, 7), (TP1, 10)]]
+    assert handler.commits_seen == [0]
+    assert consumer.commits == [{TP0: 8, TP1: 11}]
+    assert runner.records_committed == 4
+    assert consumer.seeks == [] and consumer.pauses == []
+
+
+async def test_a_transient_error_commits_nothing_seeks_back_pauses_and_resumes_after_backoff(
+    clock: Clock,
+) -> None:
+    """TransientError: no commit, each partition sought to its batch start and paused until the backoff passed."""
+    consumer, _, runner = make({TP0: [5, 6, 7], TP1: [10, 11]}, TransientError("redis down"))
+
+    assert await runner.process(await take(consumer)) is False
+
+    assert consumer.commits == []
+    assert runner.records_committed == 0
+    assert sorted(consumer.seeks, key=lambda s: s[0].partition) == [(TP0, 5), (TP1, 10)]
+    assert consumer.paused == {TP0, TP1}
+    assert runner.paused == {TP0, TP1}
+    assert runner.backoff.failures == 1
+
+    clock.now += 0.0049  # under the smallest possible delay (base / 2)
+    runner._resume_due()
+    assert consumer.paused == {TP0, TP1}
+    assert consumer.resumes == []
+
+    clock.now += 0.011  # past the largest possible delay (cap + base / 2)
+    runner._resume_due()
+    assert consumer.paused == set()
+    assert runner.paused == set()
+    assert [set(r) for r in consumer.resumes] == [{TP0, TP1}]
+
+
+async def test_retry_after_pauses_for_the_providers_delay_not_the_backoff(clock: Clock) -> None:
+    """RetryAfter(…, 7.5) pauses the batch's partitions for exactly 7.5 s and leaves the backoff untouched."""
+    consumer, _, runner = make({TP0: [3]}, RetryAfter("429 from cloudflare", 7.5))
+
+    assert await runner.process(await take(consumer)) is False
+    assert consumer.seeks == [(TP0, 3)]
+    assert runner.backoff.failures == 0
+
+    clock.now += 7.4
+    runner._resume_due()
+    assert consumer.paused == {TP0}
+
+    clock.now += 0.1
+    runner._resume_due()
+    assert consumer.paused == set()
+    assert consumer.commits == []
+
+
+async def test_a_partition_revoked_while_paused_is_forgotten_not_resumed(clock: Clock) -> None:
+    """A put-back partition that was revoked meanwhile is dropped from the paused set without resume()."""
+    consumer, _, runner = make({TP0: [1], TP1: [1]}, TransientError("down"))
+    await runner.process(await take(consumer))
+    consumer.assigned = {TP1}
+
+    clock.now += 60
+    runner._resume_due()
+
+    assert runner.paused == set()
+    assert [set(r) for r in consumer.resumes] == [{TP1}]
+
+
+async def test_success_after_failures_resets_the_backoff() -> None:
+    """A batch that succeeds after put-backs resets the backoff's failure count."""
+    consumer, _, runner = make({TP0: [1]}, TransientError("a"), TransientError("b"))
+    batch = await take(consumer)
+    assert await runner.process(batch) is False
+    assert await runner.process(batch) is False
+    assert runner.backoff.failures == 2
+
+    assert await runner.process(batch) is True
+    assert runner.backoff.failures == 0
+    assert consumer.commits == [{TP0: 2}]
+
+
+async def test_a_put_back_batch_is_re_read_after_the_backoff_and_committed_once() -> None:
+    """run(): a batch failing with TransientError comes back from the same offsets and is committed once."""
+    consumer, handler, runner = make({TP0: [5, 6], TP1: [9]}, TransientError("redis down"))
+    stop = asyncio.Event()
+    handler.stop, handler.stop_on_call = stop, 2
+
+    await asyncio.wait_for(runner.run(stop), timeout=5)
+
+    assert handler.calls[0] == handler.calls[1] == [(TP0, 5), (TP0, 6), (TP1, 9)]
+    assert handler.commits_seen == [0, 0]
+    assert consumer.commits == [{TP0: 7, TP1: 10}]
+    assert consumer.paused == set()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [CommitFailedError("rebalanced"), IllegalStateError("not assigned"), KafkaError("broker")],
+    ids=["CommitFailedError", "IllegalStateError", "KafkaError"],
+)
+async def test_a_failed_commit_does_not_crash_the_loop(error: Exception) -> None:
+    """A commit that raises is logged and skipped: run() goes on and commits the next batch."""
+    consumer, handler, runner = make({TP0: [1, 2, 3]})
+    runner.max_records = 2
+    consumer.commit_errors.append(error)
+    stop = asyncio.Event()
+    handler.stop, handler.stop_on_call = stop, 2
+
+    await asyncio.wait_for(runner.run(stop), timeout=5)
+
+    assert handler.calls == [[(TP0, 1), (TP0, 2)], [(TP0, 3)]]
+    assert consumer.commits == [{TP0: 4}]
+    assert runner.records_committed == 1
+
+
+async def test_run_returns_once_stop_is_set_after_finishing_the_batch_in_hand() -> None:
+    """Stop set during a batch: that batch is committed, the next one is never polled, run() returns."""
+    consumer, handler, runner = make({TP0: [1, 2, 3]})
+    runner.max_records = 2
+    stop = asyncio.Event()
+    handler.stop, handler.stop_on_call = stop, 1
+
+    await asyncio.wait_for(runner.run(stop), timeout=5)
+
+    assert handler.calls == [[(TP0, 1), (TP0, 2)]]
+    assert consumer.commits == [{TP0: 3}]
+    assert consumer.polls == 1
+
+
+async def test_run_returns_when_stop_is_set_while_idle() -> None:
+    """With nothing to read, run() returns soon after stop is set from outside."""
+    consumer, handler, runner = make({TP0: []})
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    await asyncio.wait_for(consumer.idle.wait(), timeout=1)
+    await asyncio.sleep(0.01)  # a few more empty polls
+    assert not task.done()
+
+    stop.set()
+    await asyncio.wait_for(task, timeout=1)
+
+    assert handler.calls == []
+    assert consumer.commits == []
