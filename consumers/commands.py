@@ -75,10 +75,6 @@ class PurgeCommand(_Command):
             record[name] = list(record[name])
         return record
 
-    @property
-    def is_empty(self) -> bool:
-        return not (self.keys or self.tags or self.urls or self.prefixes)
-
 
 class WarmCommand(_Command):
     schema_type: ClassVar[str] = "warm"

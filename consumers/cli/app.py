@@ -424,10 +424,8 @@ def consistency_cmd(
             window_s=window,
             sample=sample,
             give_up_s=give_up,
-            from_beginning=since is not None,
+            since_ms=_parse_time(since) if since is not None else None,
         )
-        if since is not None:
-            checker.min_applied_ms = _parse_time(since)
         task = asyncio.create_task(checker.run(stop))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=duration)

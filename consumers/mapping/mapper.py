@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cachesync.consumers.commands import Command, PurgeCommand, WarmCommand, command_id, to_millis
@@ -56,93 +57,101 @@ class Mapper:
         if rule is None:
             return []
         fields = dict(record)
-        occurred_at = to_millis(fields["occurred_at"])
-        fields["occurred_at"] = occurred_at
+        fields["occurred_at"] = to_millis(fields["occurred_at"])
         try:
             entity = _one(rule.entity, fields)
-            keys_, tags, urls, prefixes = _render_purge(rule.purge, fields)
+            targets = _Targets.render(rule.purge, fields)
         except MissingField as exc:
             raise RuleError(f"rules.{event_type}: {exc}") from None
-
         # Fan-out reads the index before this event changes it (a deleted vendor must
         # still reach its weddings); warms read regions after (a wedding.updated must
         # warm the regions it just declared).
-        weddings: list[str] = []
-        if rule.fanout == "vendor_weddings":
-            weddings = await index.weddings_of(str(fields["vendor_id"]))
-        elif rule.warm is not None and fields.get("wedding_id"):
-            weddings = [str(fields["wedding_id"])]
+        weddings = await self._fan_out(rule, fields, index)
         await self._update_index(rule, fields, index)
+        targets = _per_wedding(event_type, rule, fields, weddings, targets)
+        origin = _Origin(
+            event_id=str(fields["event_id"]),
+            event_type=event_type,
+            occurred_at=fields["occurred_at"],
+            issued_at=int(self.clock() * 1000),
+            replay=replay,
+            replay_id=replay_id,
+        )
+        purges = self._purges(rule, entity, targets, origin)
+        warms = await self._warms(rule, fields, weddings, origin, index)
+        return [*purges, *warms]
 
-        if rule.per_wedding is not None:
-            for wedding in weddings:
-                try:
-                    more = _render_purge(rule.per_wedding, {**fields, "wedding_id": wedding})
-                except MissingField as exc:
-                    raise RuleError(f"rules.{event_type}.per_wedding: {exc}") from None
-                keys_, tags, urls, prefixes = (
-                    _merge(a, b) for a, b in zip((keys_, tags, urls, prefixes), more, strict=True)
-                )
+    async def _fan_out(self, rule: Rule, fields: Mapping[str, Any], index: IndexView) -> list[str]:
+        """The weddings an event reaches: every wedding of its vendor, or its own (to warm)."""
+        if rule.fanout == "vendor_weddings":
+            return await index.weddings_of(str(fields["vendor_id"]))
+        if rule.warm is not None and fields.get("wedding_id"):
+            return [str(fields["wedding_id"])]
+        return []
 
-        now = int(self.clock() * 1000)
-        common: dict[str, Any] = {
-            "origin_event_id": str(fields["event_id"]),
-            "origin_event_type": event_type,
-            "origin_occurred_at": occurred_at,
-            # The event's own time orders versions per entity and is the same on replay,
-            # so a replayed purge fences exactly the warms the original did.
-            "version": occurred_at,
-            "issued_at": now,
-            "replay": replay,
-        }
-        commands: list[Command] = []
-        if keys_ or tags or urls or prefixes:
-            for region in self.regions:
-                commands.append(
-                    PurgeCommand(
-                        command_id=command_id(
-                            common["origin_event_id"], region, "purge", replay_id
-                        ),
-                        region=region,
-                        entity=entity,
-                        scope=rule.scope,
-                        keys=tuple(keys_),
-                        tags=tuple(tags),
-                        urls=tuple(urls),
-                        prefixes=tuple(prefixes),
-                        **common,
-                    )
-                )
-        if rule.warm is not None and weddings:
-            warm = rule.warm
-            regions_of = await index.regions_of(weddings)
-            for wedding in weddings:
+    def _purges(
+        self, rule: Rule, entity: str, targets: _Targets, origin: _Origin
+    ) -> list[PurgeCommand]:
+        """One purge per region (any region may hold a copy), if there is anything to purge."""
+        if not targets:
+            return []
+        common = origin.command_fields()
+        return [
+            PurgeCommand(
+                command_id=command_id(origin.event_id, region, "purge", origin.replay_id),
+                region=region,
+                entity=entity,
+                scope=rule.scope,
+                keys=tuple(targets.keys),
+                tags=tuple(targets.tags),
+                urls=tuple(targets.urls),
+                prefixes=tuple(targets.prefixes),
+                **common,
+            )
+            for region in self.regions
+        ]
+
+    async def _warms(
+        self,
+        rule: Rule,
+        fields: Mapping[str, Any],
+        weddings: list[str],
+        origin: _Origin,
+        index: IndexView,
+    ) -> list[WarmCommand]:
+        """One warm per wedding and region its guests are in, for weddings with URLs to warm."""
+        warm = rule.warm
+        if warm is None or not weddings:
+            return []
+        regions_of = await index.regions_of(weddings)
+        common = origin.command_fields()
+        commands: list[WarmCommand] = []
+        for wedding in weddings:
+            try:
                 wf = {**fields, "wedding_id": wedding}
-                try:
-                    photos = render_all(warm.photos, wf)
-                    vendor_assets = render_all(warm.vendor_assets, wf)
-                    portal = render_all(warm.guest_portal, wf)
-                except MissingField as exc:
-                    raise RuleError(f"rules.{event_type}.warm: {exc}") from None
-                if not (photos or vendor_assets or portal):
-                    continue
-                for region in regions_of[wedding]:
-                    commands.append(
-                        WarmCommand(
-                            command_id=command_id(
-                                common["origin_event_id"], region, "warm", f"{wedding}|{replay_id}"
-                            ),
-                            region=region,
-                            entity=f"wedding:{wedding}",
-                            wedding_id=wedding,
-                            photo_urls=tuple(photos),
-                            vendor_asset_urls=tuple(vendor_assets),
-                            guest_portal_urls=tuple(portal),
-                            priority=warm.priority,
-                            deadline=occurred_at + warm.deadline_s * 1000,
-                            **common,
-                        )
-                    )
+                photos = render_all(warm.photos, wf)
+                vendor_assets = render_all(warm.vendor_assets, wf)
+                portal = render_all(warm.guest_portal, wf)
+            except MissingField as exc:
+                raise RuleError(f"rules.{origin.event_type}.warm: {exc}") from None
+            if not (photos or vendor_assets or portal):
+                continue
+            part = f"{wedding}|{origin.replay_id}"
+            commands += [
+                WarmCommand(
+                    command_id=command_id(origin.event_id, region, "warm", part),
+                    region=region,
+                    entity=f"wedding:{wedding}",
+                    wedding_id=wedding,
+                    photo_urls=tuple(photos),
+                    vendor_asset_urls=tuple(vendor_assets),
+                    guest_portal_urls=tuple(portal),
+                    priority=warm.priority,
+                    deadline=origin.occurred_at + warm.deadline_s * 1000,
+                    **common,
+                )
+                for region in regions_of[wedding]
+            ]
         return commands
 
     async def update_index(self, event_type: str, record: Mapping[str, Any]) -> None:
@@ -188,13 +197,77 @@ def _one(template: str, fields: Mapping[str, Any]) -> str:
     return values[0]
 
 
-def _render_purge(t: PurgeTemplate, fields: Mapping[str, Any]) -> tuple[list[str], ...]:
-    return (
-        render_all(t.keys, fields),
-        render_all(t.tags, fields),
-        render_all(t.urls, fields),
-        render_all(t.prefixes, fields),
-    )
+@dataclass(slots=True)
+class _Targets:
+    """What a purge names: its rendered keys, tags, URLs and prefixes."""
+
+    keys: list[str]
+    tags: list[str]
+    urls: list[str]
+    prefixes: list[str]
+
+    @classmethod
+    def render(cls, t: PurgeTemplate, fields: Mapping[str, Any]) -> _Targets:
+        return cls(
+            render_all(t.keys, fields),
+            render_all(t.tags, fields),
+            render_all(t.urls, fields),
+            render_all(t.prefixes, fields),
+        )
+
+    def merged(self, other: _Targets) -> _Targets:
+        return _Targets(
+            _merge(self.keys, other.keys),
+            _merge(self.tags, other.tags),
+            _merge(self.urls, other.urls),
+            _merge(self.prefixes, other.prefixes),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.tags or self.urls or self.prefixes)
+
+
+def _per_wedding(
+    event_type: str,
+    rule: Rule,
+    fields: Mapping[str, Any],
+    weddings: list[str],
+    targets: _Targets,
+) -> _Targets:
+    """The event's purge targets plus the rule's per-wedding ones for each wedding it reaches."""
+    if rule.per_wedding is None:
+        return targets
+    for wedding in weddings:
+        try:
+            more = _Targets.render(rule.per_wedding, {**fields, "wedding_id": wedding})
+        except MissingField as exc:
+            raise RuleError(f"rules.{event_type}.per_wedding: {exc}") from None
+        targets = targets.merged(more)
+    return targets
+
+
+@dataclass(slots=True)
+class _Origin:
+    """What every command of one event carries: where it came from, its version, replay marks."""
+
+    event_id: str
+    event_type: str
+    occurred_at: int
+    issued_at: int
+    replay: bool
+    replay_id: str
+
+    def command_fields(self) -> dict[str, Any]:
+        return {
+            "origin_event_id": self.event_id,
+            "origin_event_type": self.event_type,
+            "origin_occurred_at": self.occurred_at,
+            # The event's own time orders versions per entity and is the same on replay,
+            # so a replayed purge fences exactly the warms the original did.
+            "version": self.occurred_at,
+            "issued_at": self.issued_at,
+            "replay": self.replay,
+        }
 
 
 def _merge(a: list[str], b: list[str]) -> list[str]:

@@ -20,7 +20,6 @@ sink, the converged share as nines, and staleness p50/p99.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import heapq
 import itertools
 import logging
@@ -28,18 +27,16 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from cachesync.consumers import keys, telemetry
+from cachesync.consumers.ops.window import TimeWindow
+from cachesync.consumers.pipeline.audit import AuditRecord, decode_audit
 from cachesync.consumers.pipeline.codecs import close_codec, codec_for, start_codec
-from cachesync.consumers.pipeline.kafka import partitions_of
 from cachesync.consumers.settings import Settings
-from cachesync.schemas import SerdeError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +98,7 @@ class ConsistencyChecker:
         recheck_s: float = 1.0,
         give_up_s: float = 60.0,
         edge_urls: dict[str, str] | None = None,
-        from_beginning: bool = False,
+        since_ms: int | None = None,
         event_ids: set[str] | None = None,
     ) -> None:
         self.settings = settings
@@ -110,11 +107,10 @@ class ConsistencyChecker:
         self.recheck_s = recheck_s
         self.give_up_s = give_up_s
         self.edge_urls = dict(edge_urls if edge_urls is not None else _edges(settings))
-        self.from_beginning = from_beginning
+        # Also read back purges applied since this time; None: only those from now on.
+        self.since_ms = since_ms
         self.event_ids = event_ids
         self.tallies: dict[tuple[str, str], Tally] = {}
-        # With from_beginning, purges applied before this are not read back.
-        self.min_applied_ms = 0
         self._queue: list[Probe] = []
         self._seq = itertools.count()
         self._rng = random.Random()
@@ -123,38 +119,26 @@ class ConsistencyChecker:
         self.ready = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Tail the audit topic and read back sampled purges until `stop`."""
+        """Tail the audit topic (from `since_ms`, or now) and read back sampled purges until `stop`."""
         codec = codec_for(self.settings)
         await start_codec(codec)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-        )
-        await consumer.start()
         try:
-            tps = await partitions_of(
-                self.settings.kafka_bootstrap_servers, [self.settings.audit_topic]
-            )
-            consumer.assign(tps)
-            if self.from_beginning:
-                await consumer.seek_to_beginning(*tps)
-            else:
-                await consumer.seek_to_end(*tps)
-                for tp in tps:
-                    await consumer.position(tp)
-            self.ready.set()
-            while not stop.is_set():
-                batch = await consumer.getmany(timeout_ms=200, max_records=1000)
-                for records in batch.values():
+            async with TimeWindow(
+                self.settings,
+                [self.settings.audit_topic],
+                since_ms=self.since_ms if self.since_ms is not None else int(time.time() * 1000),
+                follow=stop,
+                client_id="cachesync-consistency",
+                poll_ms=200,
+            ) as audit_topic:
+                self.ready.set()
+                async for records in audit_topic.batches():
                     for record in records:
-                        try:
-                            self._consider(codec.decode(record.value or b"").record)
-                        except SerdeError:
-                            continue
-                await self._probe_due()
+                        audit = decode_audit(codec, record.value or b"")
+                        if audit is not None:
+                            self._consider(audit)
+                    await self._probe_due()
         finally:
-            await consumer.stop()
             await close_codec(codec)
 
     async def drain(self, timeout_s: float) -> None:
@@ -173,33 +157,34 @@ class ConsistencyChecker:
     def pending(self) -> int:
         return len(self._queue)
 
-    def _consider(self, audit: dict[str, Any]) -> None:
+    def _consider(self, audit: AuditRecord) -> None:
         if (
-            audit["stage"] != "sink"
-            or audit["kind"] != "purge"
-            or audit["outcome"] != "applied"
-            or audit["sink"] not in PROBED_SINKS
-            or (audit["sink"] == "http_purge" and audit["region"] not in self.edge_urls)
-            or (self.event_ids is not None and audit["event_id"] not in self.event_ids)
+            audit.stage != "sink"
+            or audit.kind != "purge"
+            or audit.outcome != "applied"
+            or audit.sink not in PROBED_SINKS
+            or audit.region is None
+            or (audit.sink == "http_purge" and audit.region not in self.edge_urls)
+            or (self.event_ids is not None and audit.event_id not in self.event_ids)
             or self._rng.random() >= self.sample
         ):
             return
-        applied_at = _ms(audit["recorded_at"])
-        if applied_at < self.min_applied_ms:
+        applied_at = audit.recorded_at
+        if self.since_ms is not None and applied_at < self.since_ms:
             return
         probe = Probe(
             due=time.monotonic()
             + max(0.0, self.window_s - (time.time() * 1000 - applied_at) / 1000),
             seq=next(self._seq),
-            region=audit["region"],
-            sink=audit["sink"],
-            event_id=audit["event_id"],
-            command_id=audit["command_id"],
-            occurred_at=_ms(audit["occurred_at"]),
+            region=audit.region,
+            sink=audit.sink,
+            event_id=audit.event_id,
+            command_id=audit.command_id or "",
+            occurred_at=audit.occurred_at,
             applied_at=applied_at,
-            keys=list(audit["keys"]),
-            tags=list(audit["tags"]),
-            urls=list(audit["urls"]),
+            keys=list(audit.keys),
+            tags=list(audit.tags),
+            urls=list(audit.urls),
         )
         heapq.heappush(self._queue, probe)
 
@@ -302,7 +287,3 @@ def _edges(settings: Settings) -> dict[str, str]:
         return dict(getattr(settings, "region_edge_urls", {}))
     except Exception:  # an unconfigured edge only means there is nothing to probe there
         return {}
-
-
-def _ms(value: int | dt.datetime) -> int:
-    return int(value.timestamp() * 1000) if isinstance(value, dt.datetime) else int(value)

@@ -24,18 +24,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.asyncio import Redis
 
 from cachesync.consumers.commands import Command, PurgeCommand
 from cachesync.consumers.errors import BadInput
 from cachesync.consumers.mapping.index import RelationshipIndex
 from cachesync.consumers.mapping.mapper import Mapper
+from cachesync.consumers.ops.window import TimeWindow
 from cachesync.consumers.pipeline.codecs import close_codec, codec_for, decode_event, start_codec
-from cachesync.consumers.pipeline.kafka import make_producer, partitions_of
+from cachesync.consumers.pipeline.kafka import Record, make_producer
 from cachesync.consumers.pipeline.writer import CommandWriter
 from cachesync.consumers.settings import Settings
-from cachesync.schemas import Codec
 
 
 @dataclass
@@ -85,128 +84,117 @@ async def replay(
 ) -> ReplayReport:
     """Re-map the content topics between two times; see the module docstring."""
     report = ReplayReport(replay_id=uuid.uuid4().hex[:12], dry_run=dry_run, index_only=index_only)
-    wanted_regions = set(regions) if regions else set(settings.topology.regions)
-    unknown = wanted_regions - set(settings.topology.regions)
-    if unknown:
-        raise ValueError(f"unknown regions {sorted(unknown)}")
-    codec = codec_for(settings)
-    state = Redis.from_url(str(settings.state_redis_url))
-    index_cls = _ReadOnlyIndex if dry_run else RelationshipIndex
-    mapper = Mapper(settings.topology, index_cls(state, settings.topology))
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        client_id=f"cachesync-replay-{report.replay_id}",
-        max_partition_fetch_bytes=2 * 1024 * 1024,
-    )
-    produce = not (dry_run or index_only)
-    producer = (
-        make_producer(settings.kafka_bootstrap_servers, client_id="cachesync-replay")
-        if produce
-        else None
-    )
+    wanted = _wanted_regions(settings, regions)
     started = time.monotonic()
-    await start_codec(codec)
-    await consumer.start()
-    writer = (
-        CommandWriter(
-            producer,
-            codec,
-            settings.commands_topic,
-            replay_id=report.replay_id,
-            cdn=cdn,
-        )
-        if producer is not None
-        else None
-    )
-    if producer is not None:
-        await producer.start()
     try:
-        partitions = await partitions_of(settings.kafka_bootstrap_servers, settings.content_topics)
-        starts, ends = await _range(consumer, partitions, since_ms, until_ms)
-        todo = {tp for tp in partitions if starts[tp] < ends[tp]}
-        total = sum(ends[tp] - starts[tp] for tp in todo)
-        consumer.assign(sorted(todo, key=lambda tp: (tp.topic, tp.partition)))
-        for tp in todo:
-            consumer.seek(tp, starts[tp])
-        if progress:
-            progress(0, total)
-        while todo:
-            batch = await consumer.getmany(timeout_ms=500, max_records=batch_size)
-            for tp, records in batch.items():
-                for record in records:
-                    if record.offset >= ends[tp]:
-                        continue
-                    report.records += 1
-                    for command in await _map(
-                        codec,
-                        mapper,
-                        record.value or b"",
-                        report,
-                        index_only,
-                        settings.max_event_bytes,
-                    ):
-                        if command.region not in wanted_regions:
-                            continue
-                        report.commands[(command.region, command.kind)] += 1
-                        if isinstance(command, PurgeCommand):
-                            report.cdn_items[command.region] += (
-                                len(command.urls) + len(command.tags) + len(command.prefixes)
-                            )
-                        if writer is not None:
-                            writer.add([command])
-                if records and records[-1].offset + 1 >= ends[tp]:
-                    todo.discard(tp)
-            if writer is not None:
-                await writer.send()
+        async with (
+            _Replayer(settings, report, wanted, cdn=cdn) as replayer,
+            TimeWindow(
+                settings,
+                settings.content_topics,
+                since_ms=since_ms,
+                until_ms=until_ms,
+                client_id=f"cachesync-replay-{report.replay_id}",
+                max_records=batch_size,
+            ) as window,
+        ):
             if progress:
-                progress(report.records, total)
+                progress(0, window.total)
+            async for records in window.batches():
+                await replayer.replay(records)
+                if progress:
+                    progress(report.records, window.total)
     finally:
         report.seconds = time.monotonic() - started
-        await consumer.stop()
-        if producer is not None:
-            await producer.stop()
-        await state.aclose()
-        await close_codec(codec)
     return report
 
 
-async def _range(
-    consumer: AIOKafkaConsumer,
-    partitions: list[TopicPartition],
-    since_ms: int,
-    until_ms: int | None,
-) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
-    """Start and end offsets per partition for the time window (end exclusive)."""
-    end_now: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
-    found = await consumer.offsets_for_times({tp: since_ms for tp in partitions})
-    starts = {tp: (found[tp].offset if found.get(tp) else end_now[tp]) for tp in partitions}
-    if until_ms is None:
-        return starts, end_now
-    found_end = await consumer.offsets_for_times({tp: until_ms for tp in partitions})
-    ends = {tp: (found_end[tp].offset if found_end.get(tp) else end_now[tp]) for tp in partitions}
-    return starts, ends
+def _wanted_regions(settings: Settings, regions: set[str] | None) -> set[str]:
+    """The regions to produce for (all by default); ValueError for one the topology lacks."""
+    wanted = set(regions) if regions else set(settings.topology.regions)
+    unknown = wanted - set(settings.topology.regions)
+    if unknown:
+        raise ValueError(f"unknown regions {sorted(unknown)}")
+    return wanted
 
 
-async def _map(
-    codec: Codec,
-    mapper: Mapper,
-    value: bytes,
-    report: ReplayReport,
-    index_only: bool,
-    max_bytes: int,
-) -> list[Command]:
-    """Decode and map one event; bad input is counted (the live mapper already dead-lettered it)."""
-    try:
-        decoded = await decode_event(codec, value, max_bytes=max_bytes)
-        report.events[decoded.type_name] += 1
-        if index_only:
-            await mapper.update_index(decoded.type_name, decoded.record)
-            return []
-        return await mapper.map_event(
-            decoded.type_name, decoded.record, replay=True, replay_id=report.replay_id
+class _Replayer:
+    """Maps events again, counts their commands in the report and writes them.
+
+    A dry run reads the index without writing it; a dry run and an index rebuild
+    produce nothing (no producer, no writer).
+    """
+
+    def __init__(
+        self, settings: Settings, report: ReplayReport, regions: set[str], *, cdn: bool
+    ) -> None:
+        self.settings = settings
+        self.report = report
+        self.regions = regions
+        self.codec = codec_for(settings)
+        self.state = Redis.from_url(str(settings.state_redis_url))
+        index_cls = _ReadOnlyIndex if report.dry_run else RelationshipIndex
+        self.mapper = Mapper(settings.topology, index_cls(self.state, settings.topology))
+        produce = not (report.dry_run or report.index_only)
+        self.producer = (
+            make_producer(settings.kafka_bootstrap_servers, client_id="cachesync-replay")
+            if produce
+            else None
         )
-    except BadInput as exc:
-        report.skipped_bad[exc.reason] += 1
-        return []
+        self.writer = (
+            CommandWriter(
+                self.producer,
+                self.codec,
+                settings.commands_topic,
+                replay_id=report.replay_id,
+                cdn=cdn,
+            )
+            if self.producer is not None
+            else None
+        )
+
+    async def __aenter__(self) -> _Replayer:
+        await start_codec(self.codec)
+        if self.producer is not None:
+            await self.producer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.producer is not None:
+            await self.producer.stop()
+        await self.state.aclose()
+        await close_codec(self.codec)
+
+    async def replay(self, records: list[Record]) -> None:
+        """One batch: each event mapped, its commands for the wanted regions counted and sent."""
+        for record in records:
+            self.report.records += 1
+            commands = [c for c in await self._map(record.value or b"") if c.region in self.regions]
+            self._count(commands)
+            if self.writer is not None and commands:
+                self.writer.add(commands)
+        if self.writer is not None:
+            await self.writer.send()
+
+    async def _map(self, value: bytes) -> list[Command]:
+        """Decode and map one event; bad input is counted (the live mapper already dead-lettered it)."""
+        try:
+            decoded = await decode_event(self.codec, value, max_bytes=self.settings.max_event_bytes)
+            self.report.events[decoded.type_name] += 1
+            if self.report.index_only:
+                await self.mapper.update_index(decoded.type_name, decoded.record)
+                return []
+            return await self.mapper.map_event(
+                decoded.type_name, decoded.record, replay=True, replay_id=self.report.replay_id
+            )
+        except BadInput as exc:
+            self.report.skipped_bad[exc.reason] += 1
+            return []
+
+    def _count(self, commands: list[Command]) -> None:
+        for command in commands:
+            self.report.commands[(command.region, command.kind)] += 1
+            if isinstance(command, PurgeCommand):
+                self.report.cdn_items[command.region] += (
+                    len(command.urls) + len(command.tags) + len(command.prefixes)
+                )

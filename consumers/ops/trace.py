@@ -11,16 +11,16 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from rich.tree import Tree
 
+from cachesync.consumers.ops.window import TimeWindow
+from cachesync.consumers.pipeline.audit import AuditRecord, decode_audit
 from cachesync.consumers.pipeline.codecs import close_codec, codec_for, start_codec
 from cachesync.consumers.pipeline.kafka import partitions_of
 from cachesync.consumers.settings import Settings
-from cachesync.schemas import SerdeError
 
 
 @dataclass
@@ -28,7 +28,7 @@ class CommandView:
     command_id: str
     region: str
     kind: str
-    sinks: dict[str, dict[str, Any]] = field(default_factory=dict)  # sink -> newest record
+    sinks: dict[str, AuditRecord] = field(default_factory=dict)  # sink -> newest record
 
 
 @dataclass
@@ -36,7 +36,7 @@ class TraceView:
     event_id: str
     event_type: str | None = None
     occurred_at: int | None = None
-    mapper: dict[str, Any] | None = None
+    mapper: AuditRecord | None = None
     commands: dict[str, CommandView] = field(default_factory=dict)
     trace_ids: set[str] = field(default_factory=set)
 
@@ -53,69 +53,50 @@ class TraceView:
 async def read_trace(
     settings: Settings, event_id: str, *, since_ms: int | None = None
 ) -> TraceView:
+    """The event's audit records since `since_ms` (default: all the topic holds)."""
     view = TraceView(event_id=event_id)
-    topic = settings.audit_topic
-    partitions = await partitions_of(settings.kafka_bootstrap_servers, [topic])
     key = event_id.encode()
-    chosen = DefaultPartitioner()(
-        key, [tp.partition for tp in partitions], [tp.partition for tp in partitions]
-    )
-    tp = TopicPartition(topic, chosen)
+    partition = await _partition_of(settings, key)
     codec = codec_for(settings)
     await start_codec(codec)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None, enable_auto_commit=False
-    )
-    await consumer.start()
     try:
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        start = 0
-        if since_ms is not None:
-            found = (await consumer.offsets_for_times({tp: since_ms})).get(tp)
-            start = found.offset if found else end
-        else:
-            start = (await consumer.beginning_offsets([tp]))[tp]
-        consumer.seek(tp, start)
-        position = start
-        while position < end:
-            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=2000)
-            records = batch.get(tp, [])
-            if not records:
-                break
-            for record in records:
-                position = record.offset + 1
-                if record.key != key or record.offset >= end:
-                    continue
-                try:
-                    audit = codec.decode(record.value or b"").record
-                except SerdeError:
-                    continue
-                _add(view, audit)
+        async with TimeWindow(
+            settings, [partition], since_ms=since_ms or 0, client_id="cachesync-trace"
+        ) as window:
+            async for records in window.batches():
+                for record in records:
+                    audit = decode_audit(codec, record.value or b"") if record.key == key else None
+                    if audit is not None:
+                        _add(view, audit)
     finally:
-        await consumer.stop()
         await close_codec(codec)
     return view
 
 
-def _add(view: TraceView, audit: dict[str, Any]) -> None:
-    view.event_type = audit["event_type"]
-    occurred = audit["occurred_at"]
-    view.occurred_at = (
-        int(occurred.timestamp() * 1000) if isinstance(occurred, dt.datetime) else occurred
-    )
-    if audit.get("trace_id"):
-        view.trace_ids.add(audit["trace_id"])
-    if audit["stage"] == "mapper":
+async def _partition_of(settings: Settings, key: bytes) -> TopicPartition:
+    """The audit topic's partition for a key, as the default partitioner chooses it."""
+    topic = settings.audit_topic
+    partitions = await partitions_of(settings.kafka_bootstrap_servers, [topic])
+    numbers = [tp.partition for tp in partitions]
+    return TopicPartition(topic, DefaultPartitioner()(key, numbers, numbers))
+
+
+def _add(view: TraceView, audit: AuditRecord) -> None:
+    view.event_type = audit.event_type
+    view.occurred_at = audit.occurred_at
+    if audit.trace_id:
+        view.trace_ids.add(audit.trace_id)
+    if audit.stage == "mapper":
         view.mapper = audit
-        for ref in audit["commands"]:
+        for ref in audit.commands:
             region, kind, command_id = ref.split("/", 2)
             view.commands.setdefault(command_id, CommandView(command_id, region, kind))
         return
+    command_id = audit.command_id or ""
     command = view.commands.setdefault(
-        audit["command_id"], CommandView(audit["command_id"], audit["region"], audit["kind"])
+        command_id, CommandView(command_id, audit.region or "", audit.kind)
     )
-    command.sinks[audit["sink"]] = audit
+    command.sinks[audit.sink or ""] = audit
 
 
 def render(view: TraceView, expected: Callable[[str, str], list[str]]) -> Tree:
@@ -138,8 +119,8 @@ def render(view: TraceView, expected: Callable[[str, str], list[str]]) -> Tree:
         m = view.mapper
         kinds = [c.kind for c in view.commands.values()]
         root.add(
-            f"mapper: {m['outcome']}, {kinds.count('purge')} purge + {kinds.count('warm')} warm commands"
-            f"  +{m['latency_ms']} ms" + (f"  ({m['detail']})" if m["detail"] else "")
+            f"mapper: {m.outcome}, {kinds.count('purge')} purge + {kinds.count('warm')} warm commands"
+            f"  +{m.latency_ms} ms" + (f"  ({m.detail})" if m.detail else "")
         )
     for region in sorted({c.region for c in view.commands.values()}):
         branch = root.add(f"[bold]{region}[/bold]")
@@ -154,17 +135,15 @@ def render(view: TraceView, expected: Callable[[str, str], list[str]]) -> Tree:
                     node.add(f"{sink:<11}[yellow]pending[/yellow]")
                     continue
                 colour = {"applied": "green", "fenced": "cyan", "skipped": "dim"}.get(
-                    audit["outcome"], "red"
+                    audit.outcome, "red"
                 )
-                line = (
-                    f"{sink:<11}[{colour}]{audit['outcome']}[/{colour}]  +{audit['latency_ms']} ms"
-                )
-                if audit["provider_ids"]:
-                    line += f"  ids {', '.join(audit['provider_ids'])}"
-                if audit["cache_status"]:
-                    statuses = list(audit["cache_status"].values())
+                line = f"{sink:<11}[{colour}]{audit.outcome}[/{colour}]  +{audit.latency_ms} ms"
+                if audit.provider_ids:
+                    line += f"  ids {', '.join(audit.provider_ids)}"
+                if audit.cache_status:
+                    statuses = list(audit.cache_status.values())
                     line += f"  edge {statuses.count('HIT')}/{len(statuses)} HIT"
-                if audit["detail"]:
-                    line += f"  [dim]{audit['detail']}[/dim]"
+                if audit.detail:
+                    line += f"  [dim]{audit.detail}[/dim]"
                 node.add(line)
     return root
