@@ -23,8 +23,8 @@ run: topics
 	$(BIN)/cachesync run all --demo --rate $${RATE:-20}
 
 lint: setup
-	@$(BIN)/ruff check consumers schemas topology tests
-	@$(BIN)/ruff format --check consumers schemas topology tests
+	@$(BIN)/ruff check consumers schemas topology tests bench deploy
+	@$(BIN)/ruff format --check consumers schemas topology tests bench deploy
 	@$(BIN)/mypy
 
 # The benchmark smoke run goes first so that pytest's summary is the run's last line.

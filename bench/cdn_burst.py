@@ -13,7 +13,6 @@ acknowledgement (p50/p99). No pass/fail: it prints figures.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import math
 import os
@@ -25,31 +24,37 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import aioboto3
+import typer
+from pydantic import SecretStr
 
-from pydantic import SecretStr  # noqa: E402
-
-from cachesync.consumers.commands import command_id  # noqa: E402
-from cachesync.consumers.ops.publish import EventPublisher, new_event  # noqa: E402
-from cachesync.consumers.pipeline.roles import SinkRole, run_roles  # noqa: E402
-from cachesync.consumers.settings import load_settings, region_env_var  # noqa: E402
-from cachesync.consumers.sinks.cloudflare import CloudflareSink  # noqa: E402
-from cachesync.consumers.sinks.cloudfront import CloudFrontSink  # noqa: E402
-from cachesync.consumers.sinks.http_purge import HttpPurgeSink  # noqa: E402
-from cachesync.consumers.sinks.ledger import PurgeAck  # noqa: E402
-from cachesync.consumers.sinks.redis import RedisSink  # noqa: E402
-from cachesync.topology import render_all  # noqa: E402
-from cachesync.topology.model import CdnPolicy, CloudflarePolicy  # noqa: E402
-from tests.stubs.aws import create_distribution, moto_server  # noqa: E402
-from tests.stubs.cloudflare import CloudflareStub  # noqa: E402
-from tests.stubs.serve import serve  # noqa: E402
+from bench.common import REPO, first_line, one_command_app, percentile, stack_env
+from cachesync.consumers.commands import command_id
+from cachesync.consumers.ops.publish import EventPublisher, new_event
+from cachesync.consumers.pipeline.roles import Role, SinkRole, run_roles
+from cachesync.consumers.settings import Settings, load_settings
+from cachesync.consumers.sinks.base import Sink
+from cachesync.consumers.sinks.cloudflare import CloudflareSink
+from cachesync.consumers.sinks.cloudfront import CloudFrontSink
+from cachesync.consumers.sinks.http_purge import HttpPurgeSink
+from cachesync.consumers.sinks.ledger import PurgeAck
+from cachesync.consumers.sinks.redis import RedisSink
+from cachesync.topology import render_all
+from cachesync.topology.admin import apply_topics
+from cachesync.topology.model import CdnPolicy, CloudflarePolicy, Topology
+from deploy.local.standins.aws import create_distribution, moto_server
+from deploy.local.standins.cloudflare import CloudflareStub
+from deploy.local.standins.serve import serve
 
 TOKEN = "bench-token"
 PUBLIC = "https://{region}.weddings.example"
+PROVIDERS = ("cloudflare", "cloudfront", "http_purge")
 MIX = {
     "photo.uploaded": 45,
     "photo.updated": 25,
@@ -58,22 +63,23 @@ MIX = {
     "wedding.updated": 10,
 }
 
-
-def stack_env() -> None:
-    """Addresses of the local stack (started idempotently) unless the environment has them."""
-    if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        subprocess.run(["bash", str(REPO / "deploy/local/up.sh")], check=True, capture_output=True)
-        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{os.environ.get('KAFKA_PORT', '19092')}"
-    ports = {"us-east": "16379", "eu-west": "16380", "ap-southeast": "16381"}
-    for region, port in ports.items():
-        os.environ.setdefault(region_env_var(region), f"redis://127.0.0.1:{port}/0")
-    os.environ.setdefault("CACHESYNC_STATE_REDIS_URL", "redis://127.0.0.1:16382/0")
+Events = list[tuple[str, dict[str, Any]]]
 
 
-def make_events(n: int, weddings: int, seed: int = 7) -> list[tuple[str, dict[str, Any]]]:
+@dataclass(frozen=True)
+class Options:
+    events: int
+    weddings: int
+    window_ms: int
+    plan_rate: float  # the sinks' configured Cloudflare rate, per zone
+    zone_rate: float  # what the stub's zones allow
+    timeout: float
+
+
+def make_events(n: int, weddings: int, seed: int = 7) -> Events:
     rng = random.Random(seed)
     run = uuid.uuid4().hex[:6]
-    out = []
+    out: Events = []
     for _ in range(n):
         event_type = rng.choices(list(MIX), weights=list(MIX.values()))[0]
         w = f"w{run}-{rng.randrange(weddings):04d}"
@@ -109,7 +115,7 @@ def make_events(n: int, weddings: int, seed: int = 7) -> list[tuple[str, dict[st
     return out
 
 
-def expected_items(topology: Any, events: list[tuple[str, dict[str, Any]]]) -> dict[str, set[str]]:
+def expected_items(topology: Topology, events: Events) -> dict[str, set[str]]:
     """What the rules say the burst must purge, rendered independently of the sinks."""
     items: dict[str, set[str]] = defaultdict(set)
     for event_type, record in events:
@@ -134,20 +140,11 @@ def minimal(items: dict[str, set[str]]) -> dict[str, set[str]]:
     return {"tags": set(items["tags"]), "urls": urls, "prefixes": prefixes}
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 async def invalidation_paths(endpoint: str, distribution: str) -> list[list[str]]:
-    import aioboto3
-
     session = aioboto3.Session(
         aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
     )
-    out = []
+    out: list[list[str]] = []
     async with session.client("cloudfront", endpoint_url=endpoint) as client:
         listed = await client.list_invalidations(DistributionId=distribution, MaxItems="1000")
         for item in listed["InvalidationList"].get("Items", []):
@@ -156,65 +153,84 @@ async def invalidation_paths(endpoint: str, distribution: str) -> list[list[str]
     return out
 
 
-async def main(args: argparse.Namespace) -> None:
-    stack_env()
-    run = uuid.uuid4().hex[:8]
-    settings = load_settings(topic_prefix=f"bench-{run}.", group_prefix=f"bench-{run}")
-    topology = settings.topology
-    regions = list(topology.regions)
-    from cachesync.topology.admin import apply_topics
+class Acks:
+    """What the providers acknowledged, as the sinks report it (their `on_ack` hook)."""
 
-    await apply_topics(settings.kafka_bootstrap_servers, topology, settings.topic_prefix)
-    edge = settings.region_edge_urls.get("eu-west") or "http://127.0.0.1:16081"
-    policy = CdnPolicy(
-        window_ms=args.window_ms,
-        max_batch_records=20_000,
-        cloudflare=CloudflarePolicy(rate_per_s=args.plan_rate, burst=10),
-    )
-    stub = CloudflareStub(token=TOKEN, rate_per_s=args.zone_rate, burst=5)
-    latencies: dict[str, list[float]] = defaultdict(list)
-    acked: dict[tuple[str, str], set[str]] = defaultdict(set)
+    def __init__(self) -> None:
+        self.commands: dict[tuple[str, str], set[str]] = defaultdict(set)  # (provider, region)
+        self.latencies: dict[str, list[float]] = defaultdict(list)  # provider -> ms
 
-    def on_ack(ack: PurgeAck) -> None:
+    def __call__(self, ack: PurgeAck) -> None:
         for cid, occurred in ack.commands:
-            acked[(ack.provider, ack.region)].add(cid)
-            latencies[ack.provider].append(ack.acked_at_ms - occurred)
+            self.commands[(ack.provider, ack.region)].add(cid)
+            self.latencies[ack.provider].append(ack.acked_at_ms - occurred)
 
-    with serve(stub.app) as cf_url, moto_server() as moto_url:
-        distributions = {r: create_distribution(moto_url, comment=f"bench {r}") for r in regions}
-        sinks: list[Any] = []
-        for region in regions:
-            redis_url = settings.region_redis_urls[region]
-            sinks.append(RedisSink(region, redis_url))
-            sinks.append(
-                CloudflareSink(
-                    region,
-                    zone=f"zone-{region}-{run}",
-                    token=SecretStr(TOKEN),
-                    public_url=PUBLIC.format(region=region),
-                    redis=redis_url,
-                    policy=policy,
-                    api_url=cf_url,
-                    on_ack=on_ack,
-                )
+
+@dataclass
+class Burst:
+    """One run: where its stand-ins listen, its sinks, what they must and did acknowledge."""
+
+    options: Options
+    run: str
+    settings: Settings
+    policy: CdnPolicy
+    stub: CloudflareStub
+    cloudflare_url: str
+    moto_url: str
+    distributions: dict[str, str]  # region -> CloudFront distribution id
+    acks: Acks
+
+    @property
+    def regions(self) -> list[str]:
+        return list(self.settings.topology.regions)
+
+    def zone(self, region: str) -> str:
+        return f"zone-{region}-{self.run}"
+
+
+def _sinks(burst: Burst) -> list[Sink]:
+    """Per region: the Redis sink, then Cloudflare, CloudFront and HTTP purge (the local edge)."""
+    settings, policy, acks = burst.settings, burst.policy, burst.acks
+    edge = settings.region_edge_urls.get("eu-west") or "http://127.0.0.1:16081"
+    sinks: list[Sink] = []
+    for region in burst.regions:
+        redis_url = settings.region_redis_urls[region]
+        sinks.append(RedisSink(region, redis_url))
+        sinks.append(
+            CloudflareSink(
+                region,
+                zone=burst.zone(region),
+                token=SecretStr(TOKEN),
+                public_url=PUBLIC.format(region=region),
+                redis=redis_url,
+                policy=policy,
+                api_url=burst.cloudflare_url,
+                on_ack=acks,
             )
-            sinks.append(
-                CloudFrontSink(
-                    region,
-                    distribution=distributions[region],
-                    redis=redis_url,
-                    policy=policy,
-                    endpoint_url=moto_url,
-                    aws_access_key_id=SecretStr("testing"),
-                    aws_secret_access_key=SecretStr("testing"),
-                    on_ack=on_ack,
-                )
+        )
+        sinks.append(
+            CloudFrontSink(
+                region,
+                distribution=burst.distributions[region],
+                redis=redis_url,
+                policy=policy,
+                endpoint_url=burst.moto_url,
+                aws_access_key_id=SecretStr("testing"),
+                aws_secret_access_key=SecretStr("testing"),
+                on_ack=acks,
             )
-            sinks.append(
-                HttpPurgeSink(region, edge_url=edge, redis=redis_url, policy=policy, on_ack=on_ack)
-            )
-        # The mapper runs in its own process, as in production: sharing this event loop
-        # with twelve sinks would make it, not the CDNs, the bottleneck being measured.
+        )
+        sinks.append(
+            HttpPurgeSink(region, edge_url=edge, redis=redis_url, policy=policy, on_ack=acks)
+        )
+    return sinks
+
+
+class MapperProcess:
+    """The mapper in its own process, as in production: sharing this event loop with
+    twelve sinks would make it, not the CDNs, the bottleneck being measured."""
+
+    def __init__(self, settings: Settings) -> None:
         env = {
             **os.environ,
             "CACHESYNC_TOPIC_PREFIX": settings.topic_prefix,
@@ -223,155 +239,332 @@ async def main(args: argparse.Namespace) -> None:
         }
         log_dir = Path(os.environ.get("CACHESYNC_STACK_DIR", REPO / ".stack")) / "log"
         log_dir.mkdir(parents=True, exist_ok=True)
-        mapper_log = open(log_dir / "bench-cdn-burst-mapper.log", "w")  # noqa: SIM115, ASYNC230
-        mapper = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "consumers", "run", "mapper"],
+        self.log_path = log_dir / "bench-cdn-burst-mapper.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in wait)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cachesync.consumers", "run", "mapper"],
             cwd=REPO,
             env=env,
-            stdout=mapper_log,
+            stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        roles: list[Any] = [SinkRole(settings, s, auto_offset_reset="latest") for s in sinks]
-        stop = asyncio.Event()
-        task = asyncio.create_task(run_roles(roles, stop))
-        while not all(r.consumer.assignment() for r in roles):
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.05)
-        for r in roles:
-            for tp in r.consumer.assignment():
-                await r.consumer.position(tp)
+        self._stopping = False
 
-        events = make_events(args.events, args.weddings)
-        publisher = EventPublisher(settings)
-        await publisher.start()
-        t0 = time.monotonic()
-        for event_type, record in events:
-            await publisher.publish(event_type, record, wait=False)
-        await publisher.flush()
-        await publisher.stop()
-        t_published = time.monotonic() - t0
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            raise SystemExit(f"the mapper exited ({self.proc.returncode}): see {self.log_path}")
 
-        want = {
-            region: {command_id(str(rec["event_id"]), region, "purge") for _, rec in events}
-            for region in regions
-        }
-        providers = ["cloudflare", "cloudfront", "http_purge"]
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline:
-            if mapper.poll() is not None:
-                raise SystemExit(f"the mapper exited ({mapper.returncode}): see {mapper_log.name}")
-            if all(want[r] <= acked[(p, r)] for p in providers for r in regions):
-                break
-            await asyncio.sleep(0.25)
-        t_done = time.monotonic() - t0
-        stop.set()
-        mapper.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(task, timeout=60)
-        mapper.wait(timeout=60)
+    def stop(self) -> None:
+        """SIGTERM once: the mapper drains its batch and exits (a second one would abort it)."""
+        if not self._stopping and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self._stopping = True
 
-        items = expected_items(topology, events)
-        best = minimal(items)
-        weddings = {rec["wedding_id"] for _, rec in events}
-        lines = [
-            f"cdn_burst: {len(events)} events, {len(weddings)} weddings, {len(regions)} regions",
-            f"  published in {t_published:.1f}s; every provider acknowledged every purge after {t_done:.1f}s",
-            f"  coalescing window {policy.window_ms} ms (CloudFront {policy.cloudfront.window_ms} ms); "
-            f"Cloudflare plan {args.plan_rate:g} req/s per zone, "
-            f"stub zones allow {args.zone_rate:g} req/s (so 429s happen)",
-            f"  distinct items: {len(items['tags'])} tags, {len(items['urls'])} URLs, {len(items['prefixes'])} prefixes "
-            f"({len(best['urls'])} URLs not under a purged prefix)",
-            "",
-            "calls: purge calls the provider applied (429 answers counted apart); minimum: the fewest",
-            "calls the batch limits allow for the burst's distinct items (100 per Cloudflare call, one",
-            "kind per call; 3,000 paths per CloudFront invalidation; one PURGE per URL, 256 xkeys per call)",
-            "",
-            f"{'provider':<11} {'region':<13} {'calls':>6} {'minimum':>8} {'ratio':>6} {'429s':>5} "
-            f"{'acked':>12} {'all applied':>11}",
-        ]
-        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for region in regions:
-            zone = f"zone-{region}-{run}"
-            calls = len(stub.applied(zone))
-            minimum = sum(math.ceil(len(best[k]) / 100) for k in ("tags", "urls", "prefixes"))
-            host = PUBLIC.format(region=region).split("://", 1)[1]
-            files = {f[len(PUBLIC.format(region=region)) :] for f in stub.purged("files", zone)}
-            prefixes = {p[len(host) :] for p in stub.purged("prefixes", zone)}
-            if stub.purged("hosts", zone):
-                prefixes.add("/")
-            ok = (
-                items["tags"] <= stub.purged("tags", zone)
-                and all(covered_by(u, files, prefixes) for u in items["urls"])
-                and all(covered_by(p, set(), prefixes) for p in items["prefixes"])
-            )
-            n429 = stub.count(429, zone)
-            got = len(want[region] & acked[("cloudflare", region)])
-            lines.append(
-                f"{'cloudflare':<11} {region:<13} {calls:>6} {minimum:>8} {calls / minimum:>6.2f} {n429:>5} "
-                f"{got:>5}/{len(want[region]):<6} {'yes' if ok else 'NO':>11}"
-            )
-            totals["cloudflare"][0] += calls
-            totals["cloudflare"][1] += minimum
-        for region in regions:
-            batches = await invalidation_paths(moto_url, distributions[region])
-            paths = [p for b in batches for p in b]
-            exact = {p for p in paths if not p.endswith("*")}
-            wild = {p[:-1] for p in paths if p.endswith("*")}
-            distinct = len(best["urls"]) + len(best["prefixes"])
-            minimum = max(1, math.ceil(distinct / policy.cloudfront.max_paths_in_progress))
-            ok = all(covered_by(u, exact, wild) for u in items["urls"]) and all(
-                covered_by(p, set(), wild) for p in items["prefixes"]
-            )
-            got = len(want[region] & acked[("cloudfront", region)])
-            lines.append(
-                f"{'cloudfront':<11} {region:<13} {len(batches):>6} {minimum:>8} {len(batches) / minimum:>6.2f} {0:>5} "
-                f"{got:>5}/{len(want[region]):<6} {'yes' if ok else 'NO':>11}"
-            )
-            totals["cloudfront"][0] += len(batches)
-            totals["cloudfront"][1] += minimum
-        for sink in sinks:
-            if isinstance(sink, HttpPurgeSink):
-                minimum = (
-                    len(best["urls"]) + len(best["prefixes"]) + math.ceil(len(best["tags"]) / 256)
-                )
-                got = len(want[sink.region] & acked[("http_purge", sink.region)])
-                lines.append(
-                    f"{'http_purge':<11} {sink.region:<13} {sink.calls:>6} {minimum:>8} {sink.calls / minimum:>6.2f} "
-                    f"{'-':>5} {got:>5}/{len(want[sink.region]):<6} {'acked' if got == len(want[sink.region]) else 'NO':>11}"
-                )
-                totals["http_purge"][0] += sink.calls
-                totals["http_purge"][1] += minimum
-        lines.append("")
-        for provider, (calls, minimum) in totals.items():
-            lines.append(
-                f"total {provider:<11} {calls:>6} calls, minimum {minimum:>6}: "
-                f"{(calls / minimum - 1) * 100:+.1f}% over the minimum"
-            )
-        cloudfront = [s for s in sinks if isinstance(s, CloudFrontSink)]
-        escalated = [
-            e for s in cloudfront for rec in s.invalidations for e in rec.paths if e.endswith("*")
-        ]
-        lines.append(
-            f"CloudFront wildcards used (escalations to fit 3,000 paths / 15 wildcards): {sorted(set(escalated))}"
+    def wait(self) -> None:
+        try:
+            self.proc.wait(timeout=60)
+        finally:
+            self._log.close()
+
+
+@contextmanager
+def mapper_process(settings: Settings) -> Iterator[MapperProcess]:
+    mapper = MapperProcess(settings)
+    try:
+        yield mapper
+    finally:
+        mapper.stop()
+        mapper.wait()
+
+
+async def _start_sinks(
+    settings: Settings, sinks: list[Sink], stop: asyncio.Event
+) -> asyncio.Task[None]:
+    """Every sink's role, started and holding its partitions (from the end: `latest`)."""
+    roles: list[Role] = [SinkRole(settings, s, auto_offset_reset="latest") for s in sinks]
+    task = asyncio.create_task(run_roles(roles, stop))
+    while not all(r.consumer.assignment() for r in roles):
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.05)
+    for r in roles:
+        for tp in r.consumer.assignment():
+            await r.consumer.position(tp)
+    return task
+
+
+async def _publish(settings: Settings, events: Events) -> None:
+    publisher = EventPublisher(settings)
+    await publisher.start()
+    for event_type, record in events:
+        await publisher.publish(event_type, record, wait=False)
+    await publisher.flush()
+    await publisher.stop()
+
+
+def _wanted(events: Events, regions: list[str]) -> dict[str, set[str]]:
+    """Per region, the id of every purge command the burst must have acknowledged."""
+    return {
+        region: {command_id(str(rec["event_id"]), region, "purge") for _, rec in events}
+        for region in regions
+    }
+
+
+async def _until_acknowledged(
+    burst: Burst, want: dict[str, set[str]], mapper: MapperProcess
+) -> None:
+    """Until every provider acknowledged every purge in every region, or the timeout."""
+    deadline = time.monotonic() + burst.options.timeout
+    while time.monotonic() < deadline:
+        mapper.check()
+        if all(want[r] <= burst.acks.commands[(p, r)] for p in PROVIDERS for r in burst.regions):
+            break
+        await asyncio.sleep(0.25)
+
+
+# -- the report -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One provider in one region: calls against the minimum, and whether all was applied."""
+
+    provider: str
+    region: str
+    calls: int
+    minimum: int
+    throttled: int | str  # 429 answers, "-" where the provider has none
+    acked: int
+    wanted: int
+    verdict: str
+
+    def line(self) -> str:
+        return (
+            f"{self.provider:<11} {self.region:<13} {self.calls:>6} {self.minimum:>8} "
+            f"{self.calls / self.minimum:>6.2f} {self.throttled:>5} "
+            f"{self.acked:>5}/{self.wanted:<6} {self.verdict:>11}"
         )
-        lines.append("")
-        lines.append("purge latency, event time -> provider acknowledgement (ms):")
-        for provider in providers:
-            values = latencies[provider]
-            lines.append(
-                f"  {provider:<11} n={len(values):>6}  p50={pct(values, 0.5):>8.0f}  "
-                f"p99={pct(values, 0.99):>8.0f}  max={max(values) if values else float('nan'):>8.0f}  "
-                f"mean={statistics.fmean(values) if values else float('nan'):>8.0f}"
+
+
+def _cloudflare_rows(
+    burst: Burst, items: dict[str, set[str]], best: dict[str, set[str]], want: dict[str, set[str]]
+) -> list[Row]:
+    stub = burst.stub
+    rows = []
+    for region in burst.regions:
+        zone = burst.zone(region)
+        calls = len(stub.applied(zone))
+        minimum = sum(math.ceil(len(best[k]) / 100) for k in ("tags", "urls", "prefixes"))
+        host = PUBLIC.format(region=region).split("://", 1)[1]
+        files = {f[len(PUBLIC.format(region=region)) :] for f in stub.purged("files", zone)}
+        prefixes = {p[len(host) :] for p in stub.purged("prefixes", zone)}
+        if stub.purged("hosts", zone):
+            prefixes.add("/")
+        ok = (
+            items["tags"] <= stub.purged("tags", zone)
+            and all(covered_by(u, files, prefixes) for u in items["urls"])
+            and all(covered_by(p, set(), prefixes) for p in items["prefixes"])
+        )
+        got = len(want[region] & burst.acks.commands[("cloudflare", region)])
+        verdict = "yes" if ok else "NO"
+        rows.append(
+            Row(
+                "cloudflare",
+                region,
+                calls,
+                minimum,
+                stub.count(429, zone),
+                got,
+                len(want[region]),
+                verdict,
             )
-        print("\n".join(lines))
+        )
+    return rows
+
+
+async def _cloudfront_rows(
+    burst: Burst, items: dict[str, set[str]], best: dict[str, set[str]], want: dict[str, set[str]]
+) -> list[Row]:
+    rows = []
+    for region in burst.regions:
+        batches = await invalidation_paths(burst.moto_url, burst.distributions[region])
+        paths = [p for b in batches for p in b]
+        exact = {p for p in paths if not p.endswith("*")}
+        wild = {p[:-1] for p in paths if p.endswith("*")}
+        distinct = len(best["urls"]) + len(best["prefixes"])
+        minimum = max(1, math.ceil(distinct / burst.policy.cloudfront.max_paths_in_progress))
+        ok = all(covered_by(u, exact, wild) for u in items["urls"]) and all(
+            covered_by(p, set(), wild) for p in items["prefixes"]
+        )
+        got = len(want[region] & burst.acks.commands[("cloudfront", region)])
+        verdict = "yes" if ok else "NO"
+        rows.append(
+            Row("cloudfront", region, len(batches), minimum, 0, got, len(want[region]), verdict)
+        )
+    return rows
+
+
+def _http_purge_rows(
+    burst: Burst, sinks: list[Sink], best: dict[str, set[str]], want: dict[str, set[str]]
+) -> list[Row]:
+    # One PURGE per URL or prefix; xkeys go 256 to a call.
+    minimum = len(best["urls"]) + len(best["prefixes"]) + math.ceil(len(best["tags"]) / 256)
+    rows = []
+    for sink in sinks:
+        if isinstance(sink, HttpPurgeSink):
+            wanted = len(want[sink.region])
+            got = len(want[sink.region] & burst.acks.commands[("http_purge", sink.region)])
+            verdict = "acked" if got == wanted else "NO"
+            rows.append(
+                Row("http_purge", sink.region, sink.calls, minimum, "-", got, wanted, verdict)
+            )
+    return rows
+
+
+def _header(
+    burst: Burst,
+    events: Events,
+    items: dict[str, set[str]],
+    best: dict[str, set[str]],
+    published_s: float,
+    done_s: float,
+) -> list[str]:
+    opts, policy = burst.options, burst.policy
+    weddings = {rec["wedding_id"] for _, rec in events}
+    return [
+        f"cdn_burst: {len(events)} events, {len(weddings)} weddings, {len(burst.regions)} regions",
+        f"  published in {published_s:.1f}s; every provider acknowledged every purge after {done_s:.1f}s",
+        f"  coalescing window {policy.window_ms} ms (CloudFront {policy.cloudfront.window_ms} ms); "
+        f"Cloudflare plan {opts.plan_rate:g} req/s per zone, "
+        f"stub zones allow {opts.zone_rate:g} req/s (so 429s happen)",
+        f"  distinct items: {len(items['tags'])} tags, {len(items['urls'])} URLs, {len(items['prefixes'])} prefixes "
+        f"({len(best['urls'])} URLs not under a purged prefix)",
+        "",
+        "calls: purge calls the provider applied (429 answers counted apart); minimum: the fewest",
+        "calls the batch limits allow for the burst's distinct items (100 per Cloudflare call, one",
+        "kind per call; 3,000 paths per CloudFront invalidation; one PURGE per URL, 256 xkeys per call)",
+        "",
+        f"{'provider':<11} {'region':<13} {'calls':>6} {'minimum':>8} {'ratio':>6} {'429s':>5} "
+        f"{'acked':>12} {'all applied':>11}",
+    ]
+
+
+def _totals(rows: list[Row]) -> list[str]:
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for row in rows:
+        totals[row.provider][0] += row.calls
+        totals[row.provider][1] += row.minimum
+    return [
+        f"total {provider:<11} {calls:>6} calls, minimum {minimum:>6}: "
+        f"{(calls / minimum - 1) * 100:+.1f}% over the minimum"
+        for provider, (calls, minimum) in totals.items()
+    ]
+
+
+def _wildcards(sinks: list[Sink]) -> str:
+    escalated = [
+        e
+        for s in sinks
+        if isinstance(s, CloudFrontSink)
+        for rec in s.invalidations
+        for e in rec.paths
+        if e.endswith("*")
+    ]
+    return f"CloudFront wildcards used (escalations to fit 3,000 paths / 15 wildcards): {sorted(set(escalated))}"
+
+
+def _latencies(acks: Acks) -> list[str]:
+    lines = ["purge latency, event time -> provider acknowledgement (ms):"]
+    for provider in PROVIDERS:
+        values = acks.latencies[provider]
+        lines.append(
+            f"  {provider:<11} n={len(values):>6}  p50={percentile(values, 0.5):>8.0f}  "
+            f"p99={percentile(values, 0.99):>8.0f}  max={max(values) if values else float('nan'):>8.0f}  "
+            f"mean={statistics.fmean(values) if values else float('nan'):>8.0f}"
+        )
+    return lines
+
+
+async def report(
+    burst: Burst,
+    sinks: list[Sink],
+    events: Events,
+    want: dict[str, set[str]],
+    published_s: float,
+    done_s: float,
+) -> str:
+    """The figures, while the stand-ins still run (CloudFront's are read back from moto)."""
+    items = expected_items(burst.settings.topology, events)
+    best = minimal(items)
+    rows = [
+        *_cloudflare_rows(burst, items, best, want),
+        *await _cloudfront_rows(burst, items, best, want),
+        *_http_purge_rows(burst, sinks, best, want),
+    ]
+    lines = [
+        *_header(burst, events, items, best, published_s, done_s),
+        *(row.line() for row in rows),
+        "",
+        *_totals(rows),
+        _wildcards(sinks),
+        "",
+        *_latencies(burst.acks),
+    ]
+    return "\n".join(lines)
+
+
+# -- the run ----------------------------------------------------------------------
+
+
+async def run_burst(opts: Options) -> str:
+    stack_env()
+    run = uuid.uuid4().hex[:8]
+    settings = load_settings(topic_prefix=f"bench-{run}.", group_prefix=f"bench-{run}")
+    await apply_topics(settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix)
+    policy = CdnPolicy(
+        window_ms=opts.window_ms,
+        max_batch_records=20_000,
+        cloudflare=CloudflarePolicy(rate_per_s=opts.plan_rate, burst=10),
+    )
+    stub = CloudflareStub(token=TOKEN, rate_per_s=opts.zone_rate, burst=5)
+    with serve(stub.app) as cf_url, moto_server() as moto_url:
+        distributions = {
+            r: create_distribution(moto_url, comment=f"bench {r}")
+            for r in settings.topology.regions
+        }
+        burst = Burst(opts, run, settings, policy, stub, cf_url, moto_url, distributions, Acks())
+        sinks = _sinks(burst)
+        with mapper_process(settings) as mapper:
+            stop = asyncio.Event()
+            task = await _start_sinks(settings, sinks, stop)
+            events = make_events(opts.events, opts.weddings)
+            t0 = time.monotonic()
+            await _publish(settings, events)
+            published_s = time.monotonic() - t0
+            want = _wanted(events, burst.regions)
+            await _until_acknowledged(burst, want, mapper)
+            done_s = time.monotonic() - t0
+            stop.set()
+            mapper.stop()
+            await asyncio.wait_for(task, timeout=60)
+        return await report(burst, sinks, events, want, published_s, done_s)
+
+
+app = one_command_app()
+
+
+@app.command(help=first_line(__doc__))
+def main(
+    events: int = 10_000,
+    weddings: int = 500,
+    window_ms: int = 2000,
+    plan_rate: Annotated[float, typer.Option(help="the sinks' configured rate")] = 10.0,
+    zone_rate: Annotated[float, typer.Option(help="what the stub zones allow")] = 4.0,
+    timeout: float = 300.0,
+) -> None:
+    opts = Options(events, weddings, window_ms, plan_rate, zone_rate, timeout)
+    print(asyncio.run(run_burst(opts)))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=10_000)
-    parser.add_argument("--weddings", type=int, default=500)
-    parser.add_argument("--window-ms", type=int, default=2000)
-    parser.add_argument("--plan-rate", type=float, default=10.0, help="the sinks' configured rate")
-    parser.add_argument("--zone-rate", type=float, default=4.0, help="what the stub zones allow")
-    parser.add_argument("--timeout", type=float, default=300.0)
-    asyncio.run(main(parser.parse_args()))
+    app()

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import typer
 from aiokafka import AIOKafkaProducer
 
 from cachesync.consumers.ops.demo import DemoWorld
@@ -26,6 +27,19 @@ RESULTS = REPO / "bench" / "results"
 # The demo's ids (w-0001, v-0002, ph-000003, a-0004-1) get a per-run tag, so a run's
 # relationship index and cache entries never meet another run's (or the demo's).
 _ID = re.compile(r"\b(w|v|ph|a)-(\d+)")
+
+
+def one_command_app() -> typer.Typer:
+    """The Typer app of one benchmark script, as the product's CLI is built on Typer.
+
+    Plain tracebacks: a worker's stderr is its log, read back by the harness.
+    """
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def first_line(doc: str | None) -> str:
+    """A module docstring's summary line, as a script's --help."""
+    return (doc or "").partition("\n")[0]
 
 
 def stack_env() -> None:

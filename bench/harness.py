@@ -19,22 +19,24 @@ the end. The smoke run fails only on errors, never on slowness.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import logging
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+
+import typer
 
 from bench import report
 from bench.common import (
@@ -44,10 +46,18 @@ from bench.common import (
     bench_settings,
     encode_events,
     now_ms,
+    one_command_app,
     percentile,
     produce_all,
     stack_env,
 )
+from cachesync.consumers.settings import Settings
+
+if TYPE_CHECKING:
+    from aiokafka import TopicPartition
+    from redis.asyncio import Redis
+
+    from cachesync.consumers.commands import PurgeCommand
 
 
 class BenchError(RuntimeError):
@@ -214,7 +224,8 @@ class Worker:
         return self.result
 
     def stderr_tail(self, lines: int = 30) -> str:
-        self.log.flush()
+        # Only the worker writes to its log (this process never does): read it from disk,
+        # also after `finish` closed our handle on it.
         text = Path(self.log.name).read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
@@ -235,7 +246,7 @@ class Topics:
         self.bootstrap = bootstrap
         self.created: list[str] = []
 
-    async def create(self, prefix: str) -> Any:
+    async def create(self, prefix: str) -> Settings:
         from cachesync.topology.admin import apply_topics
 
         settings = bench_settings(prefix)
@@ -268,7 +279,7 @@ class Lag:
         self.admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="cachesync-lag")
         self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
         self.bootstrap = bootstrap
-        self._parts: dict[tuple[str, ...], list[Any]] = {}
+        self._parts: dict[tuple[str, ...], list[TopicPartition]] = {}
 
     async def __aenter__(self) -> Lag:
         await self.admin.start()
@@ -294,7 +305,7 @@ class Lag:
             if ends[tp] > 0
         )
 
-    async def drained(self, settings: Any, sink_regions: list[str]) -> bool:
+    async def drained(self, settings: Settings, sink_regions: list[str]) -> bool:
         if await self.of(settings.group_id("mapper"), settings.content_topics) > 0:
             return False
         for region in sink_regions:
@@ -304,7 +315,7 @@ class Lag:
         return True
 
 
-async def read_topic(settings: Any, topic: str) -> list[dict[str, Any]]:
+async def read_topic(settings: Settings, topic: str) -> list[dict[str, Any]]:
     """Every record of a topic from the start to its current end, decoded."""
     from aiokafka import AIOKafkaConsumer
 
@@ -386,7 +397,7 @@ async def bench_mapper(
     }
 
 
-async def _fill_cache(redis: Any, entries: list[tuple[str, list[str]]]) -> None:
+async def _fill_cache(redis: Redis, entries: list[tuple[str, list[str]]]) -> None:
     from cachesync.consumers import keys
 
     pipe = redis.pipeline(transaction=False)
@@ -399,21 +410,16 @@ async def _fill_cache(redis: Any, entries: list[tuple[str, list[str]]]) -> None:
     await pipe.execute()
 
 
-async def bench_sink(
-    plan: Plan, run: str, topics: Topics, rep: int, region: str = "eu-west", profile: str = ""
-) -> dict[str, Any]:
+async def _purge_commands(
+    settings: Settings, world: World, region: str, total: int
+) -> list[PurgeCommand]:
+    """The first `total` purges for `region` that the mapper makes of the world's events."""
     from redis.asyncio import Redis
 
-    from cachesync.consumers import keys
     from cachesync.consumers.commands import PurgeCommand
     from cachesync.consumers.mapping.index import RelationshipIndex
     from cachesync.consumers.mapping.mapper import Mapper
-    from cachesync.consumers.pipeline.codecs import codec_for
 
-    prefix = f"bench-{run}-s{rep}"
-    settings = await topics.create(prefix)
-    total = plan.sink_warmup + plan.sink_count
-    world = World(f"{run}s{rep}")
     state = Redis.from_url(str(settings.state_redis_url))
     mapper = Mapper(settings.topology, RelationshipIndex(state, settings.topology))
     commands: list[PurgeCommand] = []
@@ -430,7 +436,36 @@ async def bench_sink(
                 break
     finally:
         await state.aclose()
-    commands = commands[:total]
+    return commands[:total]
+
+
+def _deleted_keys(
+    commands: list[PurgeCommand], entries: list[tuple[str, list[str]]]
+) -> list[list[str]]:
+    """Per command, every key the sink removes: its keys, its tags' indexes and their members."""
+    from cachesync.consumers import keys
+
+    members: dict[str, list[str]] = defaultdict(list)
+    for key, tags in entries:
+        for tag in tags:
+            members[tag].append(key)
+    return [
+        [*c.keys, *(keys.tag_index(t) for t in c.tags), *(m for t in c.tags for m in members[t])]
+        for c in commands
+    ]
+
+
+async def bench_sink(
+    plan: Plan, run: str, topics: Topics, rep: int, region: str = "eu-west", profile: str = ""
+) -> dict[str, Any]:
+    from redis.asyncio import Redis
+
+    from cachesync.consumers.pipeline.codecs import codec_for
+
+    prefix = f"bench-{run}-s{rep}"
+    settings = await topics.create(prefix)
+    world = World(f"{run}s{rep}")
+    commands = await _purge_commands(settings, world, region, plan.sink_warmup + plan.sink_count)
     codec = codec_for(settings)
     topic = settings.commands_topic(region)
     await produce_all(
@@ -440,10 +475,6 @@ async def bench_sink(
     url = settings.region_redis_urls[region]
     redis = Redis.from_url(url)
     entries = world.cache_entries()
-    members: dict[str, list[str]] = defaultdict(list)
-    for key, tags in entries:
-        for tag in tags:
-            members[tag].append(key)
     common = ["--cpu", _cpu(), "--warmup", plan.sink_warmup, "--count", plan.sink_count]
     try:
         await _fill_cache(redis, entries)
@@ -463,17 +494,7 @@ async def bench_sink(
     finally:
         await redis.aclose()
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(
-            [
-                [
-                    *c.keys,
-                    *(keys.tag_index(t) for t in c.tags),
-                    *(m for t in c.tags for m in members[t]),
-                ]
-                for c in commands
-            ],
-            f,
-        )
+        json.dump(_deleted_keys(commands, entries), f)
     try:
         ceiling = await run_worker(
             "redis-ceiling",
@@ -496,93 +517,126 @@ async def bench_sink(
     }
 
 
+def _pipeline(prefix: str, regions: list[str]) -> list[Worker]:
+    """One process per role, as deployed (`cachesync run mapper`, `cachesync run sink`)."""
+    return [
+        Worker(name, "roles", "--prefix", prefix, "--roles", roles)
+        for name, roles in [("mapper", "mapper"), *((f"sink.{r}", f"redis:{r}") for r in regions)]
+    ]
+
+
+@dataclass
+class SteadyLoad:
+    """What the load generator did: when each measured event was produced, how well it kept up."""
+
+    occurred: dict[str, int]  # the measured events, by id: when each was produced (ms)
+    measured_from: int = 0  # when the first measured event was produced (ms)
+    sent_seconds: float = 0.0
+    behind_s: float = 0.0  # how far the generator fell behind its schedule, at worst
+
+
+async def _produce_steadily(
+    settings: Settings, events: list[tuple[str, dict[str, Any]]], rate: int, warmup_n: int
+) -> SteadyLoad:
+    """Produce `events` at `rate` per second, each stamped `occurred_at` as it goes out;
+    the events after the first `warmup_n` are the measured ones."""
+    from cachesync.consumers.pipeline.codecs import codec_for
+    from cachesync.consumers.pipeline.kafka import make_producer
+
+    codec = codec_for(settings)
+    producer = make_producer(settings.kafka_bootstrap_servers, client_id="cachesync-bench-load")
+    await producer.start()
+    load = SteadyLoad(occurred={})
+    try:
+        pending = []
+        started = time.monotonic()
+        for i, (event_type, record) in enumerate(events):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                load.behind_s = max(load.behind_s, -delay)
+            record["occurred_at"] = now_ms()
+            if i == warmup_n:
+                load.measured_from = record["occurred_at"]
+            if i >= warmup_n:
+                load.occurred[str(record["event_id"])] = record["occurred_at"]
+            ((topic, key, value),) = encode_events(settings, [(event_type, record)], codec=codec)
+            pending.append(await producer.send(topic, value=value, key=key))
+            if len(pending) >= 1000:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+        load.sent_seconds = time.monotonic() - started
+    finally:
+        await producer.stop()
+    return load
+
+
+async def _wait_drained(settings: Settings, regions: list[str], cap_s: float) -> None:
+    """Until the mapper and every region's sink have committed everything, or `cap_s` passed."""
+    async with Lag(settings.kafka_bootstrap_servers) as lag:
+        cap = time.monotonic() + cap_s
+        for _ in range(int(cap_s * 4)):
+            if time.monotonic() > cap or await lag.drained(settings, regions):
+                break
+            await asyncio.sleep(0.25)
+
+
+async def _applied_at(settings: Settings) -> dict[str, dict[str, int]]:
+    """Per event id, per region: when the Redis sink applied its purge (the audit topic's ms)."""
+    from cachesync.consumers.commands import to_millis
+
+    applied: dict[str, dict[str, int]] = defaultdict(dict)
+    for rec in await read_topic(settings, settings.audit_topic):
+        if rec["stage"] == "sink" and rec["sink"] == "redis" and rec["outcome"] == "applied":
+            applied[rec["event_id"]][rec["region"]] = to_millis(rec["recorded_at"])
+    return applied
+
+
+def _latency_series(
+    load: SteadyLoad, applied: dict[str, dict[str, int]], regions: list[str]
+) -> tuple[list[tuple[float, float]], int]:
+    """(seconds into the window, ms until applied in the last region) per measured event,
+    sorted, and how many events some region never applied."""
+    series: list[tuple[float, float]] = []
+    incomplete = 0
+    for event_id, occurred in load.occurred.items():
+        by_region = applied.get(event_id, {})
+        if len(by_region) < len(regions):
+            incomplete += 1
+            continue
+        series.append(((occurred - load.measured_from) / 1000, max(by_region.values()) - occurred))
+    series.sort()
+    return series, incomplete
+
+
 async def bench_latency(
     plan: Plan, run: str, topics: Topics, rep: int, rate: int, seconds: float
 ) -> dict[str, Any]:
     """Events at a steady `rate`; each one's latency is the last region's audit `recorded_at`
     (written right after that sink's flush) minus its `occurred_at` (stamped at produce).
     An event not applied in all regions within `drain_cap_s` of the end counts as infinite."""
-    from cachesync.consumers.commands import to_millis
-    from cachesync.consumers.pipeline.codecs import codec_for
-    from cachesync.consumers.pipeline.kafka import make_producer
-
     prefix = f"bench-{run}-l{rep}"
     settings = await topics.create(prefix)
     regions = list(settings.topology.regions)
-    # One process per role, as deployed (`cachesync run mapper`, `cachesync run sink`).
-    pipeline = [
-        await Worker(name, "roles", "--prefix", prefix, "--roles", roles).start()
-        for name, roles in [("mapper", "mapper"), *((f"sink.{r}", f"redis:{r}") for r in regions)]
-    ]
+    pipeline = _pipeline(prefix, regions)
     try:
+        for w in pipeline:
+            await w.start()
         for w in pipeline:
             await w.wait_ready()
         warmup_n = int(rate * plan.latency_warmup_s)
-        total = warmup_n + int(rate * seconds)
-        events = World(f"{run}l{rep}").events(total)
-        codec = codec_for(settings)
-        producer = make_producer(settings.kafka_bootstrap_servers, client_id="cachesync-bench-load")
-        await producer.start()
-        measured_from = 0
-        occurred: dict[str, int] = {}  # the measured events, by id: when each was produced
-        behind = 0.0
-        try:
-            pending = []
-            started = time.monotonic()
-            for i, (event_type, record) in enumerate(events):
-                due = started + i / rate
-                delay = due - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                else:
-                    behind = max(behind, -delay)
-                record["occurred_at"] = now_ms()
-                if i == warmup_n:
-                    measured_from = record["occurred_at"]
-                if i >= warmup_n:
-                    occurred[str(record["event_id"])] = record["occurred_at"]
-                ((topic, key, value),) = encode_events(
-                    settings, [(event_type, record)], codec=codec
-                )
-                pending.append(await producer.send(topic, value=value, key=key))
-                if len(pending) >= 1000:
-                    await asyncio.gather(*pending)
-                    pending = []
-            await asyncio.gather(*pending)
-            sent_seconds = time.monotonic() - started
-        finally:
-            await producer.stop()
-        async with Lag(settings.kafka_bootstrap_servers) as lag:
-            cap = time.monotonic() + plan.drain_cap_s
-            for _ in range(int(plan.drain_cap_s * 4)):
-                if time.monotonic() > cap or await lag.drained(settings, regions):
-                    break
-                await asyncio.sleep(0.25)
+        events = World(f"{run}l{rep}").events(warmup_n + int(rate * seconds))
+        load = await _produce_steadily(settings, events, rate, warmup_n)
+        await _wait_drained(settings, regions, plan.drain_cap_s)
         for w in pipeline:
             w.terminate()
         result = {w.name: await w.finish(wait_s=60) for w in pipeline}
     finally:
         for w in pipeline:
             w.terminate()
-    audit = await read_topic(settings, settings.audit_topic)
-    applied: dict[str, dict[str, int]] = defaultdict(dict)
-    for rec in audit:
-        if rec["stage"] == "sink" and rec["sink"] == "redis" and rec["outcome"] == "applied":
-            applied[rec["event_id"]][rec["region"]] = to_millis(rec["recorded_at"])
-    series: list[tuple[float, float]] = []
-    incomplete = 0
-    for event_id in occurred:
-        by_region = applied.get(event_id, {})
-        if len(by_region) < len(regions):
-            incomplete += 1
-            continue
-        series.append(
-            (
-                (occurred[event_id] - measured_from) / 1000,
-                max(by_region.values()) - occurred[event_id],
-            )
-        )
-    series.sort()
+    series, incomplete = _latency_series(load, await _applied_at(settings), regions)
     if not series:
         raise BenchError("latency: no event reached all three regions")
     latencies = [lat for _, lat in series] + [math.inf] * incomplete
@@ -594,8 +648,8 @@ async def bench_latency(
         "max": max(latencies),
         "events": len(series),
         "incomplete": incomplete,
-        "send_rate": total / sent_seconds,
-        "generator_max_behind_ms": behind * 1000,
+        "send_rate": len(events) / load.sent_seconds,
+        "generator_max_behind_ms": load.behind_s * 1000,
         "peak_rss_mb": {name: r["peak_rss_mb"] for name, r in result.items()},
         "timeline": _per_second(series),
     }
@@ -624,10 +678,7 @@ async def bench_backlog(plan: Plan, run: str, topics: Topics, size: int) -> dict
     settings = await topics.create(prefix)
     regions = list(settings.topology.regions)
     await produce_all(settings, encode_events(settings, World(f"{run}b{size}").events(size)))
-    workers = [
-        Worker(name, "roles", "--prefix", prefix, "--roles", roles)
-        for name, roles in [("mapper", "mapper"), *((f"sink.{r}", f"redis:{r}") for r in regions)]
-    ]
+    workers = _pipeline(prefix, regions)
     sampled: dict[str, float] = {}
     try:
         for w in workers:
@@ -668,11 +719,7 @@ async def bench_backlog(plan: Plan, run: str, topics: Topics, size: int) -> dict
 
 
 async def bench_cdn(plan: Plan) -> dict[str, Any]:
-    import re
-
-    script = REPO / "bench" / "cdn_burst.py"
-    if not script.exists():
-        return {"status": "missing", "detail": "bench/cdn_burst.py does not exist yet"}
+    """CDN API calls against the minimum, from `python -m bench.cdn_burst`'s totals."""
     if plan.cdn_events <= 0:
         return {"status": "skipped", "detail": "not part of the smoke run"}
     proc = await asyncio.create_subprocess_exec(
@@ -751,6 +798,82 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+class Progress:
+    """Prints each step of the run with the seconds since it started."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def __call__(self, msg: str) -> None:
+        print(f"[bench {self.elapsed():6.1f}s] {msg}", flush=True)
+
+
+async def _throughput(
+    plan: Plan, run: str, topics: Topics, say: Progress
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The mapper's and the Redis sink's rates against their ceilings, `plan.reps` times each."""
+    mapper: list[dict[str, Any]] = []
+    sink: list[dict[str, Any]] = []
+    for rep in range(plan.reps):
+        say(f"mapper throughput, repeat {rep + 1}/{plan.reps}")
+        mapper.append(await bench_mapper(plan, run, topics, rep))
+        say(f"  mapper {mapper[-1]['value']:,.0f} ev/s, ceiling {mapper[-1]['ceiling']:,.0f} ev/s")
+        say(f"sink apply rate, repeat {rep + 1}/{plan.reps}")
+        sink.append(await bench_sink(plan, run, topics, rep))
+        say(f"  sink {sink[-1]['value']:,.0f} cmd/s, ceiling {sink[-1]['ceiling']:,.0f} cmd/s")
+    return mapper, sink
+
+
+async def _latency(plan: Plan, run: str, topics: Topics, say: Progress) -> list[dict[str, Any]]:
+    """End-to-end latency at the plan's rate, `plan.latency_reps` times."""
+    latency: list[dict[str, Any]] = []
+    for rep in range(plan.latency_reps):
+        say(
+            f"end-to-end latency at {plan.latency_rate:,}/s for {plan.latency_seconds:.0f}s, "
+            f"repeat {rep + 1}/{plan.latency_reps}"
+        )
+        latency.append(
+            await bench_latency(plan, run, topics, rep, plan.latency_rate, plan.latency_seconds)
+        )
+        say(f"  {_lat_line(latency[-1])}")
+    return latency
+
+
+async def _latency_low(plan: Plan, run: str, topics: Topics, say: Progress) -> dict[str, Any]:
+    """End-to-end latency once more, at a rate this machine sustains."""
+    say(
+        f"end-to-end latency at {plan.latency_low_rate:,}/s for "
+        f"{plan.latency_low_seconds:.0f}s (a rate this machine sustains)"
+    )
+    low = await bench_latency(
+        plan, run, topics, 50, plan.latency_low_rate, plan.latency_low_seconds
+    )
+    say(f"  {_lat_line(low)}")
+    return low
+
+
+async def _backlogs(plan: Plan, run: str, topics: Topics, say: Progress) -> list[dict[str, Any]]:
+    backlog: list[dict[str, Any]] = []
+    for size in plan.backlog_sizes:
+        say(f"backlog of {size:,} events")
+        backlog.append(await bench_backlog(plan, run, topics, size))
+        say(f"  drained in {backlog[-1]['drain_s']:.1f}s, peak RSS {backlog[-1]['peak_rss_mb']}")
+    return backlog
+
+
+async def _profile(
+    plan: Plan, run: str, topics: Topics, say: Progress, summary: dict[str, Any]
+) -> dict[str, str]:
+    """The profile of the stage with the lowest ratio, written to bench/results/profile.txt."""
+    slowest = min(("mapper", "sink"), key=lambda s: summary[s]["ratio"]["median"])
+    say(f"profiling (slowest stage: {slowest})")
+    (RESULTS / "profile.txt").write_text(await profile_stages(plan, run, topics, slowest))
+    return {"slowest": slowest, "file": "bench/results/profile.txt"}
+
+
 async def run_all(plan: Plan, smoke: bool) -> dict[str, Any]:
     stack_env()
     run = uuid.uuid4().hex[:8]
@@ -762,65 +885,27 @@ async def run_all(plan: Plan, smoke: bool) -> dict[str, Any]:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "pinned_cpu": _cpu(), "python": sys.version.split()[0]},
     }
-    t0 = time.monotonic()
+    say = Progress()
     try:
-        say = lambda msg: print(f"[bench {time.monotonic() - t0:6.1f}s] {msg}", flush=True)  # noqa: E731
-        mapper, sink = [], []
-        for rep in range(plan.reps):
-            say(f"mapper throughput, repeat {rep + 1}/{plan.reps}")
-            mapper.append(await bench_mapper(plan, run, topics, rep))
-            say(
-                f"  mapper {mapper[-1]['value']:,.0f} ev/s, ceiling {mapper[-1]['ceiling']:,.0f} ev/s"
-            )
-            say(f"sink apply rate, repeat {rep + 1}/{plan.reps}")
-            sink.append(await bench_sink(plan, run, topics, rep))
-            say(f"  sink {sink[-1]['value']:,.0f} cmd/s, ceiling {sink[-1]['ceiling']:,.0f} cmd/s")
-        out["mapper"] = mapper
-        out["sink"] = sink
-        latency = []
-        for rep in range(plan.latency_reps):
-            say(
-                f"end-to-end latency at {plan.latency_rate:,}/s for {plan.latency_seconds:.0f}s, "
-                f"repeat {rep + 1}/{plan.latency_reps}"
-            )
-            latency.append(
-                await bench_latency(plan, run, topics, rep, plan.latency_rate, plan.latency_seconds)
-            )
-            say(f"  {_lat_line(latency[-1])}")
+        out["mapper"], out["sink"] = await _throughput(plan, run, topics, say)
+        latency = await _latency(plan, run, topics, say)
         if plan.latency_low_rate:
-            say(
-                f"end-to-end latency at {plan.latency_low_rate:,}/s for "
-                f"{plan.latency_low_seconds:.0f}s (a rate this machine sustains)"
-            )
-            out["latency_low"] = await bench_latency(
-                plan, run, topics, 50, plan.latency_low_rate, plan.latency_low_seconds
-            )
-            say(f"  {_lat_line(out['latency_low'])}")
+            out["latency_low"] = await _latency_low(plan, run, topics, say)
         out["latency"] = latency
-        backlog = []
-        for size in plan.backlog_sizes:
-            say(f"backlog of {size:,} events")
-            backlog.append(await bench_backlog(plan, run, topics, size))
-            say(
-                f"  drained in {backlog[-1]['drain_s']:.1f}s, peak RSS {backlog[-1]['peak_rss_mb']}"
-            )
-        out["backlog"] = backlog
+        out["backlog"] = await _backlogs(plan, run, topics, say)
         say("CDN burst (bench/cdn_burst.py)")
         out["cdn"] = await bench_cdn(plan)
         say(f"  {out['cdn']['status']}")
         out["summary"] = summarize(out)
         if plan.profile:
-            slowest = min(("mapper", "sink"), key=lambda s: out["summary"][s]["ratio"]["median"])
-            say(f"profiling (slowest stage: {slowest})")
-            (RESULTS / "profile.txt").write_text(await profile_stages(plan, run, topics, slowest))
-            out["profile"] = {"slowest": slowest, "file": "bench/results/profile.txt"}
+            out["profile"] = await _profile(plan, run, topics, say, out["summary"])
     finally:
         await Worker.reap_all()
         with contextlib.suppress(Exception):
             await topics.delete_all()
         with contextlib.suppress(Exception):
             await cleanup_redis(run)
-    out["seconds"] = time.monotonic() - t0
+    out["seconds"] = say.elapsed()
     return out
 
 
@@ -860,30 +945,22 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def main() -> None:
-    # A new topic's leaders take a moment: aiokafka retries and says so; that is not news.
-    logging.getLogger("aiokafka").setLevel(logging.ERROR)
-    parser = argparse.ArgumentParser(description="cachesync benchmarks (issue 8)")
-    parser.add_argument("--smoke", action="store_true", help="everything small and fast")
-    parser.add_argument("--latency-seconds", type=float, default=None)
-    parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--backlog", default=None, help="two sizes, e.g. 10000,100000")
-    args = parser.parse_args()
-    plan = SMOKE if args.smoke else FULL
-    if args.latency_seconds is not None:
-        plan = Plan(**{**asdict(plan), "latency_seconds": args.latency_seconds})
-    if args.backlog is not None:
-        small, large = (int(x) for x in args.backlog.split(","))
-        plan = Plan(**{**asdict(plan), "backlog_sizes": (small, large)})
-    if args.reps is not None:
-        plan = Plan(**{**asdict(plan), "reps": args.reps, "latency_reps": args.reps})
-    try:
-        out = asyncio.run(run_all(plan, args.smoke))
-    except BenchError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+def _plan(
+    smoke: bool, latency_seconds: float | None, reps: int | None, backlog: str | None
+) -> Plan:
+    plan = SMOKE if smoke else FULL
+    if latency_seconds is not None:
+        plan = replace(plan, latency_seconds=latency_seconds)
+    if backlog is not None:
+        small, large = (int(x) for x in backlog.split(","))
+        plan = replace(plan, backlog_sizes=(small, large))
+    if reps is not None:
+        plan = replace(plan, reps=reps, latency_reps=reps)
+    return plan
+
+
+def _write_results(out: dict[str, Any], name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "smoke" if args.smoke else "latest"
     table = report.table(out)
     (RESULTS / f"{name}.json").write_text(json.dumps(_finite(out), indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(report.markdown(out, table))
@@ -891,3 +968,24 @@ def main() -> None:
     print()
     print(report.markdown(out, table))
     print(f"written: bench/results/{name}.json, {name}.md, {name}.png ({out['seconds']:.0f}s)")
+
+
+app = one_command_app()
+
+
+@app.command(help="cachesync benchmarks (issue 8)")
+def main(
+    smoke: Annotated[bool, typer.Option("--smoke", help="everything small and fast")] = False,
+    latency_seconds: Annotated[float | None, typer.Option()] = None,
+    reps: Annotated[int | None, typer.Option()] = None,
+    backlog: Annotated[str | None, typer.Option(help="two sizes, e.g. 10000,100000")] = None,
+) -> None:
+    # A new topic's leaders take a moment: aiokafka retries and says so; that is not news.
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    plan = _plan(smoke, latency_seconds, reps, backlog)
+    try:
+        out = asyncio.run(run_all(plan, smoke))
+    except BenchError as exc:
+        print(f"bench failed: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    _write_results(out, "smoke" if smoke else "latest")

@@ -12,7 +12,6 @@ Run: python -m bench.region_catchup [--events 10000]. Prints figures; never asse
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 import uuid
@@ -20,6 +19,7 @@ import uuid
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from bench.common import first_line, one_command_app
 from cachesync.consumers.ops.demo import DemoWorld
 from cachesync.consumers.ops.publish import EventPublisher
 from cachesync.consumers.ops.replay import replay
@@ -57,16 +57,11 @@ async def _until_drained(
     return time.monotonic() - started
 
 
-async def main(events: int) -> None:
-    run = uuid.uuid4().hex[:6]
-    settings = load_settings(
-        topic_prefix=f"bench-catchup-{run}.", group_prefix=f"bench-catchup-{run}"
-    )
-    await apply_topics(settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix)
+async def _publish_demo(settings: Settings, events: int) -> int:
+    """The demo's opening events, then its mix, up to `events` in all; returns how many."""
     world = DemoWorld(weddings=500, vendors=800, seed=7)
     pub = EventPublisher(settings)
     await pub.start()
-    since = int(time.time() * 1000) - 1
     t0 = time.monotonic()
     for event_type, record in world.opening_events():
         await pub.publish(event_type, record, wait=False)
@@ -78,8 +73,12 @@ async def main(events: int) -> None:
     await pub.flush()
     await pub.stop()
     print(f"produced {sent} events in {time.monotonic() - t0:.1f}s")
+    return sent
 
-    # 1. The mapper fills every region's command topic; eu-west's sink is down.
+
+async def _map_while_down(settings: Settings, sent: int) -> int:
+    """The mapper fills every region's command topic while eu-west's sink is down;
+    returns eu-west's backlog (commands)."""
     stop = asyncio.Event()
     mapper = MapperRole(settings)
     task = asyncio.create_task(run_roles([mapper], stop))
@@ -91,8 +90,11 @@ async def main(events: int) -> None:
         settings, settings.group_id("sink", REGION, "redis"), [settings.commands_topic(REGION)]
     )
     print(f"mapper: {sent} events in {mapped_in:.1f}s; eu-west backlog {backlog} commands")
+    return backlog
 
-    # 2. eu-west comes back.
+
+async def _catch_up(settings: Settings, sent: int, backlog: int) -> None:
+    """eu-west's sink comes back and works through its backlog."""
     stop = asyncio.Event()
     sink = SinkRole(settings, RedisSink(REGION, settings.region_redis_urls[REGION]))
     task = asyncio.create_task(run_roles([sink], stop))
@@ -108,20 +110,40 @@ async def main(events: int) -> None:
         f"({backlog / caught_up:.0f} commands/s); applied {sink.stats.applied}"
     )
 
-    # 3. Replay the same events for eu-west.
-    report = await replay(settings, since_ms=since, regions={REGION})
+
+async def _replay(settings: Settings, since_ms: int) -> None:
+    """Replay the same events for eu-west, then the same as a dry run."""
+    report = await replay(settings, since_ms=since_ms, regions={REGION})
     print(
         f"replay: {report.records} events in {report.seconds:.1f}s = {report.events_per_second:.0f} events/s, "
         f"{sum(report.commands.values())} commands produced for {REGION}"
     )
-    dry = await replay(settings, since_ms=since, regions={REGION}, dry_run=True)
+    dry = await replay(settings, since_ms=since_ms, regions={REGION}, dry_run=True)
     print(
         f"replay --dry-run: {dry.records} events in {dry.seconds:.1f}s = {dry.events_per_second:.0f} events/s"
     )
 
 
+async def run_catchup(events: int) -> None:
+    run = uuid.uuid4().hex[:6]
+    settings = load_settings(
+        topic_prefix=f"bench-catchup-{run}.", group_prefix=f"bench-catchup-{run}"
+    )
+    await apply_topics(settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix)
+    since = int(time.time() * 1000) - 1
+    sent = await _publish_demo(settings, events)
+    backlog = await _map_while_down(settings, sent)
+    await _catch_up(settings, sent, backlog)
+    await _replay(settings, since)
+
+
+app = one_command_app()
+
+
+@app.command(help=first_line(__doc__))
+def main(events: int = 10_000) -> None:
+    asyncio.run(run_catchup(events))
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=10_000)
-    args = parser.parse_args()
-    asyncio.run(main(args.events))
+    app()

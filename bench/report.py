@@ -24,8 +24,21 @@ def _met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
-def table(out: dict[str, Any]) -> list[Row]:
-    s = out["summary"]
+def _row(
+    figure: str, value: str, ceiling: str = "—", ratio: str = "—", target: str = "—", met: str = "—"
+) -> Row:
+    return {
+        "figure": figure,
+        "value": value,
+        "ceiling": ceiling,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+    }
+
+
+def _throughput_rows(s: dict[str, Any]) -> list[Row]:
+    """The mapper and the Redis sink on one core, against their ceilings."""
     rows: list[Row] = []
     for key, figure, target in (
         ("mapper", "Mapper throughput, 1 core (events/s; decode, rules, produce x3 regions)", 0.7),
@@ -33,115 +46,119 @@ def table(out: dict[str, Any]) -> list[Row]:
     ):
         f = s[key]
         rows.append(
-            {
-                "figure": figure,
-                "value": _spread(f["value"]),
-                "ceiling": _spread(f["ceiling"])
+            _row(
+                figure,
+                _spread(f["value"]),
+                ceiling=_spread(f["ceiling"])
                 + (" (bare aiokafka loop)" if key == "mapper" else " (pipelined DELs)"),
-                "ratio": _spread(f["ratio"], 2),
-                "target": f"≥ {target}",
-                "met": _met(f["ratio"]["median"] >= target),
-            }
-        )
-    plan = out["plan"]
-    runs = [(s["latency"], plan["latency_rate"], plan["latency_seconds"], out["latency"])]
-    if out.get("latency_low"):
-        low = out["latency_low"]
-        runs.append(
-            (
-                {
-                    q: {"median": low[q], "min": low[q], "max": low[q]}
-                    for q in ("p50", "p99", "max")
-                },
-                low["rate"],
-                low["seconds"],
-                [low],
+                ratio=_spread(f["ratio"], 2),
+                target=f"≥ {target}",
+                met=_met(f["ratio"]["median"] >= target),
             )
         )
+    return rows
+
+
+def _latency_rows(out: dict[str, Any]) -> list[Row]:
+    """p50, p99 and max of each latency run: the plan's rate, and the lower one if it ran."""
+    plan = out["plan"]
+    runs = [
+        (out["summary"]["latency"], plan["latency_rate"], plan["latency_seconds"], out["latency"])
+    ]
+    if out.get("latency_low"):
+        low = out["latency_low"]
+        single = {
+            q: {"median": low[q], "min": low[q], "max": low[q]} for q in ("p50", "p99", "max")
+        }
+        runs.append((single, low["rate"], low["seconds"], [low]))
+    rows: list[Row] = []
     for lat, rate, seconds, reps in runs:
         missed = sum(r["incomplete"] for r in reps)
         events = sum(r["events"] + r["incomplete"] for r in reps)
         note = f"; {missed:,} of {events:,} not applied within the run" if missed else ""
+        p99 = lat["p99"]["median"]
         for q in ("p50", "p99", "max"):
-            p99 = lat["p99"]["median"]
-            rows.append(
-                {
-                    "figure": f"End-to-end latency {q} (ms; event produced → purge applied in all 3 "
-                    f"regions, {rate:,}/s for {seconds:.0f} s{note})",
-                    "value": _spread(lat[q]),
-                    "ceiling": "—",
-                    "ratio": (_num(p99 / 100, 2) + " of 100 ms") if q == "p99" else "—",
-                    "target": "< 100" if q == "p99" else "—",
-                    "met": _met(p99 < 100) if q == "p99" else "—",
-                }
+            figure = (
+                f"End-to-end latency {q} (ms; event produced → purge applied in all 3 "
+                f"regions, {rate:,}/s for {seconds:.0f} s{note})"
             )
-    b = s["backlog"]
+            if q == "p99":
+                ratio = _num(p99 / 100, 2) + " of 100 ms"
+                rows.append(
+                    _row(figure, _spread(lat[q]), ratio=ratio, target="< 100", met=_met(p99 < 100))
+                )
+            else:
+                rows.append(_row(figure, _spread(lat[q])))
+    return rows
+
+
+def _backlog_rows(b: dict[str, Any]) -> list[Row]:
+    """Drain time at each backlog size; peak RSS at the larger one, and how much it grew."""
     small, large = b["sizes"]
-    for size, drain in zip(b["sizes"], b["drain_s"], strict=True):
-        rows.append(
-            {
-                "figure": f"Backlog of {size:,} events: time to drain (s; mapper + 3 Redis sinks)",
-                "value": _num(drain, 1),
-                "ceiling": "—",
-                "ratio": "—",
-                "target": "—",
-                "met": "—",
-            }
+    rows = [
+        _row(
+            f"Backlog of {size:,} events: time to drain (s; mapper + 3 Redis sinks)",
+            _num(drain, 1),
         )
+        for size, drain in zip(b["sizes"], b["drain_s"], strict=True)
+    ]
     peaks = {name: v[1] for name, v in b["peak_rss_mb"].items()}
     worst = max(peaks, key=lambda n: peaks[n])
     rows.append(
-        {
-            "figure": f"Peak RSS per process at {large:,} backlog (MB; worst: {worst})",
-            "value": _num(peaks[worst], 1),
-            "ceiling": "300 (limit)",
-            "ratio": _num(peaks[worst] / 300, 2),
-            "target": "< 300",
-            "met": _met(peaks[worst] < 300),
-        }
+        _row(
+            f"Peak RSS per process at {large:,} backlog (MB; worst: {worst})",
+            _num(peaks[worst], 1),
+            ceiling="300 (limit)",
+            ratio=_num(peaks[worst] / 300, 2),
+            target="< 300",
+            met=_met(peaks[worst] < 300),
+        )
     )
     growth = {n: v[1] / v[0] for n, v in b["peak_rss_mb"].items()}
     worst = max(growth, key=lambda n: growth[n])
     rows.append(
-        {
-            "figure": f"Peak RSS growth {small:,} → {large:,} backlog (worst: {worst}, "
+        _row(
+            f"Peak RSS growth {small:,} → {large:,} backlog (worst: {worst}, "
             f"{_num(b['peak_rss_mb'][worst][0], 1)} → {_num(b['peak_rss_mb'][worst][1], 1)} MB)",
-            "value": f"x{growth[worst]:.2f}",
-            "ceiling": "—",
-            "ratio": "—",
-            "target": "≤ x1.25 (bounded)",
-            "met": _met(growth[worst] <= 1.25),
-        }
+            f"x{growth[worst]:.2f}",
+            target="≤ x1.25 (bounded)",
+            met=_met(growth[worst] <= 1.25),
+        )
     )
-    cdn = out.get("cdn", {})
-    if cdn.get("status") == "ok":
-        for provider, t in cdn["totals"].items():
-            ratio = t["calls"] / t["minimum"] if t["minimum"] else float("nan")
-            rows.append(
-                {
-                    "figure": f"CDN API calls, {provider} (burst of {plan['cdn_events']:,} events, "
-                    f"{plan['cdn_weddings']:,} weddings)",
-                    "value": _num(t["calls"]),
-                    "ceiling": f"{_num(t['minimum'])} (minimum the batch limits allow)",
-                    "ratio": _num(ratio, 2),
-                    "target": "≤ 1.10",
-                    "met": _met(ratio <= 1.10),
-                }
-            )
-    else:
+    return rows
+
+
+def _cdn_rows(cdn: dict[str, Any], plan: dict[str, Any]) -> list[Row]:
+    """CDN API calls against the minimum per provider, or why there are no figures."""
+    if cdn.get("status") != "ok":
+        status = " ".join([cdn.get("status", "missing"), *cdn.get("detail", "").splitlines()[:1]])
+        return [
+            _row("CDN API calls vs minimum (bench/cdn_burst.py) — HOOK", status, target="≤ 1.10")
+        ]
+    rows: list[Row] = []
+    for provider, t in cdn["totals"].items():
+        ratio = t["calls"] / t["minimum"] if t["minimum"] else float("nan")
         rows.append(
-            {
-                "figure": "CDN API calls vs minimum (bench/cdn_burst.py) — HOOK",
-                "value": " ".join(
-                    [cdn.get("status", "missing"), *cdn.get("detail", "").splitlines()[:1]]
-                ),
-                "ceiling": "—",
-                "ratio": "—",
-                "target": "≤ 1.10",
-                "met": "—",
-            }
+            _row(
+                f"CDN API calls, {provider} (burst of {plan['cdn_events']:,} events, "
+                f"{plan['cdn_weddings']:,} weddings)",
+                _num(t["calls"]),
+                ceiling=f"{_num(t['minimum'])} (minimum the batch limits allow)",
+                ratio=_num(ratio, 2),
+                target="≤ 1.10",
+                met=_met(ratio <= 1.10),
+            )
         )
     return rows
+
+
+def table(out: dict[str, Any]) -> list[Row]:
+    return [
+        *_throughput_rows(out["summary"]),
+        *_latency_rows(out),
+        *_backlog_rows(out["summary"]["backlog"]),
+        *_cdn_rows(out.get("cdn", {}), out["plan"]),
+    ]
 
 
 def markdown(out: dict[str, Any], rows: list[Row]) -> str:

@@ -14,7 +14,6 @@ counters and the process's peak RSS. `--cpu` pins the process to one core.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -24,10 +23,21 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from bench.common import bench_settings, stack_env
+import typer
+
+from bench.common import bench_settings, one_command_app, stack_env
+
+if TYPE_CHECKING:
+    from aiokafka import TopicPartition
+
+    from cachesync.consumers.pipeline.kafka import Record
+    from cachesync.consumers.pipeline.roles import Role
+    from cachesync.consumers.settings import Settings
 
 
 class Window:
@@ -64,7 +74,10 @@ class Window:
         return out
 
 
-def _counting(send: Any, audit_topic: str, outputs: dict[str, Counter[str]]) -> Any:
+Send = Callable[..., Awaitable[Any]]
+
+
+def _counting(send: Send, audit_topic: str, outputs: dict[str, Counter[str]]) -> Send:
     """Wraps a producer's send to tally messages and bytes, audit records apart."""
 
     async def counted(topic: str, value: bytes, key: bytes, headers: Any = None) -> Any:
@@ -145,15 +158,13 @@ async def _wait_assigned(consumers: list[Any], task: asyncio.Task[Any] | None = 
     raise RuntimeError("consumers got no partitions within 30 s")
 
 
-async def run_roles_worker(args: argparse.Namespace) -> dict[str, Any]:
-    from cachesync.consumers.pipeline.roles import MapperRole, SinkRole, run_roles
+def _build_roles(settings: Settings, specs: list[str]) -> list[Role]:
+    """`mapper` is the MapperRole; `redis:REGION` a SinkRole with that region's RedisSink."""
+    from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
     from cachesync.consumers.sinks.redis import RedisSink
-    from cachesync.consumers.telemetry import setup_telemetry
 
-    settings = bench_settings(args.prefix)
-    setup_telemetry("cachesync-bench", metrics_port=None)
-    roles: list[Any] = []
-    for spec in args.roles.split(","):
+    roles: list[Role] = []
+    for spec in specs:
         if spec == "mapper":
             roles.append(MapperRole(settings))
         else:
@@ -161,21 +172,60 @@ async def run_roles_worker(args: argparse.Namespace) -> dict[str, Any]:
             assert kind == "redis", spec
             sink = RedisSink(region, settings.region_redis_urls[region])
             roles.append(SinkRole(settings, sink))
-    stop = asyncio.Event()
-    _stop_on_signals(stop)
-    window = Window(args.warmup, args.count, stop)
+    return roles
 
-    # Time the first role: each committed batch counts (commit-after-effect included).
-    measured = roles[0].loop
-    process = measured.process
 
-    async def timed(batch: Any) -> bool:
-        ok: bool = await process(batch)
+def _time_batches(role: Role, window: Window) -> None:
+    """Count each batch `role` commits into `window` (commit-after-effect included)."""
+    loop = role.loop
+    process = loop.process
+
+    async def timed(batch: dict[TopicPartition, list[Record]]) -> bool:
+        ok = await process(batch)
         if ok:
             window.add(sum(len(p) for p in batch.values()))
         return ok
 
-    measured.process = timed
+    loop.process = timed  # type: ignore[method-assign]  # this one instance, on purpose
+
+
+async def _run_until_done(task: asyncio.Task[None], stop: asyncio.Event, limit_s: float) -> None:
+    """Wait for the roles to stop (at the end of the window, or on a signal); stop them after
+    `limit_s` seconds."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while not task.done():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), timeout=0.5)
+        if asyncio.get_running_loop().time() > deadline:
+            stop.set()
+    task.result()
+
+
+def _role_stats(roles: list[Role]) -> dict[str, dict[str, Any]]:
+    return {
+        r.name: {
+            "records": r.stats.records,
+            "applied": r.stats.applied,
+            "produced": dict(r.stats.produced),
+            "dead_lettered": r.stats.dead_lettered,
+        }
+        for r in roles
+    }
+
+
+async def run_roles_worker(
+    prefix: str, specs: list[str], warmup: int, count: int | None, limit_s: float, profile: str
+) -> dict[str, Any]:
+    from cachesync.consumers.pipeline.roles import MapperRole, run_roles
+    from cachesync.consumers.telemetry import setup_telemetry
+
+    settings = bench_settings(prefix)
+    setup_telemetry("cachesync-bench", metrics_port=None)
+    roles = _build_roles(settings, specs)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    window = Window(warmup, count, stop)
+    _time_batches(roles[0], window)
 
     # What the mapper puts on the wire, so the ceiling can move exactly as much.
     outputs: dict[str, Counter[str]] = {}
@@ -185,7 +235,7 @@ async def run_roles_worker(args: argparse.Namespace) -> dict[str, Any]:
             _count_batched(settings.audit_topic, outputs)
 
     profiler = None
-    if args.profile:
+    if profile:
         from pyinstrument import Profiler
 
         profiler = Profiler(async_mode="disabled", interval=0.0005)
@@ -195,54 +245,49 @@ async def run_roles_worker(args: argparse.Namespace) -> dict[str, Any]:
     if profiler is not None:
         profiler.start()
     _emit("READY")
-    deadline = asyncio.get_running_loop().time() + args.timeout
-    while not task.done():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(task), timeout=0.5)
-        if asyncio.get_running_loop().time() > deadline:
-            stop.set()
-    task.result()
+    await _run_until_done(task, stop, limit_s)
     if profiler is not None:
         profiler.stop()
         _write(
-            args.profile,
+            profile,
             profiler.output_text(
                 unicode=False, color=False, show_all=bool(os.environ.get("BENCH_PROFILE_ALL"))
             ),
         )
     return {
         "window": window.result(),
-        "roles": {
-            r.name: {
-                "records": r.stats.records,
-                "applied": r.stats.applied,
-                "produced": dict(r.stats.produced),
-                "dead_lettered": r.stats.dead_lettered,
-            }
-            for r in roles
-        },
+        "roles": _role_stats(roles),
         "outputs": {k: dict(v) for k, v in outputs.items()},
         "peak_rss_mb": _peak_rss_mb(),
     }
 
 
-async def run_kafka_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+Payload = tuple[int, bytes, bytes, list[tuple[str, bytes]]]
+
+
+def _payload(moved: dict[str, Any]) -> Payload:
+    """(messages, key, value, headers) of one kind of output: as many messages as the mapper
+    sent, each of the mapper's mean key, value and header size."""
+    n = int(moved["messages"])
+
+    def size(name: str) -> int:
+        return max(1, round(int(moved[name]) / max(n, 1)))
+
+    header = [("h", b"x" * max(0, size("header_bytes") - 1))] if moved["header_bytes"] else []
+    return n, b"k" * size("key_bytes"), b"v" * size("value_bytes"), header
+
+
+async def run_kafka_ceiling(
+    prefix: str, plan_json: str, warmup: int, count: int | None, limit_s: float
+) -> dict[str, Any]:
     """A bare consume -> produce -> commit loop moving what the mapper moved, nothing else."""
     from cachesync.consumers.pipeline.kafka import make_consumer, make_producer
 
-    settings = bench_settings(args.prefix)
-    plan = json.loads(args.plan)
+    settings = bench_settings(prefix)
+    plan = json.loads(plan_json)
     inputs = int(plan["inputs"])
     regions = [settings.commands_topic(r) for r in settings.topology.regions]
-
-    def payload(kind: str) -> tuple[int, bytes, bytes, list[tuple[str, bytes]]]:
-        p = plan[kind]
-        n = int(p["messages"])
-        size = lambda name: max(1, round(p[name] / max(n, 1)))  # noqa: E731
-        header = [("h", b"x" * max(0, size("header_bytes") - 1))] if p["header_bytes"] else []
-        return n, b"k" * size("key_bytes"), b"v" * size("value_bytes"), header
-
-    commands, audit = payload("commands"), payload("audit")
+    commands, audit = _payload(plan["commands"]), _payload(plan["audit"])
     producer = make_producer(settings.kafka_bootstrap_servers, client_id="cachesync-bench-ceiling")
     consumer = make_consumer(
         settings.kafka_bootstrap_servers,
@@ -252,14 +297,14 @@ async def run_kafka_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     )
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    window = Window(args.warmup, args.count, stop)
+    window = Window(warmup, count, stop)
     await producer.start()
     await consumer.start()
     try:
         await _wait_assigned([consumer])
         _emit("READY")
         index = 0
-        deadline = time.monotonic() + args.timeout
+        deadline = time.monotonic() + limit_s
         while not stop.is_set() and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=200, max_records=500)
             if not batch:
@@ -292,18 +337,20 @@ async def run_kafka_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     return {"window": window.result(), "peak_rss_mb": _peak_rss_mb()}
 
 
-async def run_redis_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+async def run_redis_ceiling(
+    url: str, keys_file: str, warmup: int, count: int | None, batch: int
+) -> dict[str, Any]:
     """Pipelined DELs of the keys each command removes, straight to the same Redis."""
     from redis.asyncio import Redis
 
-    per_command: list[list[str]] = json.loads(_read(args.keys))
-    redis = Redis.from_url(args.url)
+    per_command: list[list[str]] = json.loads(_read(keys_file))
+    redis = Redis.from_url(url)
     stop = asyncio.Event()
-    window = Window(args.warmup, args.count, stop)
+    window = Window(warmup, count, stop)
     _emit("READY")
     try:
-        for start in range(0, len(per_command), args.batch):
-            chunk = per_command[start : start + args.batch]
+        for start in range(0, len(per_command), batch):
+            chunk = per_command[start : start + batch]
             pipe = redis.pipeline(transaction=False)
             for keys_ in chunk:
                 pipe.delete(*keys_)
@@ -316,30 +363,42 @@ async def run_redis_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     return {"window": window.result(), "peak_rss_mb": _peak_rss_mb()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="one measured bench process")
-    parser.add_argument("mode", choices=["roles", "ceiling", "redis-ceiling"])
-    parser.add_argument("--prefix", default="")
-    parser.add_argument("--roles", default="mapper")
-    parser.add_argument("--cpu", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=0)
-    parser.add_argument("--count", type=int, default=None)
-    parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--plan", default="{}")
-    parser.add_argument("--url", default="")
-    parser.add_argument("--keys", default="")
-    parser.add_argument("--batch", type=int, default=500)
-    parser.add_argument("--profile", default="")
-    args = parser.parse_args()
-    _pin(args.cpu)
+class Mode(StrEnum):
+    ROLES = "roles"
+    CEILING = "ceiling"
+    REDIS_CEILING = "redis-ceiling"
+
+
+app = one_command_app()
+
+
+@app.command(help="one measured bench process")
+def main(
+    mode: Annotated[Mode, typer.Argument()],
+    prefix: str = "",
+    roles: str = "mapper",
+    cpu: int | None = None,
+    warmup: int = 0,
+    count: int | None = None,
+    timeout: float = 600.0,
+    plan: str = "{}",
+    url: str = "",
+    keys: str = "",
+    batch: int = 500,
+    profile: str = "",
+) -> None:
+    _pin(cpu)
     stack_env()
-    runner = {
-        "roles": run_roles_worker,
-        "ceiling": run_kafka_ceiling,
-        "redis-ceiling": run_redis_ceiling,
-    }[args.mode]
-    _emit("RESULT", asyncio.run(runner(args)))
+    if mode is Mode.ROLES:
+        result = asyncio.run(
+            run_roles_worker(prefix, roles.split(","), warmup, count, timeout, profile)
+        )
+    elif mode is Mode.CEILING:
+        result = asyncio.run(run_kafka_ceiling(prefix, plan, warmup, count, timeout))
+    else:
+        result = asyncio.run(run_redis_ceiling(url, keys, warmup, count, batch))
+    _emit("RESULT", result)
 
 
 if __name__ == "__main__":
-    main()
+    app()

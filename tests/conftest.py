@@ -156,7 +156,7 @@ def telemetry() -> Iterator[Any]:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from cachesync.consumers.telemetry import setup_telemetry
-    from tests.stubs.serve import free_port
+    from deploy.local.standins.serve import free_port
 
     handle = setup_telemetry(
         "cachesync-tests",

@@ -1,11 +1,12 @@
 """Local stand-ins for the CDN APIs that cannot be reached from here, for `make run`.
 
 One process serves the Cloudflare purge_cache API stub (the contract-faithful stub the
-tests use, `tests/stubs/cloudflare.py`) and moto's CloudFront in server mode, creates
-one CloudFront distribution per region, and writes the environment that points
+tests use, `deploy/local/standins/cloudflare.py`) and moto's CloudFront in server mode,
+creates one CloudFront distribution per region, and writes the environment that points
 cachesync at them to `$CACHESYNC_STACK_DIR/cdn.env` (sourced by `make run`).
 
-Usage: python deploy/local/cdn_standins.py CLOUDFLARE_PORT MOTO_PORT ENV_FILE
+Usage, from the repository root:
+    python -m deploy.local.cdn_standins CLOUDFLARE_PORT MOTO_PORT ENV_FILE
 """
 
 from __future__ import annotations
@@ -13,16 +14,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+import uvicorn
+from moto.server import ThreadedMotoServer
 
-import uvicorn  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
-
-from cachesync.consumers.settings import region_var  # noqa: E402
-from cachesync.topology import load_topology  # noqa: E402
-from tests.stubs.aws import create_distribution  # noqa: E402
-from tests.stubs.cloudflare import CloudflareStub  # noqa: E402
+from cachesync.consumers.settings import region_var
+from cachesync.topology import load_topology
+from deploy.local.standins.aws import create_distribution
+from deploy.local.standins.cloudflare import CloudflareStub
 
 TOKEN = "local-cloudflare-token"  # the stub's; a real token only ever comes from the environment
 

@@ -1,5 +1,5 @@
 vcl 4.1;
-# The local HTTP edge in front of the origin (deploy/local/origin.py), started by
+# The local HTTP edge in front of the origin (deploy/local/standins/origin.py), started by
 # deploy/local/up.d/varnish.sh. It answers what the http_purge sink sends:
 #   PURGE <url>                          drop one object (by URL and Host)
 #   PURGE / with xkey-purge: k1 k2 ...   drop every object carrying a surrogate key

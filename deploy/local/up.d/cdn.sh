@@ -20,7 +20,9 @@ start_cdn_standins() {
     if port_open "$port"; then die "port $port for the CDN stand-ins is taken; set CLOUDFLARE_STUB_PORT / MOTO_PORT"; fi
   done
   rm -f "$envf"
-  setsid "$venv_python" "$HERE/cdn_standins.py" "$CLOUDFLARE_STUB_PORT" "$MOTO_PORT" "$envf" >>"$logf" 2>&1 < /dev/null &
+  # A module of the repository (deploy.local.cdn_standins), so it runs from the root.
+  (cd "$REPO_ROOT" && exec setsid "$venv_python" -m deploy.local.cdn_standins \
+    "$CLOUDFLARE_STUB_PORT" "$MOTO_PORT" "$envf") >>"$logf" 2>&1 < /dev/null &
   echo $! > "$pidf"
   wait_until 60 "$logf" "CDN stand-ins" bash -c "[[ -f '$envf' ]] && (exec 3<>/dev/tcp/127.0.0.1/$CLOUDFLARE_STUB_PORT)"
   log "CDN stand-ins ready: Cloudflare stub :$CLOUDFLARE_STUB_PORT, moto CloudFront :$MOTO_PORT ($envf)"

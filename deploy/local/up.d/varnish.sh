@@ -1,5 +1,5 @@
 # Sourced by up.sh: the local HTTP edge, Varnish 7.1 with vmod xkey, in front of a tiny
-# origin (deploy/local/origin.py) whose pages carry surrogate keys. Its own -n and
+# origin (deploy/local/standins/origin.py) whose pages carry surrogate keys. Its own -n and
 # port, so a stock varnish service on 6081 is never touched; PID files in run/ so
 # down.sh stops both. VARNISH_PORT / ORIGIN_PORT override the ports.
 export VARNISH_PORT="${VARNISH_PORT:-16081}"
@@ -20,7 +20,9 @@ start_origin() {
   local pidf="$STACK/run/origin.pid" logf="$STACK/log/origin.log"
   if pid_alive "$pidf" && http_ok "$ORIGIN_PORT" /_health; then log "origin already up on :$ORIGIN_PORT"; return; fi
   if port_open "$ORIGIN_PORT"; then die "port $ORIGIN_PORT for the origin is taken by another process; set ORIGIN_PORT"; fi
-  setsid "$PYTHON" "$HERE/origin.py" "$ORIGIN_PORT" >>"$logf" 2>&1 < /dev/null &
+  # A module of the repository (deploy.local.standins.origin), so it runs from the root.
+  (cd "$REPO_ROOT" && exec setsid "$PYTHON" -m deploy.local.standins.origin "$ORIGIN_PORT") \
+    >>"$logf" 2>&1 < /dev/null &
   echo $! > "$pidf"
   wait_until 20 "$logf" "origin" http_ok "$ORIGIN_PORT" /_health
   log "origin ready on 127.0.0.1:$ORIGIN_PORT"

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from deploy.local.standins.aws import create_distribution, moto_server
+from deploy.local.standins.cloudflare import CloudflareStub
+from deploy.local.standins.serve import serve
 from tests.conftest import REPO
-from tests.stubs.aws import create_distribution, moto_server
-from tests.stubs.cloudflare import CloudflareStub
-from tests.stubs.serve import serve
 
 CLOUDFLARE_TOKEN = "test-cloudflare-token"
 

@@ -19,8 +19,8 @@ from cachesync.consumers.ops.replay import replay
 from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.redis import RedisSink
+from deploy.local.standins.serve import free_port
 from tests.helpers import eventually
-from tests.stubs.serve import free_port
 
 
 class RegionRedis:

@@ -24,10 +24,10 @@ from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.redis import RedisSink
 from cachesync.consumers.vendor_api import VendorApiClient
 from cachesync.topology import VendorApiPolicy
+from deploy.local.standins.serve import free_port, serve
+from deploy.local.standins.vendor_api import VendorApiStub
 from tests.conftest import REPO, metric_points
 from tests.helpers import eventually
-from tests.stubs.serve import free_port, serve
-from tests.stubs.vendor_api import VendorApiStub
 
 REGION = "us-east"
 
@@ -130,7 +130,7 @@ async def test_hundred_concurrent_misses_across_processes_make_one_upstream_call
         await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "tests.stubs.vendor_api_worker",
+            "deploy.local.standins.vendor_api_worker",
             *args,
             cwd=REPO,
             env=env,

@@ -1,9 +1,10 @@
 """A tiny origin for the local edge: every page carries surrogate keys (xkey) like the platform's.
 
-`python origin.py PORT` serves any GET path with Cache-Control: public, max-age=3600,
-an `xkey` header naming the keys the platform would tag that page with, and
-X-Origin-Generation, a counter that tells a fresh fetch from a cached copy.
-Standard library only: it runs before the project's virtualenv exists.
+`python -m deploy.local.standins.origin PORT`, run from the repository root, serves
+any GET path with Cache-Control: public, max-age=3600, an `xkey` header naming the
+keys the platform would tag that page with, and X-Origin-Generation, a counter that
+tells a fresh fetch from a cached copy. Standard library only: it runs before the
+project's virtualenv exists.
 """
 
 from __future__ import annotations
@@ -17,9 +18,15 @@ _generation = itertools.count(1)
 
 # path pattern -> surrogate keys, mirroring the tags in topology/topology.yaml's rules.
 _RULES: list[tuple[re.Pattern[str], list[str]]] = [
-    (re.compile(r"^/weddings/(?P<w>[^/]+)/photos/(?P<p>[^/.]+)"), ["wedding:{w}:photos", "photo:{p}"]),
+    (
+        re.compile(r"^/weddings/(?P<w>[^/]+)/photos/(?P<p>[^/.]+)"),
+        ["wedding:{w}:photos", "photo:{p}"],
+    ),
     (re.compile(r"^/weddings/(?P<w>[^/]+)/gallery"), ["wedding:{w}:photos"]),
-    (re.compile(r"^/weddings/(?P<w>[^/]+)/albums/(?P<a>[^/]+)"), ["wedding:{w}:photos", "album:{a}"]),
+    (
+        re.compile(r"^/weddings/(?P<w>[^/]+)/albums/(?P<a>[^/]+)"),
+        ["wedding:{w}:photos", "album:{a}"],
+    ),
     (re.compile(r"^/weddings/(?P<w>[^/]+)"), ["wedding:{w}"]),
     (re.compile(r"^/w/(?P<w>[^/]+)"), ["wedding:{w}"]),
     (re.compile(r"^/vendors/(?P<v>[^/]+)"), ["vendor:{v}"]),

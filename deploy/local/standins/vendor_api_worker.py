@@ -1,6 +1,6 @@
 """One process of the cross-process coalescing test: its own client, its own Redis connections.
 
-    python -m tests.stubs.vendor_api_worker REDIS_URL BASE_URL VENDOR PATH CONCURRENCY BARRIER
+    python -m deploy.local.standins.vendor_api_worker REDIS_URL BASE_URL VENDOR PATH CONCURRENCY BARRIER
 
 Signals readiness by INCR `BARRIER:ready`, waits until `BARRIER:go` exists, fires
 CONCURRENCY concurrent GETs for the same entry, and prints one JSON line: how many
