@@ -1,17 +1,23 @@
-"""The exceptions of cachesync, mapped once at each boundary.
+"""The exceptions of cachesync: one tree, mapped once at each boundary.
 
-    CachesyncError
+    CachesyncError               (root; defined in cachesync.schemas.serde, the lowest layer)
     ├── ConfigError              bad settings or topology; the message names the variable or file
     ├── BadInput                 an input record we will never be able to process -> dead-letter topic
-    │   ├── Undecodable          not our framing, or a body that does not parse (reason "undecodable")
-    │   ├── UnknownSchema        fingerprint / schema id we do not hold (reason "unknown_schema")
-    │   ├── InvalidRecord        fails its schema (reason "invalid_record")
+    │   ├── SerdeError           (schemas) the wire encoding refused it
+    │   │   ├── Undecodable      (schemas' UndecodableMessage) not our framing, or a body that does
+    │   │   │                    not parse (reason "undecodable")
+    │   │   ├── UnknownSchema    (schemas) fingerprint / schema id we do not hold (reason "unknown_schema")
+    │   │   └── InvalidRecord    (schemas) fails its schema or the field checks (reason "invalid_record")
     │   ├── Oversized            over the configured size limit (reason "oversized")
     │   └── RuleError            a rule template names a field the event lacks (reason "rule_error")
     ├── TransientError           worth retrying: timeouts, 5xx, a Redis or broker that is down;
     │   │                        the batch is not committed, its partitions are paused and re-read
-    │   ├── RetryAfter           the provider said when (429 Retry-After)
-    │   └── CacheUnavailable     the vendor API cache's Redis does not answer (the client then bypasses it)
+    │   ├── RetryAfter           the provider (or the tier order) said when (429 Retry-After)
+    │   ├── ServerError          a provider answered 5xx: a sink retries it (sinks/retry.py), then
+    │   │                        raises a plain TransientError; never leaves a sink
+    │   ├── CacheUnavailable     the vendor API cache's Redis does not answer (the client then bypasses it)
+    │   └── LockHeld             another caller holds a vendor API entry's fetch lock: wait and read
+    │                            again (control flow inside consumers/vendor_api; never escapes it)
     ├── PermanentSinkError       will never succeed (a 4xx): the command goes to the dead-letter topic
     └── VendorApiError           a vendor API call failed and no cached entry may stand in for it
         ├── VendorUnavailable    refused, reset, 5xx or 429: a stale entry within max_stale_s answers instead
@@ -20,43 +26,65 @@
         └── BadVendorResponse    unusable: not JSON, an unexpected status, a body over max_body_bytes;
                                  never cached (a stale entry within max_stale_s may answer instead)
 
-Backend errors (redis.exceptions, httpx, botocore) are translated into these in the
-sink that calls the backend (for the vendor API cache, in `consumers/vendor_api`),
-re-raised `from` the original, and nowhere else.
+Backend errors become these, re-raised `from` the original, in one place per backend:
+
+- Redis (redis.exceptions, socket errors, cashews' wrapper): `redis_errors` below, which
+  every Redis caller wraps its calls in (sinks, the ledger, the relationship index, the
+  vendor API cache's store);
+- httpx, for the sinks: `sinks/retry.py` (network errors and 5xx, after the retries);
+  for the vendor API cache: `vendor_api/client.py` `_upstream` (the vendor's answer
+  decides between serving stale and failing, so it maps to the VendorApiError branch);
+- botocore: `sinks/cloudfront.py` (ClientError codes; network errors go through
+  `sinks/retry.py` like httpx's).
+
+The schema registry's outage (`cachesync.schemas.RegistryUnavailable`) becomes a
+TransientError in `pipeline/codecs.py`.
 """
 
 from __future__ import annotations
 
-from cachesync.schemas.serde import InvalidRecord as _SchemaInvalid
-from cachesync.schemas.serde import SerdeError
-from cachesync.schemas.serde import UndecodableMessage as _SchemaUndecodable
-from cachesync.schemas.serde import UnknownSchema as _SchemaUnknown
+from types import TracebackType
+from typing import Any
 
+from redis.exceptions import RedisError
 
-class CachesyncError(Exception):
-    """Root of every error this project raises on purpose."""
+from cachesync.schemas.serde import (
+    BadInput,
+    CachesyncError,
+    InvalidRecord,
+    SerdeError,
+    UnknownSchema,
+)
+from cachesync.schemas.serde import UndecodableMessage as Undecodable
+
+__all__ = [
+    "BadInput",
+    "BadVendorResponse",
+    "CacheUnavailable",
+    "CachesyncError",
+    "ConfigError",
+    "InvalidRecord",
+    "LockHeld",
+    "Oversized",
+    "PermanentSinkError",
+    "RedisBoundary",
+    "RetryAfter",
+    "RuleError",
+    "SerdeError",
+    "ServerError",
+    "TransientError",
+    "Undecodable",
+    "UnknownSchema",
+    "VendorApiError",
+    "VendorRejected",
+    "VendorTimeout",
+    "VendorUnavailable",
+    "redis_errors",
+]
 
 
 class ConfigError(CachesyncError):
     """Settings or topology are wrong; the message says where."""
-
-
-class BadInput(CachesyncError):
-    """A record that no retry will fix; it goes to the dead-letter topic with `reason`."""
-
-    reason = "bad_input"
-
-
-class Undecodable(BadInput):
-    reason = "undecodable"
-
-
-class UnknownSchema(BadInput):
-    reason = "unknown_schema"
-
-
-class InvalidRecord(BadInput):
-    reason = "invalid_record"
 
 
 class Oversized(BadInput):
@@ -65,17 +93,6 @@ class Oversized(BadInput):
 
 class RuleError(BadInput):
     reason = "rule_error"
-
-
-def bad_input_from_serde(exc: SerdeError) -> BadInput:
-    """Map the schemas package's errors onto ours (the one place this happens)."""
-    if isinstance(exc, _SchemaUnknown):
-        return UnknownSchema(str(exc))
-    if isinstance(exc, _SchemaInvalid):
-        return InvalidRecord(str(exc))
-    if isinstance(exc, _SchemaUndecodable):
-        return Undecodable(str(exc))
-    return Undecodable(str(exc))
 
 
 class TransientError(CachesyncError):
@@ -90,12 +107,20 @@ class RetryAfter(TransientError):
         self.retry_after = retry_after
 
 
-class PermanentSinkError(CachesyncError):
-    """No retry will help; the command is dead-lettered with this message."""
+class ServerError(TransientError):
+    """A provider answered 5xx (or failed in a way worth another try) within a sink's retries."""
 
 
 class CacheUnavailable(TransientError):
     """The vendor API cache cannot reach its Redis; callers go to the vendor directly."""
+
+
+class LockHeld(TransientError):
+    """Another caller holds the fetch lock for this entry (control flow; never escapes the package)."""
+
+
+class PermanentSinkError(CachesyncError):
+    """No retry will help; the command is dead-lettered with this message."""
 
 
 class VendorApiError(CachesyncError):
@@ -121,3 +146,52 @@ class VendorRejected(VendorApiError):
 
 class BadVendorResponse(VendorApiError):
     """The vendor answered something unusable (not JSON, unexpected status, too large); not cached."""
+
+
+# What a Redis call can fail with: the client's own errors, and socket errors
+# (OSError, which includes TimeoutError and ConnectionError) that escape it.
+_REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
+
+
+class RedisBoundary:
+    """`with` or `async with`: Redis errors inside become `into`, from the original."""
+
+    def __init__(
+        self, what: str, into: type[TransientError], also: tuple[type[BaseException], ...]
+    ) -> None:
+        self.what = what
+        self.into = into
+        self.errors = (*_REDIS_ERRORS, *also)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None and isinstance(exc, self.errors):
+            cause = exc.__cause__ or exc  # a wrapper (cashews) names the real error as its cause
+            raise self.into(f"{self.what} failed: {type(cause).__name__}: {cause}") from exc
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self.__exit__(*exc_info)
+
+
+def redis_errors(
+    what: str,
+    *,
+    into: type[TransientError] = TransientError,
+    also: tuple[type[BaseException], ...] = (),
+) -> RedisBoundary:
+    """The one mapping of Redis errors: inside the block they become `into(f"{what} failed: ...")`.
+
+    `also` names a client library's own wrapper of Redis errors (cashews); the message
+    names the Redis error it wraps.
+    """
+    return RedisBoundary(what, into, also)

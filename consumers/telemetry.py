@@ -55,6 +55,11 @@ retries = meter.create_counter(
     unit="{batch}",
     description="Batches put back for retry, by consumer and reason",
 )
+sink_retries = meter.create_counter(
+    "cachesync.sink.retries",
+    unit="{attempt}",
+    description="Calls a sink made again after a 5xx or a network error (stamina), by sink and region",
+)
 
 # CDN sinks and the purge budget (consumers/budget.py, consumers/sinks/), each by
 # `provider` (cloudflare, cloudfront, http_purge) and `region`.

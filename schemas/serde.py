@@ -1,11 +1,15 @@
 """Wire encodings for events and commands.
 
-Exception tree (all carry a short `reason` used as the dead-letter header):
+Exception tree (all carry a short `reason` used as the dead-letter header). These are
+the lowest branch of the project's one tree, whose root is here because schemas/ is the
+lowest layer; `cachesync.consumers.errors` re-exports them and draws the whole tree:
 
-    SerdeError
-    ├── UndecodableMessage   bytes that are no known framing, or a body that does not parse
-    ├── UnknownSchema        a well-framed message whose fingerprint / schema id we do not hold
-    └── InvalidRecord        a record that does not match its schema (on encode or decode)
+    CachesyncError
+    └── BadInput                 a record no retry will fix (dead-letter topic)
+        └── SerdeError
+            ├── UndecodableMessage   bytes that are no known framing, or a body that does not parse
+            ├── UnknownSchema        a well-framed message whose fingerprint / schema id we do not hold
+            └── InvalidRecord        a record that does not match its schema (on encode or decode)
 """
 
 from __future__ import annotations
@@ -22,7 +26,19 @@ from cachesync.schemas.catalog import SchemaCatalog, SchemaVersion
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 
 
-class SerdeError(Exception):
+class CachesyncError(Exception):
+    """Root of every error cachesync raises on purpose (drawn in cachesync.consumers.errors)."""
+
+
+class BadInput(CachesyncError):
+    """A record that no retry will fix; it goes to the dead-letter topic with `reason`."""
+
+    reason = "bad_input"
+
+
+class SerdeError(BadInput):
+    """A message this encoding cannot turn into a record, or a record into a message."""
+
     reason = "serde"
 
 

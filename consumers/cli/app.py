@@ -506,11 +506,10 @@ def trace_cmd(
 
 def _expected_sinks(settings: Settings) -> Callable[[str, str], list[str]]:
     """Which sinks should report on a command of a kind in a region (the ones configured)."""
-    from cachesync.consumers.sinks.registry import unavailable
+    from cachesync.consumers.sinks.registry import WARM_KINDS, available
 
     def expected(region: str, kind: str) -> list[str]:
-        kinds = ["warmer"] if kind == "warm" else PURGE_KINDS
-        return [k for k in kinds if unavailable(settings, region, k) is None]
+        return available(settings, region, WARM_KINDS if kind == "warm" else PURGE_KINDS)
 
     return expected
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from cachesync.consumers import keys
-from cachesync.consumers.errors import TransientError
+from cachesync.consumers.errors import RedisBoundary, redis_errors
 from cachesync.topology import Topology
 
 
@@ -85,8 +84,9 @@ class RelationshipIndex:
         """A view for one batch of events: one round trip to read, one to write."""
         return BatchIndex(self)
 
-    def _guard(self, what: str) -> _RedisGuard:
-        return _RedisGuard(what)
+    def _guard(self, what: str) -> RedisBoundary:
+        """Redis errors become TransientError (the batch is retried), naming `what`."""
+        return redis_errors(f"state redis: {what}")
 
 
 class BatchIndex:
@@ -192,20 +192,6 @@ class BatchIndex:
                 else:
                     pipe.delete(key)
             await pipe.execute()
-
-
-class _RedisGuard:
-    """Maps redis errors to TransientError, once, at this boundary."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        if isinstance(exc, RedisError | OSError):
-            raise TransientError(f"state redis: {self.what} failed: {type(exc).__name__}") from exc
 
 
 # What the mapper reads and writes the index through: per event, or per batch.

@@ -7,7 +7,7 @@ schema version.
 
 from __future__ import annotations
 
-from cachesync.consumers.errors import Oversized, TransientError, bad_input_from_serde
+from cachesync.consumers.errors import Oversized, TransientError
 from cachesync.consumers.mapping.validation import validate_event
 from cachesync.consumers.settings import Settings
 from cachesync.schemas import (
@@ -15,7 +15,6 @@ from cachesync.schemas import (
     ConfluentCodec,
     Decoded,
     RegistryUnavailable,
-    SerdeError,
     SingleObjectCodec,
 )
 
@@ -49,12 +48,10 @@ async def resolve(codec: Codec, data: bytes) -> None:
 
 
 async def decode(codec: Codec, data: bytes) -> Decoded:
-    """Resolve and decode one message; the schemas package's errors become BadInput."""
+    """Resolve and decode one message; what does not decode raises the schemas package's
+    SerdeError, which is a BadInput (one error tree, see consumers/errors.py)."""
     await resolve(codec, data)
-    try:
-        return codec.decode(data)
-    except SerdeError as exc:
-        raise bad_input_from_serde(exc) from exc
+    return codec.decode(data)
 
 
 async def decode_event(codec: Codec, data: bytes, *, max_bytes: int) -> Decoded:

@@ -25,7 +25,7 @@ from opentelemetry.trace import (
 from redis.asyncio import Redis
 
 from cachesync.consumers import telemetry
-from cachesync.consumers.commands import COMMAND_TYPES, Command, PurgeCommand, to_millis
+from cachesync.consumers.commands import COMMAND_TYPES, Command, to_millis
 from cachesync.consumers.errors import (
     BadInput,
     InvalidRecord,
@@ -49,6 +49,7 @@ from cachesync.consumers.pipeline.loop import CommitAfterEffect
 from cachesync.consumers.pipeline.writer import CommandWriter
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.base import Note, Sink
+from cachesync.consumers.sinks.ledger import AppliedEvents
 from cachesync.schemas import Codec, Decoded
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,11 @@ class MapperRole:
 
 
 class SinkRole:
-    """Consumes one region's command topic and applies it through one sink."""
+    """Consumes one region's command topic and applies it through one sink.
+
+    It alone keeps tier order within the region: a batch is held back until the sinks
+    this one follows (`sink.after`) have applied its events (see `hold_for_earlier_tiers`).
+    """
 
     def __init__(
         self,
@@ -207,6 +212,12 @@ class SinkRole:
         )
         self.dead_letters = DeadLetters(self.producer, settings.dead_letter_topic, self.name)
         self.audit = AuditLog(self.producer, settings.audit_topic, self.codec)
+        # The applied markers of the region this role serves, read for tier order.
+        self.tiers = (
+            AppliedEvents.for_url(settings.region_redis_urls[sink.region], sink.region)
+            if sink.after
+            else None
+        )
         self.loop = CommitAfterEffect(
             self.consumer,
             self.handle,
@@ -226,6 +237,8 @@ class SinkRole:
         await self.consumer.stop()
         await self.producer.stop()
         await self.sink.close()
+        if self.tiers is not None:
+            await self.tiers.close()
         await close_codec(self.codec)
 
     async def handle(self, records: list[Record]) -> None:
@@ -243,7 +256,7 @@ class SinkRole:
                 self.stats.skipped += 1
                 continue
             candidates.append((record, command))
-        await self._wait_for_earlier_tiers([c for _, c in candidates])
+        await self.hold_for_earlier_tiers([c for _, c in candidates])
         self.stats.records += len(records)
         accepted: dict[str, tuple[Record, Command, Span]] = {}
         for record, command in candidates:
@@ -298,31 +311,37 @@ class SinkRole:
                 await self.audit.handled(command, sink=self.sink.kind, note=note)
         await self.audit.flush()
 
-    async def _wait_for_earlier_tiers(self, commands: list[Command]) -> None:
-        """Hold the batch back (RetryAfter) until the tiers this sink follows have applied it."""
-        ledger = getattr(self.sink, "ledger", None)
-        purges = [c for c in commands if isinstance(c, PurgeCommand)]
-        if not self.sink.after or ledger is None or not purges:
+    async def hold_for_earlier_tiers(self, commands: list[Command]) -> None:
+        """Tier order: put the batch back (RetryAfter) until the sinks this one follows
+        (`sink.after`) have applied its events in this region.
+
+        A command still waiting `sink.after_max_wait_s` after it was issued no longer
+        holds the batch: the sink gets it through `sink.overdue` (a purge sink applies it
+        anyway, the warmer drops it), so a stopped tier cannot stop those after it.
+        """
+        if self.tiers is None or not commands:
             return
-        waiting = await ledger.events_not_applied(
-            self.sink.after, sorted({c.origin_event_id for c in purges})
-        )
+        after = self.sink.after
+        waiting = await self.tiers.not_applied(after, sorted({c.origin_event_id for c in commands}))
         if not waiting:
             return
+        held = [c for c in commands if c.origin_event_id in waiting]
         now_ms = time.time() * 1000
         deadline_ms = self.sink.after_max_wait_s * 1000
-        if any(now_ms - c.issued_at < deadline_ms for c in purges if c.origin_event_id in waiting):
+        if any(now_ms - c.issued_at < deadline_ms for c in held):
             raise RetryAfter(
-                f"{self.name}: {len(waiting)} events not yet applied by {', '.join(self.sink.after)}",
-                0.2,
+                f"{self.name}: {len(waiting)} events not yet applied by {', '.join(after)}",
+                self.sink.after_retry_s,
             )
         log.warning(
-            "%s: purging %d events that %s has not applied after %.0fs",
+            "%s: handing over %d events that %s has not applied after %.0fs",
             self.name,
             len(waiting),
-            "/".join(self.sink.after),
+            "/".join(after),
             self.sink.after_max_wait_s,
         )
+        for command in held:
+            self.sink.overdue(command)
 
     async def _decode(self, record: Record) -> Command:
         decoded = await decode(self.codec, record.value or b"")

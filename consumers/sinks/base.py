@@ -9,6 +9,12 @@ returns. So a sink must:
 - return the commands that can never succeed as `Rejected` (they are dead-lettered
   and the batch is committed);
 - leave its buffer empty when `flush` returns or raises.
+
+Each sink class names its `kind`, builds itself from settings (`from_settings`) and
+says why it cannot run in a region (`unavailable`); `sinks/registry.py` maps kinds to
+classes. Tier order within a region is the runner's (pipeline/roles.py): a sink only
+declares the sinks it follows (`after`) and what it does with a command whose earlier
+tiers never applied it in time (`overdue`).
 """
 
 from __future__ import annotations
@@ -16,14 +22,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Self
 
 from cachesync.consumers.commands import Command, PurgeCommand
 
-
-class ServerError(Exception):
-    """A provider answered 5xx (or failed in a way worth another try): the sinks retry it
-    with stamina and, when the attempts run out, raise TransientError. Never leaves a sink."""
+if TYPE_CHECKING:
+    from cachesync.consumers.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -60,12 +64,14 @@ class Sink(ABC):
     # commands so that these sinks skip them (see cachesync.consumers.ops.replay).
     is_cdn: ClassVar[bool] = False
     # Tier order within a region: the purge sinks that must have applied the same event
-    # before this one purges (edges after Redis, so an edge miss cannot refill from a
-    # stale Redis). The runner holds the batch back until they have, or until
-    # `after_max_wait_s` has passed since the command was issued (a stopped Redis sink
-    # must not stop the edges for good). Set by the factory; empty: no wait.
+    # before this one acts (edges after Redis, so an edge miss cannot refill from a stale
+    # Redis; the warmer after the region's purges). The runner holds the batch back,
+    # looking again every `after_retry_s`, until they have, or until `after_max_wait_s`
+    # has passed since the command was issued (a stopped Redis sink must not stop the
+    # edges for good); it then hands the command over through `overdue`. Empty: no wait.
     after: tuple[str, ...] = ()
     after_max_wait_s: float = 30.0
+    after_retry_s: float = 0.2
     # The coalescing window: the runner gathers records for up to `linger_ms` (and at
     # most `max_batch_records`) before one flush, so a sink with a purge budget
     # (consumers/budget.py) sees a whole window's commands at once. 0: flush per poll.
@@ -75,8 +81,23 @@ class Sink(ABC):
     def __init__(self, region: str) -> None:
         self.region = region
 
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: Settings, region: str) -> Self:
+        """This sink for `region`, from settings and topology (after `unavailable` said None)."""
+
+    @classmethod
+    def unavailable(cls, settings: Settings, region: str) -> str | None:
+        """Why this sink cannot run in `region` (a provider not configured there), or None."""
+        return None
+
     async def setup(self) -> None:
         """Open connections; called once before the first `add`."""
+
+    def overdue(self, command: Command) -> None:
+        """The runner stopped waiting for the earlier tiers (`after`) to apply `command`'s
+        event and hands it over with the batch. A purge sink applies it anyway (the
+        default); a sink for which it is no longer worth doing drops it in its flush."""
 
     @abstractmethod
     def accepts(self, command: Command) -> bool:

@@ -9,6 +9,9 @@ zone. A 429 becomes `RetryAfter` (the runner pauses the partition for Retry-Afte
 `Rejected` with the API's errors (a 400 is bisected first, so one bad item does not
 take a hundred good ones with it). The API token is a `SecretStr` and appears only
 in the Authorization header, never in a log line or an error message.
+
+The flush itself (ledger, budget plan, progress, retries) is the CDN template's
+(sinks/cdn.py); this module holds Cloudflare's request and response mapping and limits.
 """
 
 from __future__ import annotations
@@ -17,24 +20,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 from urllib.parse import urlsplit
 
 import httpx
-import stamina
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from cachesync.consumers import telemetry
-from cachesync.consumers.errors import RetryAfter, TransientError
+from cachesync.consumers.commands import PurgeCommand
+from cachesync.consumers.errors import RetryAfter
+from cachesync.consumers.settings import Settings, region_var
 from cachesync.consumers.sinks import budget
-from cachesync.consumers.sinks.base import FlushResult, PurgeSink, Rejected, ServerError
-from cachesync.consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
-from cachesync.topology.model import CdnPolicy
+from cachesync.consumers.sinks.cdn import CdnOptions, CdnPurgeSink, Sent
+from cachesync.consumers.sinks.retry import HttpEndpoint, Retries
 
 log = logging.getLogger(__name__)
 
-PROVIDER = "cloudflare"
 # Our own pacing may sleep this long for a token; longer waits pause the partition.
 _MAX_PACING_SLEEP_S = 1.0
 
@@ -73,10 +75,9 @@ class TokenBucket:
         self.blocked_until = max(self.blocked_until, now + seconds)
 
 
-class CloudflareSink(PurgeSink):
-    acts_on: ClassVar[tuple[str, ...]] = ("urls", "tags", "prefixes")
+class CloudflareSink(CdnPurgeSink):
     kind: ClassVar[str] = "cloudflare"
-    is_cdn: ClassVar[bool] = True
+    acts_on: ClassVar[tuple[str, ...]] = ("urls", "tags", "prefixes")
     # One bucket per (API, zone) in the process, shared by every sink on that zone.
     _buckets: ClassVar[dict[tuple[str, str], TokenBucket]] = {}
 
@@ -88,27 +89,25 @@ class CloudflareSink(PurgeSink):
         token: SecretStr,
         public_url: str,
         redis: Redis | str | None = None,
-        policy: CdnPolicy | None = None,
         api_url: str | None = None,
         rate_per_s: float | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        on_ack: AckHook | None = None,
+        **options: Unpack[CdnOptions],
     ) -> None:
-        super().__init__(region)
-        self.policy = policy or CdnPolicy()
+        super().__init__(region, redis=redis, **options)
         cf = self.policy.cloudflare
+        self.retries = Retries(cf.attempts, cf.timeout_s, wait_initial_s=0.2, wait_max_s=5.0)
         self.zone = zone
+        self.label = f"cloudflare zone {zone}"
         self._token = token
+        self.api_url = (api_url or cf.api_url).rstrip("/")
+        self.http = HttpEndpoint(
+            self.api_url, timeout_s=cf.timeout_s, transport=transport, headers=self._auth
+        )
         self.public_url = public_url.rstrip("/")
         self.host = urlsplit(self.public_url).netloc
-        self.api_url = (api_url or cf.api_url).rstrip("/")
-        # The region's Redis, for the warmer's fencing records; None only in unit tests.
-        self.redis = Redis.from_url(redis, socket_timeout=5) if isinstance(redis, str) else redis
-        self.ledger = PurgeLedger(self.redis, self.kind, region) if self.redis else None
-        self.linger_ms = self.policy.window_ms
-        self.max_batch_records = self.policy.max_batch_records
         self.limits = budget.Limits(
-            provider=PROVIDER,
+            provider=self.kind,
             max_items_per_request=cf.max_items_per_request,
             escalate_urls_over=cf.escalate_urls_over,
             max_requests=cf.max_requests_per_flush,
@@ -118,63 +117,39 @@ class CloudflareSink(PurgeSink):
         if key not in self._buckets:
             self._buckets[key] = TokenBucket(rate_per_s or cf.rate_per_s, cf.burst)
         self.bucket = self._buckets[key]
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
-        self._progress = budget.Progress()
-        self._recent = budget.RecentPurges(
-            keep_s=self.policy.remember_purged_s, skew_ms=self.policy.clock_skew_ms
-        )
-        self.on_ack = on_ack
-        self.calls = 0  # API calls made, for the CLI's status and the benchmark
-        self.throttled = 0
 
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                base_url=self.api_url,
-                transport=self._transport,
-                timeout=self.policy.cloudflare.timeout_s,
-                headers={"Authorization": f"Bearer {self._token.get_secret_value()}"},
-            )
-        return self._client
+    @classmethod
+    def unavailable(cls, settings: Settings, region: str) -> str | None:
+        if region not in settings.region_cloudflare_zones:
+            var = region_var("CLOUDFLARE_ZONE_", region)
+            return f"region {region} has no cloudflare_zone ({var} or {settings.topology_file})"
+        if not settings.topology.regions[region].public_url:
+            return f"region {region} has no public_url in {settings.topology_file}"
+        if settings.cloudflare_api_token is None:
+            return "CLOUDFLARE_API_TOKEN is not set"
+        return None
 
-    async def setup(self) -> None:
-        _ = self.client
+    @classmethod
+    def provider_args(cls, settings: Settings, region: str) -> dict[str, Any]:
+        spec = settings.topology.regions[region]
+        return {
+            "zone": settings.region_cloudflare_zones[region],
+            "token": settings.cloudflare_api_token,
+            "public_url": spec.public_url,
+            "api_url": settings.cloudflare_api_url,
+            "rate_per_s": spec.cloudflare_rate_per_s,
+        }
 
-    async def flush(self) -> FlushResult:
-        pending = self.take()
-        if not pending:
-            return FlushResult()
-        self._recent.expire(time.time() * 1000)
-        plan = budget.plan(pending, self.limits, progress=self._progress, recent=self._recent)
-        attrs = {"provider": PROVIDER, "region": self.region}
-        telemetry.cdn_coalesced.add(plan.coalesced, attrs)
-        for esc in plan.escalations:
-            telemetry.cdn_escalations.add(1, {**attrs, "reason": esc.reason})
-            log.info(
-                "cloudflare %s: %d items escalated to prefix %s (%s)",
-                self.zone,
-                esc.replaced,
-                esc.prefix,
-                esc.reason,
-            )
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token.get_secret_value()}"}
+
+    async def send(self, plan: budget.PurgePlan, todo: Sequence[PurgeCommand]) -> Sent:
         rejected: dict[str, str] = {}
         for request in plan.requests():
             if request.command_ids <= rejected.keys():
                 continue
             await self._apply(request, plan, rejected)  # raises TransientError / RetryAfter
-        self._progress.clear()
-        applied = [c for c in pending if c.command_id not in rejected]
-        if self.ledger is not None:
-            await self.ledger.record(applied)
-        record_latency(PROVIDER, self.region, applied, hook=self.on_ack, ref=self.zone)
-        return FlushResult(
-            applied=len(applied),
-            rejected=tuple(
-                Rejected(c, rejected[c.command_id]) for c in pending if c.command_id in rejected
-            ),
-        )
+        return Sent(rejected, ref=self.zone)
 
     def payloads(self, request: budget.PurgeRequest) -> list[dict[str, Any]]:
         """The API bodies for one planned request (the host root becomes a hosts purge)."""
@@ -212,68 +187,40 @@ class CloudflareSink(PurgeSink):
             for command_id in request.command_ids:
                 rejected.setdefault(command_id, message)
             return
-        self._progress.record(request)
-        self._recent.record(request.kind, request.items, sent_at)
+        self.acknowledged(request, sent_at)
 
     async def _purge(self, body: dict[str, Any]) -> tuple[int, str] | None:
         """Send one purge; None when applied, (status, message) when permanently refused."""
         await self._pace()
         kind, items = next(iter(body.items()))
-        attrs = {"provider": PROVIDER, "region": self.region}
         path = f"/client/v4/zones/{self.zone}/purge_cache"
-        cf = self.policy.cloudflare
-        try:
-            async for attempt in stamina.retry_context(
-                on=(httpx.TransportError, ServerError),
-                attempts=cf.attempts,
-                timeout=cf.timeout_s * cf.attempts,
-                wait_initial=0.2,
-                wait_max=5.0,
-            ):
-                with attempt:
-                    self.calls += 1
-                    response = await self.client.post(path, json=body)
-                    if response.status_code >= 500:
-                        telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "error"})
-                        raise ServerError(f"HTTP {response.status_code}: {_errors(response)}")
-        except ServerError as exc:
-            raise TransientError(f"cloudflare zone {self.zone}: {exc}") from exc
-        except httpx.TransportError as exc:
-            telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "error"})
-            raise TransientError(
-                f"cloudflare zone {self.zone}: {type(exc).__name__} after {cf.attempts} attempts"
-            ) from exc
+        response = await self.request("POST", path, json=body, what=self.label)
         if response.status_code == 429:
             retry_after = _retry_after(response)
             self.bucket.block(retry_after)
             self.throttled += 1
-            telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "throttled"})
-            telemetry.cdn_throttled.add(1, attrs)
-            raise RetryAfter(f"cloudflare zone {self.zone}: 429 rate limited", retry_after)
+            self.count_call("throttled")
+            telemetry.cdn_throttled.add(1, self.attrs)
+            raise RetryAfter(f"{self.label}: 429 rate limited", retry_after)
         envelope = _json(response)
         if response.status_code >= 400 or not envelope.get("success", False):
-            telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "rejected"})
-            message = (
-                f"cloudflare zone {self.zone}: HTTP {response.status_code}: {_errors(response)}"
-            )
+            self.count_call("rejected")
+            message = f"{self.label}: HTTP {response.status_code}: {_errors(response)}"
             log.warning("%s (%d %s)", message, len(items), kind)
             return response.status_code, message
-        telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "ok"})
-        telemetry.cdn_items.add(len(items), {**attrs, "kind": kind})
-        telemetry.cdn_cost_units.add(1, attrs)
+        self.count_call("ok")
+        telemetry.cdn_items.add(len(items), {**self.attrs, "kind": kind})
+        telemetry.cdn_cost_units.add(1, self.attrs)
         return None
+
+    def server_error(self, response: httpx.Response) -> str:
+        return f": {_errors(response)}"
 
     async def _pace(self) -> None:
         while (wait := self.bucket.take()) > 0:
             if wait > _MAX_PACING_SLEEP_S:
-                raise RetryAfter(f"cloudflare zone {self.zone}: rate budget spent", wait)
+                raise RetryAfter(f"{self.label}: rate budget spent", wait)
             await asyncio.sleep(wait)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-        if self.redis is not None:
-            await self.redis.aclose()
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

@@ -12,6 +12,9 @@ reference and its invalidation id are remembered in the region's Redis
 (`keys.CLOUDFRONT_BATCH`), and commands already applied (`keys.APPLIED`) are skipped,
 so a retried batch is never a second invalidation. The ids of the invalidations are
 kept in `invalidations` (and logged) for audit records.
+
+The flush itself (ledger, budget plan, retries) is the CDN template's (sinks/cdn.py);
+this module holds CloudFront's request, the mapping of its error codes, and its limits.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Unpack
 
-import aioboto3
-import stamina
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -37,18 +40,37 @@ from botocore.exceptions import (
 )
 from pydantic import SecretStr
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from cachesync.consumers import keys, telemetry
-from cachesync.consumers.errors import RetryAfter, TransientError
+from cachesync.consumers.commands import PurgeCommand
+from cachesync.consumers.errors import (
+    CachesyncError,
+    PermanentSinkError,
+    RetryAfter,
+    ServerError,
+    TransientError,
+    redis_errors,
+)
+from cachesync.consumers.settings import Settings, region_var
 from cachesync.consumers.sinks import budget
-from cachesync.consumers.sinks.base import FlushResult, Note, PurgeSink, Rejected, ServerError
-from cachesync.consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
-from cachesync.topology.model import CdnPolicy
+from cachesync.consumers.sinks.base import Note
+from cachesync.consumers.sinks.cdn import CdnOptions, CdnPurgeSink, Sent
+from cachesync.consumers.sinks.ledger import PurgeLedger
+from cachesync.consumers.sinks.retry import Retries
+
+if TYPE_CHECKING:
+    import aioboto3
 
 log = logging.getLogger(__name__)
 
-PROVIDER = "cloudfront"
+# Where boto3 finds credentials without AWS_ACCESS_KEY_ID (profiles, roles, containers).
+_AWS_CREDENTIAL_SOURCES = (
+    "AWS_PROFILE",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
 _TRANSIENT_NETWORK = (
     EndpointConnectionError,
     ConnectionClosedError,
@@ -76,10 +98,9 @@ class InvalidationRecord:
     deduplicated: bool = False
 
 
-class CloudFrontSink(PurgeSink):
-    acts_on: ClassVar[tuple[str, ...]] = ("urls", "prefixes")
+class CloudFrontSink(CdnPurgeSink):
     kind: ClassVar[str] = "cloudfront"
-    is_cdn: ClassVar[bool] = True
+    acts_on: ClassVar[tuple[str, ...]] = ("urls", "prefixes")
 
     def __init__(
         self,
@@ -87,44 +108,60 @@ class CloudFrontSink(PurgeSink):
         *,
         distribution: str,
         redis: Redis | str,
-        policy: CdnPolicy | None = None,
         endpoint_url: str | None = None,
         aws_access_key_id: SecretStr | None = None,
         aws_secret_access_key: SecretStr | None = None,
         session: aioboto3.Session | None = None,
-        on_ack: AckHook | None = None,
+        **options: Unpack[CdnOptions],
     ) -> None:
-        super().__init__(region)
-        self.policy = policy or CdnPolicy()
+        super().__init__(region, redis=redis, **options)
+        assert self.redis is not None and self.ledger is not None  # required here
+        self._refs: Redis = self.redis
+        self._markers: PurgeLedger = self.ledger
         self.distribution = distribution
+        self.label = f"cloudfront {distribution}"
         self.endpoint_url = endpoint_url
-        self.redis = Redis.from_url(redis, socket_timeout=5) if isinstance(redis, str) else redis
-        self.ledger = PurgeLedger(self.redis, self.kind, region)
-        self.linger_ms = max(self.policy.window_ms, self.policy.cloudfront.window_ms)
-        self.max_batch_records = self.policy.max_batch_records
-        self._session = session or aioboto3.Session(
-            aws_access_key_id=aws_access_key_id.get_secret_value() if aws_access_key_id else None,
-            aws_secret_access_key=(
-                aws_secret_access_key.get_secret_value() if aws_secret_access_key else None
-            ),
-            region_name="us-east-1",  # CloudFront is global; its API lives here
-        )
+        cf = self.policy.cloudfront
+        self.retries = Retries(cf.attempts, cf.timeout_s, wait_initial_s=0.5, wait_max_s=10.0)
+        self.linger_ms = max(self.policy.window_ms, cf.window_ms)
+        if session is None:
+            import aioboto3  # only a process that runs this sink pays for importing it
+
+            session = aioboto3.Session(
+                aws_access_key_id=_secret(aws_access_key_id),
+                aws_secret_access_key=_secret(aws_secret_access_key),
+                region_name="us-east-1",  # CloudFront is global; its API lives here
+            )
+        self._session = session
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         # Invalidations started here and not yet seen complete: id -> (paths, wildcards).
         self.in_flight: dict[str, tuple[int, int]] = {}
-        self._recent = budget.RecentPurges(
-            keep_s=self.policy.remember_purged_s, skew_ms=self.policy.clock_skew_ms
-        )
         self.invalidations: deque[InvalidationRecord] = deque(maxlen=10_000)
-        self.on_ack = on_ack
-        self.calls = 0  # create_invalidation calls made
-        self.throttled = 0
+
+    @classmethod
+    def unavailable(cls, settings: Settings, region: str) -> str | None:
+        if region not in settings.region_cloudfront_distributions:
+            var = region_var("CLOUDFRONT_DISTRIBUTION_", region)
+            return f"region {region} has no cloudfront_distribution ({var} or {settings.topology_file})"
+        has_keys = settings.aws_access_key_id is not None and settings.aws_secret_access_key
+        if not (has_keys or any(os.environ.get(v) for v in _AWS_CREDENTIAL_SOURCES)):
+            return "no AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile/role)"
+        return None
+
+    @classmethod
+    def provider_args(cls, settings: Settings, region: str) -> dict[str, Any]:
+        return {
+            "distribution": settings.region_cloudfront_distributions[region],
+            "endpoint_url": settings.cloudfront_endpoint_url,
+            "aws_access_key_id": settings.aws_access_key_id,
+            "aws_secret_access_key": settings.aws_secret_access_key,
+        }
 
     async def setup(self) -> None:
         cf = self.policy.cloudfront
         config = Config(
-            retries={"max_attempts": 1, "mode": "standard"},  # stamina retries, not botocore
+            retries={"max_attempts": 1, "mode": "standard"},  # sinks/retry.py retries, not botocore
             connect_timeout=min(5.0, cf.timeout_s),
             read_timeout=cf.timeout_s,
         )
@@ -132,24 +169,26 @@ class CloudFrontSink(PurgeSink):
             self._session.client("cloudfront", endpoint_url=self.endpoint_url, config=config)
         )
 
-    async def flush(self) -> FlushResult:
-        pending = self.take()
-        if not pending:
-            return FlushResult()
-        done = await self.ledger.applied_ids([c.command_id for c in pending])
-        todo = [c for c in pending if c.command_id not in done]
-        if not todo:
-            return FlushResult(applied=len(pending))
+    async def close(self) -> None:
+        await self._stack.aclose()
+        await super().close()
+
+    async def pending(self, purges: list[PurgeCommand]) -> list[PurgeCommand]:
+        """Commands already turned into an invalidation (their markers) are not sent again."""
+        done = await self._markers.applied_ids([c.command_id for c in purges])
+        return [c for c in purges if c.command_id not in done]
+
+    async def plan(self, todo: Sequence[PurgeCommand]) -> budget.PurgePlan:
+        """One invalidation within what the distribution's in-progress limits leave free;
+        RetryAfter when they leave nothing."""
         cf = self.policy.cloudfront
         busy_paths, busy_wildcards = await self._in_progress()
         paths_free = cf.max_paths_in_progress - busy_paths
         wildcards_free = cf.max_wildcards_in_progress - busy_wildcards
         if paths_free < 1:
-            raise RetryAfter(
-                f"cloudfront {self.distribution}: {busy_paths} paths in progress", cf.busy_retry_s
-            )
+            raise RetryAfter(f"{self.label}: {busy_paths} paths in progress", cf.busy_retry_s)
         limits = budget.Limits(
-            provider=PROVIDER,
+            provider=self.kind,
             max_items_per_request=cf.max_paths_in_progress,
             tags=False,
             escalate_urls_over=cf.escalate_paths_over,
@@ -157,64 +196,44 @@ class CloudFrontSink(PurgeSink):
             max_prefixes=max(wildcards_free, 1),
             root_depth=self.policy.root_depth,
         )
-        self._recent.expire(time.time() * 1000)
         plan = budget.plan(todo, limits, recent=self._recent)
         if plan.count("prefixes") > wildcards_free:
             raise RetryAfter(
-                f"cloudfront {self.distribution}: {busy_wildcards} wildcards in progress",
-                cf.busy_retry_s,
+                f"{self.label}: {busy_wildcards} wildcards in progress", cf.busy_retry_s
             )
-        attrs = {"provider": PROVIDER, "region": self.region}
-        telemetry.cdn_coalesced.add(plan.coalesced, attrs)
-        for esc in plan.escalations:
-            telemetry.cdn_escalations.add(1, {**attrs, "reason": esc.reason})
-            log.info(
-                "cloudfront %s: %d paths escalated to %s* (%s)",
-                self.distribution,
-                esc.replaced,
-                esc.prefix,
-                esc.reason,
-            )
+        return plan
+
+    async def send(self, plan: budget.PurgePlan, todo: Sequence[PurgeCommand]) -> Sent:
         if plan.item_count == 0:  # every path was invalidated after these events happened
-            await self.ledger.record(todo)
-            record_latency(PROVIDER, self.region, todo, hook=self.on_ack)
-            return FlushResult(applied=len(pending))
+            return Sent()
         paths = tuple(sorted(plan.items["urls"])) + tuple(
             p + "*" for p in sorted(plan.items["prefixes"])
         )
-        ref = caller_reference(self.distribution, [c.command_id for c in todo])
+        command_ids = [c.command_id for c in todo]
+        ref = caller_reference(self.distribution, command_ids)
         sent_at = time.time() * 1000
         try:
-            record = await self._invalidate(ref, paths, [c.command_id for c in todo])
-        except _Permanent as exc:
-            message = f"cloudfront {self.distribution}: {exc}"
+            record = await self._invalidate(ref, paths, command_ids)
+        except PermanentSinkError as exc:
+            message = f"{self.label}: {exc}"
             log.warning("%s (%d commands dead-lettered)", message, len(todo))
-            return FlushResult(
-                applied=len(pending) - len(todo), rejected=tuple(Rejected(c, message) for c in todo)
-            )
+            return Sent(rejected=dict.fromkeys(command_ids, message))
         for kind in budget.PATH_KINDS:
             self._recent.record(kind, plan.items[kind], sent_at)
-        await self.ledger.record(todo)
-        record_latency(PROVIDER, self.region, todo, hook=self.on_ack, ref=record.invalidation_id)
         # The invalidation id goes into each command's audit record, for `cachesync trace`.
         note = Note(provider_ids=(record.invalidation_id,), detail=f"{len(paths)} paths")
-        return FlushResult(applied=len(pending), notes={c.command_id: note for c in todo})
+        return Sent(ref=record.invalidation_id, note=note)
 
     async def _invalidate(
         self, ref: str, paths: tuple[str, ...], command_ids: list[str]
     ) -> InvalidationRecord:
         batch_key = keys.cloudfront_batch(self.distribution, ref)
-        try:
-            known = await self.redis.get(batch_key)
-        except (RedisError, OSError) as exc:
-            raise TransientError(
-                f"cloudfront {self.distribution}: reading batch references failed: "
-                f"{type(exc).__name__}"
-            ) from exc
+        with redis_errors(f"{self.label}: reading batch references"):
+            known = await self._refs.get(batch_key)
         now = time.time() * 1000
         if known is not None:
             inv_id = known.decode() if isinstance(known, bytes) else str(known)
-            log.info("cloudfront %s: batch %s is invalidation %s", self.distribution, ref, inv_id)
+            log.info("%s: batch %s is invalidation %s", self.label, ref, inv_id)
             rec = InvalidationRecord(
                 inv_id, ref, self.distribution, paths, tuple(command_ids), "known", now, True
             )
@@ -226,20 +245,14 @@ class CloudFrontSink(PurgeSink):
         wildcards = sum(1 for p in paths if p.endswith("*"))
         if status.lower() != "completed":
             self.in_flight[inv_id] = (len(paths), wildcards)
-        try:
-            await self.redis.set(batch_key, inv_id, ex=keys.APPLIED_TTL_S)
-        except (RedisError, OSError) as exc:
-            raise TransientError(
-                f"cloudfront {self.distribution}: invalidation {inv_id} created but not "
-                f"recorded: {type(exc).__name__}"
-            ) from exc
-        attrs = {"provider": PROVIDER, "region": self.region}
-        telemetry.cdn_items.add(len(paths) - wildcards, {**attrs, "kind": "paths"})
-        telemetry.cdn_items.add(wildcards, {**attrs, "kind": "wildcards"})
-        telemetry.cdn_cost_units.add(len(paths), attrs)
+        with redis_errors(f"{self.label}: invalidation {inv_id} created but recording it"):
+            await self._refs.set(batch_key, inv_id, ex=keys.APPLIED_TTL_S)
+        telemetry.cdn_items.add(len(paths) - wildcards, {**self.attrs, "kind": "paths"})
+        telemetry.cdn_items.add(wildcards, {**self.attrs, "kind": "wildcards"})
+        telemetry.cdn_cost_units.add(len(paths), self.attrs)
         log.info(
-            "cloudfront %s: invalidation %s (%d paths, %d wildcards, ref %s)",
-            self.distribution,
+            "%s: invalidation %s (%d paths, %d wildcards, ref %s)",
+            self.label,
             inv_id,
             len(paths),
             wildcards,
@@ -252,53 +265,45 @@ class CloudFrontSink(PurgeSink):
         return rec
 
     async def _create(self, ref: str, paths: tuple[str, ...]) -> dict[str, Any]:
-        cf = self.policy.cloudfront
-        attrs = {"provider": PROVIDER, "region": self.region}
+        """One CreateInvalidation; botocore's errors become the project's here."""
         batch = {"Paths": {"Quantity": len(paths), "Items": list(paths)}, "CallerReference": ref}
+
+        async def once() -> Any:
+            self.calls += 1
+            try:
+                return await self._client.create_invalidation(
+                    DistributionId=self.distribution, InvalidationBatch=batch
+                )
+            except ClientError as exc:
+                if _status(exc) >= 500 and _code(exc) not in _BUSY | _THROTTLED:
+                    self.count_call("error")
+                    raise ServerError(_describe(exc)) from exc
+                raise
+
         try:
-            async for attempt in stamina.retry_context(
-                on=(ServerError, *_TRANSIENT_NETWORK),
-                attempts=cf.attempts,
-                timeout=cf.timeout_s * cf.attempts,
-                wait_initial=0.5,
-                wait_max=10.0,
-            ):
-                with attempt:
-                    self.calls += 1
-                    try:
-                        response = await self._client.create_invalidation(
-                            DistributionId=self.distribution, InvalidationBatch=batch
-                        )
-                    except ClientError as exc:
-                        if _status(exc) >= 500 and _code(exc) not in _BUSY | _THROTTLED:
-                            telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "error"})
-                            raise ServerError(_describe(exc)) from exc
-                        raise
+            response = await self.retrying(once, network=_TRANSIENT_NETWORK, what=self.label)
         except ClientError as exc:
-            code = _code(exc)
-            if code in _BUSY | _THROTTLED:
-                outcome = "throttled" if code in _THROTTLED else "busy"
-                telemetry.cdn_api_calls.add(1, {**attrs, "outcome": outcome})
-                if code in _THROTTLED:
-                    self.throttled += 1
-                    telemetry.cdn_throttled.add(1, attrs)
-                raise RetryAfter(
-                    f"cloudfront {self.distribution}: {code}", cf.busy_retry_s
-                ) from exc
-            if code in _ALREADY:
-                telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "duplicate"})
-                raise TransientError(
-                    f"cloudfront {self.distribution}: reference {ref} exists with another batch"
-                ) from exc
-            telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "rejected"})
-            raise _Permanent(_describe(exc)) from exc
-        except ServerError as exc:
-            raise TransientError(f"cloudfront {self.distribution}: {exc}") from exc
-        except BotoCoreError as exc:
-            telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "error"})
-            raise TransientError(f"cloudfront {self.distribution}: {type(exc).__name__}") from exc
-        telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "ok"})
+            raise self._refused(ref, exc) from exc
+        except BotoCoreError as exc:  # not a network error worth another try
+            self.count_call("error")
+            raise TransientError(f"{self.label}: {type(exc).__name__}") from exc
+        self.count_call("ok")
         return dict(response["Invalidation"])
+
+    def _refused(self, ref: str, exc: ClientError) -> CachesyncError:
+        """What a CloudFront error code means for the batch."""
+        code = _code(exc)
+        if code in _BUSY | _THROTTLED:
+            self.count_call("throttled" if code in _THROTTLED else "busy")
+            if code in _THROTTLED:
+                self.throttled += 1
+                telemetry.cdn_throttled.add(1, self.attrs)
+            return RetryAfter(f"{self.label}: {code}", self.policy.cloudfront.busy_retry_s)
+        if code in _ALREADY:
+            self.count_call("duplicate")
+            return TransientError(f"{self.label}: reference {ref} exists with another batch")
+        self.count_call("rejected")
+        return PermanentSinkError(_describe(exc))
 
     async def _in_progress(self) -> tuple[int, int]:
         """Paths and wildcards of this sink's invalidations that CloudFront has not completed."""
@@ -308,9 +313,7 @@ class CloudFrontSink(PurgeSink):
                     DistributionId=self.distribution, Id=inv_id
                 )
             except (ClientError, BotoCoreError) as exc:
-                log.warning(
-                    "cloudfront %s: status of %s unknown: %s", self.distribution, inv_id, exc
-                )
+                log.warning("%s: status of %s unknown: %s", self.label, inv_id, exc)
                 continue  # still counted as in progress: the safe side
             if str(response["Invalidation"].get("Status", "")).lower() == "completed":
                 del self.in_flight[inv_id]
@@ -318,13 +321,9 @@ class CloudFrontSink(PurgeSink):
         wildcards = sum(w for _, w in self.in_flight.values())
         return paths, wildcards
 
-    async def close(self) -> None:
-        await self._stack.aclose()
-        await self.redis.aclose()
 
-
-class _Permanent(Exception):
-    pass
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
 
 def caller_reference(distribution: str, command_ids: list[str]) -> str:

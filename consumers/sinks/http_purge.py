@@ -11,6 +11,9 @@ The edge must accept these only from the purger (deploy/varnish/default.vcl allo
 loopback). A 5xx or timeout is retried with jittered backoff and then becomes
 `TransientError`; any other refusal (405: not allowed) is final and the commands are
 returned as `Rejected`.
+
+The flush itself (ledger, budget plan, progress, retries) is the CDN template's
+(sinks/cdn.py); this module holds the edge's requests and its concurrency.
 """
 
 from __future__ import annotations
@@ -19,28 +22,34 @@ import asyncio
 import logging
 import re
 import time
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, Unpack
 
 import httpx
-import stamina
 from redis.asyncio import Redis
 
 from cachesync.consumers import telemetry
+from cachesync.consumers.commands import PurgeCommand
 from cachesync.consumers.errors import TransientError
+from cachesync.consumers.settings import Settings, region_var
 from cachesync.consumers.sinks import budget
-from cachesync.consumers.sinks.base import FlushResult, PurgeSink, Rejected, ServerError
-from cachesync.consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
-from cachesync.topology.model import CdnPolicy
+from cachesync.consumers.sinks.cdn import CdnOptions, CdnPurgeSink, Sent
+from cachesync.consumers.sinks.retry import HttpEndpoint, Retries
 
 log = logging.getLogger(__name__)
 
-PROVIDER = "http_purge"
+
+def edge_unavailable(settings: Settings, region: str) -> str | None:
+    """Why `region` has no HTTP edge to purge or warm through, or None."""
+    if region not in settings.region_edge_urls:
+        var = region_var("EDGE_URL_", region)
+        return f"region {region} has no edge_url ({var} or the topology)"
+    return None
 
 
-class HttpPurgeSink(PurgeSink):
-    acts_on: ClassVar[tuple[str, ...]] = ("urls", "tags", "prefixes")
+class HttpPurgeSink(CdnPurgeSink):
     kind: ClassVar[str] = "http_purge"
-    is_cdn: ClassVar[bool] = True
+    acts_on: ClassVar[tuple[str, ...]] = ("urls", "tags", "prefixes")
 
     def __init__(
         self,
@@ -48,54 +57,31 @@ class HttpPurgeSink(PurgeSink):
         *,
         edge_url: str,
         redis: Redis | str | None = None,
-        policy: CdnPolicy | None = None,
-        soft: bool | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        on_ack: AckHook | None = None,
+        soft: bool | None = None,
+        **options: Unpack[CdnOptions],
     ) -> None:
-        super().__init__(region)
-        self.policy = policy or CdnPolicy()
+        super().__init__(region, redis=redis, **options)
         hp = self.policy.http_purge
+        self.retries = Retries(hp.attempts, hp.timeout_s, wait_initial_s=0.1, wait_max_s=2.0)
+        self.http = HttpEndpoint(edge_url, timeout_s=hp.timeout_s, transport=transport)
         self.edge_url = edge_url.rstrip("/")
+        self.label = f"http_purge {self.edge_url}"
         self.soft = hp.soft if soft is None else soft
-        # The region's Redis, for the warmer's fencing records; None only in unit tests.
-        self.redis = Redis.from_url(redis, socket_timeout=5) if isinstance(redis, str) else redis
-        self.ledger = PurgeLedger(self.redis, self.kind, region) if self.redis else None
-        self.linger_ms = self.policy.window_ms
-        self.max_batch_records = self.policy.max_batch_records
         self.limits = budget.Limits(
-            provider=PROVIDER, max_items_per_request=hp.max_keys_per_request
-        )
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
-        self._progress = budget.Progress()
-        self._recent = budget.RecentPurges(
-            keep_s=self.policy.remember_purged_s, skew_ms=self.policy.clock_skew_ms
+            provider=self.kind, max_items_per_request=hp.max_keys_per_request
         )
         self._gate = asyncio.Semaphore(hp.concurrency)
-        self.on_ack = on_ack
-        self.calls = 0
 
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                base_url=self.edge_url,
-                transport=self._transport,
-                timeout=self.policy.http_purge.timeout_s,
-            )
-        return self._client
+    @classmethod
+    def unavailable(cls, settings: Settings, region: str) -> str | None:
+        return edge_unavailable(settings, region)
 
-    async def setup(self) -> None:
-        _ = self.client
+    @classmethod
+    def provider_args(cls, settings: Settings, region: str) -> dict[str, Any]:
+        return {"edge_url": settings.region_edge_urls[region]}
 
-    async def flush(self) -> FlushResult:
-        pending = self.take()
-        if not pending:
-            return FlushResult()
-        self._recent.expire(time.time() * 1000)
-        plan = budget.plan(pending, self.limits, progress=self._progress, recent=self._recent)
-        telemetry.cdn_coalesced.add(plan.coalesced, {"provider": PROVIDER, "region": self.region})
+    async def send(self, plan: budget.PurgePlan, todo: Sequence[PurgeCommand]) -> Sent:
         requests: list[budget.PurgeRequest] = []
         for request in plan.requests():
             if request.kind == "tags":
@@ -111,22 +97,12 @@ class HttpPurgeSink(PurgeSink):
         )
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            # What was acknowledged is in self._progress; the retry sends only the rest.
+            # What was acknowledged is in the progress; the retry sends only the rest.
             first = failures[0]
             if isinstance(first, TransientError):
                 raise first
             raise TransientError(f"http_purge {self.region}: {type(first).__name__}") from first
-        self._progress.clear()
-        applied = [c for c in pending if c.command_id not in rejected]
-        if self.ledger is not None:
-            await self.ledger.record(applied)
-        record_latency(PROVIDER, self.region, applied, hook=self.on_ack, ref=self.edge_url)
-        return FlushResult(
-            applied=len(applied),
-            rejected=tuple(
-                Rejected(c, rejected[c.command_id]) for c in pending if c.command_id in rejected
-            ),
-        )
+        return Sent(rejected, ref=self.edge_url)
 
     async def _send(self, request: budget.PurgeRequest, rejected: dict[str, str]) -> None:
         if request.kind == "tags":
@@ -137,48 +113,21 @@ class HttpPurgeSink(PurgeSink):
             method, path, headers = "BAN", "/", {"x-ban-url": pattern}
         else:
             method, path, headers = "PURGE", request.items[0], {}
-        attrs = {"provider": PROVIDER, "region": self.region}
-        hp = self.policy.http_purge
         sent_at = time.time() * 1000
         async with self._gate:
-            try:
-                async for attempt in stamina.retry_context(
-                    on=(httpx.TransportError, ServerError),
-                    attempts=hp.attempts,
-                    timeout=hp.timeout_s * hp.attempts,
-                    wait_initial=0.1,
-                    wait_max=2.0,
-                ):
-                    with attempt:
-                        self.calls += 1
-                        response = await self.client.request(method, path, headers=headers)
-                        if response.status_code >= 500:
-                            telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "error"})
-                            raise ServerError(f"HTTP {response.status_code}")
-            except ServerError as exc:
-                raise TransientError(f"http_purge {self.edge_url}: {method}: {exc}") from exc
-            except httpx.TransportError as exc:
-                telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "error"})
-                raise TransientError(
-                    f"http_purge {self.edge_url}: {method}: {type(exc).__name__}"
-                ) from exc
+            response = await self.request(
+                method, path, headers=headers, what=f"{self.label}: {method}"
+            )
         if response.status_code >= 400:
-            telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "rejected"})
+            self.count_call("rejected")
             message = (
-                f"http_purge {self.edge_url}: {method} {path} refused: "
+                f"{self.label}: {method} {path} refused: "
                 f"HTTP {response.status_code} {response.reason_phrase}"
             )
             log.warning(message)
             for command_id in request.command_ids:
                 rejected.setdefault(command_id, message)
             return
-        telemetry.cdn_api_calls.add(1, {**attrs, "outcome": "ok"})
-        telemetry.cdn_items.add(len(request.items), {**attrs, "kind": request.kind})
-        self._progress.record(request)
-        self._recent.record(request.kind, request.items, sent_at)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-        if self.redis is not None:
-            await self.redis.aclose()
+        self.count_call("ok")
+        telemetry.cdn_items.add(len(request.items), {**self.attrs, "kind": request.kind})
+        self.acknowledged(request, sent_at)

@@ -2,11 +2,13 @@
 
 Every purge sink records, after its effect is acknowledged, the newest purge version
 per entity (`keys.PURGE_VERSION`) and a marker per applied command and per origin
-event (`keys.APPLIED`). The warmer reads both: it warms only after the purge of the
-same event is applied
-by the sinks it follows, and drops a warm that a newer purge has overtaken (version
-fencing). The CloudFront sink also uses the markers to skip commands it already
-turned into an invalidation.
+event (`keys.APPLIED`); the Redis sink writes the same keys in its purge script.
+They are read by:
+
+- the runner, for tier order (`AppliedEvents`): a sink acts on an event only after
+  the sinks it follows have applied that event's purge in the region;
+- the warmer, for version fencing: it drops a warm that a newer purge has overtaken;
+- the CloudFront sink, to skip commands it already turned into an invalidation.
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
 
 from cachesync.consumers import keys, telemetry
 from cachesync.consumers.commands import PurgeCommand
-from cachesync.consumers.errors import TransientError
+from cachesync.consumers.errors import redis_errors
 
 # Sets KEYS[1] to ARGV[1] unless it already holds a higher version (versions only grow).
 _MAX_VERSION = """
@@ -78,27 +79,39 @@ class PurgeLedger:
     async def record(self, commands: Sequence[PurgeCommand]) -> None:
         if not commands:
             return
-        try:
+        with redis_errors(f"{self.sink} {self.region}: recording applied purges"):
             pipe = self.redis.pipeline(transaction=False)
             await self.queue(pipe, commands)
             await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise TransientError(
-                f"{self.sink} {self.region}: recording applied purges failed: {type(exc).__name__}"
-            ) from exc
 
-    async def events_not_applied(self, sinks: Sequence[str], event_ids: Sequence[str]) -> set[str]:
+    async def applied_ids(self, command_ids: Sequence[str]) -> set[str]:
+        """Which of these commands this sink already applied (markers live APPLIED_TTL_S)."""
+        if not command_ids:
+            return set()
+        with redis_errors(f"{self.sink} {self.region}: reading applied markers"):
+            values = await self.redis.mget([keys.applied(self.sink, c) for c in command_ids])
+        return {c for c, v in zip(command_ids, values, strict=True) if v is not None}
+
+
+class AppliedEvents:
+    """The runner's view of a region's applied markers, for tier order."""
+
+    def __init__(self, redis: Redis, region: str) -> None:
+        self.redis = redis
+        self.region = region
+
+    @classmethod
+    def for_url(cls, url: str, region: str) -> AppliedEvents:
+        return cls(Redis.from_url(url, socket_timeout=5), region)
+
+    async def not_applied(self, sinks: Sequence[str], event_ids: Sequence[str]) -> set[str]:
         """The event ids whose purge some of `sinks` has not applied yet in this region."""
         if not sinks or not event_ids:
             return set()
-        try:
+        with redis_errors(f"tier order {self.region}: reading applied events"):
             values = await self.redis.mget(
                 [keys.applied_event(sink, e) for e in event_ids for sink in sinks]
             )
-        except (RedisError, OSError) as exc:
-            raise TransientError(
-                f"{self.sink} {self.region}: reading applied events failed: {type(exc).__name__}"
-            ) from exc
         n = len(sinks)
         return {
             e
@@ -106,17 +119,8 @@ class PurgeLedger:
             if any(v is None for v in values[i * n : (i + 1) * n])
         }
 
-    async def applied_ids(self, command_ids: Sequence[str]) -> set[str]:
-        """Which of these commands this sink already applied (markers live APPLIED_TTL_S)."""
-        if not command_ids:
-            return set()
-        try:
-            values = await self.redis.mget([keys.applied(self.sink, c) for c in command_ids])
-        except (RedisError, OSError) as exc:
-            raise TransientError(
-                f"{self.sink} {self.region}: reading applied markers failed: {type(exc).__name__}"
-            ) from exc
-        return {c for c, v in zip(command_ids, values, strict=True) if v is not None}
+    async def close(self) -> None:
+        await self.redis.aclose()
 
 
 def record_latency(

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from cachesync.consumers import keys, telemetry
 from cachesync.consumers.commands import Command, PurgeCommand
-from cachesync.consumers.errors import TransientError
+from cachesync.consumers.errors import redis_errors
+from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.base import FlushResult, Note, PurgeSink
 
 # One call per command, atomic, so a crash can never leave a purge applied but not
@@ -67,6 +67,10 @@ class RedisSink(PurgeSink):
         self.redis = client or Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
         self._script = self.redis.register_script(_PURGE_SCRIPT)
 
+    @classmethod
+    def from_settings(cls, settings: Settings, region: str) -> Self:
+        return cls(region, settings.region_redis_urls[region])
+
     def accepts(self, command: Command) -> bool:
         # Every purge, even one with no keys or tags: its applied marker is what the edges
         # and the warmer wait for (tier order), so it must be written for each event.
@@ -76,7 +80,7 @@ class RedisSink(PurgeSink):
         pending = self.take()
         if not pending:
             return FlushResult()
-        try:
+        with redis_errors(f"redis {self.region}: purge"):
             pipe = self.redis.pipeline(transaction=False)
             for cmd in pending:
                 fences = [cmd.entity, *(keys.url_target(u) for u in cmd.urls)]
@@ -98,10 +102,6 @@ class RedisSink(PurgeSink):
                     client=pipe,
                 )
             results = [int(r) for r in await pipe.execute()]
-        except (RedisError, OSError) as exc:
-            raise TransientError(
-                f"redis {self.region}: purge failed: {type(exc).__name__}: {exc}"
-            ) from exc
         now_ms = time.time() * 1000
         attrs = {"region": self.region, "sink": self.kind}
         applied = [cmd for cmd, r in zip(pending, results, strict=True) if r >= 0]

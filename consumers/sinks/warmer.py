@@ -1,15 +1,19 @@
 """The warmer: fetches a wedding's pages through a region's edge once its purge is applied.
 
-A warm command comes from the same event as a purge. The warmer waits (the batch is
-put back, the partition paused for `wait_retry_s`) until the purge sinks it follows
-(`after`, e.g. redis and http_purge) have applied that purge in this region; warming
-earlier would put the stale page back into the edge. It drops a warm that:
+A warm command comes from the same event as a purge. Warming before that purge is
+applied would put the stale page back into the edge, so the warmer follows the
+region's purge sinks (`after`, every purge sink configured in the region): the runner
+holds a batch of warms until they have applied its events' purges (tier order,
+pipeline/roles.py), as it holds an edge's purges until Redis has applied them.
+
+The warmer drops a warm that:
 
 - newer purges have overtaken on every one of its URLs (version fencing, per URL):
   their own warms follow, and this one would fetch pages that are already stale (a
   warm with only some URLs overtaken fetches the others);
-- is past its deadline, or whose purge is still not applied `max_wait_s` after it was
-  issued (so one lost purge cannot hold the partition's other warms).
+- is past its deadline;
+- the runner handed over `overdue`: its purge was still not applied `max_wait_s` after
+  it was issued (so one lost purge cannot hold the partition's other warms).
 
 Each URL is fetched with a concurrency limit and timeouts; the edge's cache-status
 header (`X-Cache`) is recorded. After a MISS the URL is fetched once more, and the
@@ -21,20 +25,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import httpx
-import stamina
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from cachesync.consumers import keys, telemetry
 from cachesync.consumers.commands import Command, WarmCommand
-from cachesync.consumers.errors import RetryAfter, TransientError
-from cachesync.consumers.sinks.base import FlushResult, Note, ServerError, Sink
+from cachesync.consumers.errors import ServerError, TransientError, redis_errors
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.base import FlushResult, Note, Sink
+from cachesync.consumers.sinks.http_purge import edge_unavailable
+from cachesync.consumers.sinks.retry import HttpEndpoint, Retries, redis_client, with_retries
 from cachesync.topology.model import CdnPolicy
 
 log = logging.getLogger(__name__)
@@ -69,31 +74,49 @@ class WarmerSink(Sink):
     ) -> None:
         super().__init__(region)
         self.policy = policy or CdnPolicy()
+        w = self.policy.warm
         self.edge_url = edge_url.rstrip("/")
+        # Tier order (the runner's) and version fencing (ours) both follow these sinks.
         self.after = tuple(after)
-        self.redis = Redis.from_url(redis, socket_timeout=5) if isinstance(redis, str) else redis
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self.after_max_wait_s = w.max_wait_s
+        self.after_retry_s = w.wait_retry_s
+        self.redis = redis_client(redis)
+        self.http = HttpEndpoint(
+            self.edge_url,
+            timeout_s=w.timeout_s,
+            transport=transport,
+            headers=lambda: {"User-Agent": "cachesync-warmer"},
+        )
+        self.retries = Retries(w.attempts, w.timeout_s, wait_initial_s=0.1, wait_max_s=2.0)
         self._pending: list[WarmCommand] = []
-        self._gate = asyncio.Semaphore(self.policy.warm.concurrency)
-        # Warms done while others in their batch were not ready: the retried batch skips them.
-        self._done: OrderedDict[str, Note] = OrderedDict()
+        self._overdue: set[str] = set()
+        self._gate = asyncio.Semaphore(w.concurrency)
         self.results: deque[WarmResult] = deque(maxlen=10_000)
         self.dropped: deque[tuple[str, str]] = deque(maxlen=10_000)  # (command_id, reason)
 
+    @classmethod
+    def from_settings(cls, settings: Settings, region: str) -> Self:
+        from cachesync.consumers.sinks.registry import PURGE_KINDS, available
+
+        # Warm only after every purge sink configured here has applied the event's purge.
+        return cls(
+            region,
+            after=available(settings, region, PURGE_KINDS),
+            edge_url=settings.region_edge_urls[region],
+            redis=settings.region_redis_urls[region],
+            policy=settings.topology.cdn,
+        )
+
+    @classmethod
+    def unavailable(cls, settings: Settings, region: str) -> str | None:
+        return edge_unavailable(settings, region)
+
     @property
     def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                base_url=self.edge_url,
-                transport=self._transport,
-                timeout=self.policy.warm.timeout_s,
-                headers={"User-Agent": "cachesync-warmer"},
-            )
-        return self._client
+        return self.http.client
 
     async def setup(self) -> None:
-        _ = self.client
+        _ = self.http.client
 
     def accepts(self, command: Command) -> bool:
         return isinstance(command, WarmCommand) and bool(command.urls)
@@ -102,16 +125,16 @@ class WarmerSink(Sink):
         if isinstance(command, WarmCommand):
             self._pending.append(command)
 
+    def overdue(self, command: Command) -> None:
+        self._overdue.add(command.command_id)
+
     async def flush(self) -> FlushResult:
         pending, self._pending = self._pending, []
-        notes: dict[str, Note] = {
-            w.command_id: self._done[w.command_id] for w in pending if w.command_id in self._done
-        }
-        todo = [w for w in pending if w.command_id not in self._done]
-        if not todo:
-            self._done.clear()
-            return FlushResult(skipped=len(pending), notes=notes)
-        ready, waiting, dropped = await self._triage(todo)
+        overdue, self._overdue = self._overdue, set()
+        if not pending:
+            return FlushResult()
+        ready, dropped = await self._triage(pending, overdue)
+        notes: dict[str, Note] = {}
         for warm, reason in dropped:
             self.dropped.append((warm.command_id, reason))
             telemetry.warm_dropped.add(1, {"region": self.region, "reason": reason})
@@ -128,22 +151,12 @@ class WarmerSink(Sink):
                 cache_status={r.url: "HIT" if r.confirmed else r.cache_status for r in fetched},
                 detail=f"{skipped} URLs left to a newer purge's warm" if skipped else "",
             )
-        if waiting:
-            for warm, _urls in ready:
-                self._remember(warm.command_id, notes[warm.command_id])
-            raise RetryAfter(
-                f"warmer {self.region}: {len(waiting)} warms wait for their purge",
-                self.policy.warm.wait_retry_s,
-            )
-        self._done.clear()
         return FlushResult(applied=len(ready), skipped=len(pending) - len(ready), notes=notes)
 
     async def _triage(
-        self, warms: list[WarmCommand]
-    ) -> tuple[
-        list[tuple[WarmCommand, tuple[str, ...]]], list[WarmCommand], list[tuple[WarmCommand, str]]
-    ]:
-        """Split into ready (with the URLs still worth fetching), waiting, and dropped with why.
+        self, warms: list[WarmCommand], overdue: set[str]
+    ) -> tuple[list[tuple[WarmCommand, tuple[str, ...]]], list[tuple[WarmCommand, str]]]:
+        """Split into ready (with the URLs still worth fetching) and dropped with why.
 
         Fencing is per URL: a URL that a newer purge named has been (or will be) warmed
         by that purge's own warm, so this older warm skips it; a warm all of whose URLs
@@ -151,31 +164,20 @@ class WarmerSink(Sink):
         with a wedding changing every second, every warm had a newer purge somewhere.)
         """
         now_ms = time.time() * 1000
-        try:
+        with redis_errors(f"warmer {self.region}: reading purge versions"):
             pipe = self.redis.pipeline(transaction=False)
             for warm in warms:
                 for sink in self.after:
-                    pipe.exists(keys.applied_event(sink, warm.origin_event_id))
                     for url in warm.urls:
                         pipe.get(keys.purge_version(sink, keys.url_target(url)))
-            values = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise TransientError(
-                f"warmer {self.region}: reading purge versions failed: {type(exc).__name__}"
-            ) from exc
+            values = iter(await pipe.execute())
         ready: list[tuple[WarmCommand, tuple[str, ...]]] = []
-        waiting: list[WarmCommand] = []
         dropped: list[tuple[WarmCommand, str]] = []
-        position = 0
         for warm in warms:
-            applied = True
             overtaken: set[str] = set()
             for _sink in self.after:
-                applied = applied and bool(values[position])
-                position += 1
                 for url in warm.urls:
-                    version = values[position]
-                    position += 1
+                    version = next(values)
                     if version is not None and int(version) > warm.version:
                         overtaken.add(url)
             urls = tuple(u for u in warm.urls if u not in overtaken)
@@ -183,13 +185,11 @@ class WarmerSink(Sink):
                 dropped.append((warm, "fenced"))
             elif now_ms > warm.deadline:
                 dropped.append((warm, "expired"))
-            elif applied:
-                ready.append((warm, urls))
-            elif now_ms > warm.issued_at + self.policy.warm.max_wait_s * 1000:
+            elif warm.command_id in overdue:
                 dropped.append((warm, "purge_not_applied"))
             else:
-                waiting.append(warm)
-        return ready, waiting, dropped
+                ready.append((warm, urls))
+        return ready, dropped
 
     async def _warm(self, warm: WarmCommand, urls: Sequence[str]) -> list[WarmResult]:
         results = await asyncio.gather(*(self._fetch(warm, url) for url in urls))
@@ -221,32 +221,25 @@ class WarmerSink(Sink):
         return result
 
     async def _get(self, url: str) -> httpx.Response:
-        w = self.policy.warm
-        try:
-            async for attempt in stamina.retry_context(
-                on=(httpx.TransportError, ServerError),
-                attempts=w.attempts,
-                timeout=w.timeout_s * w.attempts,
-                wait_initial=0.1,
-                wait_max=2.0,
-            ):
-                with attempt:
-                    response = await self.client.get(url)
-                    if response.status_code >= 500:
-                        raise ServerError(f"HTTP {response.status_code}")
-        except (ServerError, httpx.TransportError) as exc:
-            telemetry.warm_fetches.add(1, {"region": self.region, "cache_status": "error"})
-            raise TransientError(
-                f"warmer {self.region}: GET {url} via {self.edge_url}: {exc or type(exc).__name__}"
-            ) from exc
-        return response
+        async def once() -> httpx.Response:
+            response = await self.client.get(url)
+            if response.status_code >= 500:
+                raise ServerError(f"HTTP {response.status_code}")
+            return response
 
-    def _remember(self, command_id_: str, note: Note) -> None:
-        self._done[command_id_] = note
-        while len(self._done) > 50_000:
-            self._done.popitem(last=False)
+        try:
+            return await with_retries(
+                once,
+                self.retries,
+                network=(httpx.TransportError,),
+                sink=self.kind,
+                region=self.region,
+                what=f"warmer {self.region}: GET {url} via {self.edge_url}",
+            )
+        except TransientError:
+            telemetry.warm_fetches.add(1, {"region": self.region, "cache_status": "error"})
+            raise
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        await self.http.aclose()
         await self.redis.aclose()

@@ -50,6 +50,7 @@ from cachesync.consumers.errors import (
     BadVendorResponse,
     CacheUnavailable,
     ConfigError,
+    LockHeld,
     VendorApiError,
     VendorRejected,
     VendorTimeout,
@@ -63,7 +64,7 @@ from cachesync.consumers.vendor_api.entry import (
     VendorResponse,
     kept_headers,
 )
-from cachesync.consumers.vendor_api.store import EntryStore, LockHeld
+from cachesync.consumers.vendor_api.store import EntryStore
 from cachesync.topology import Topology, VendorApiPolicy
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ resurrect what the purge removed. So before going upstream the fetcher puts a ma
 in each tag set, and stores its result only if every marker survived (a purge deletes
 the sets): the lease idea of Facebook's memcache, on our tag index.
 
-Redis errors become `CacheUnavailable` here and nowhere else.
+Redis errors become `CacheUnavailable` here, through the project's one Redis mapping
+(`errors.redis_errors`).
 """
 
 from __future__ import annotations
@@ -25,15 +26,13 @@ from contextlib import asynccontextmanager
 from cashews import Cache, CacheBackendInteractionError
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from cachesync.consumers import keys
-from cachesync.consumers.errors import CacheUnavailable
+from cachesync.consumers.errors import CacheUnavailable, LockHeld, RedisBoundary, redis_errors
 from cachesync.consumers.vendor_api.entry import StoredEntry
 
 log = logging.getLogger(__name__)
 
-_BACKEND_ERRORS = (CacheBackendInteractionError, RedisError, OSError, TimeoutError)
 
 # Extend a set's TTL to at least ARGV[n] ms, never shorten it: the set must outlive
 # every key it indexes, or a purge would miss the longer-lived ones.
@@ -77,10 +76,6 @@ return 1
 )
 
 
-class LockHeld(Exception):
-    """Another caller holds the fetch lock for this entry (control flow; never escapes the package)."""
-
-
 class EntryStore:
     """Entries, fetch locks and tag registration in one region's Redis."""
 
@@ -105,10 +100,8 @@ class EntryStore:
         self._register = self._redis.register_script(_REGISTER_SCRIPT)
 
     async def get(self, key: str) -> StoredEntry | None:
-        try:
+        with _redis("get"):
             raw = await self._cache.get(key)
-        except _BACKEND_ERRORS as exc:
-            raise _unavailable("get", exc) from exc
         if raw is None:
             return None
         try:
@@ -122,44 +115,37 @@ class EntryStore:
     async def lock(self, key: str, *, ttl_s: float) -> AsyncIterator[None]:
         """Hold the cross-process fetch lock for `key`, or raise `LockHeld` at once."""
         token = uuid.uuid4().hex
-        try:
+        with _redis("lock"):
             acquired = await self._cache.set_lock(key, token, expire=ttl_s)
-        except _BACKEND_ERRORS as exc:
-            raise _unavailable("lock", exc) from exc
         if not acquired:
             raise LockHeld(key)
         try:
             yield
         finally:
             try:
-                await self._cache.unlock(key, token)
-            except _BACKEND_ERRORS:
+                with _redis("unlock"):
+                    await self._cache.unlock(key, token)
+            except CacheUnavailable:
                 # It expires by itself within ttl_s; waiters then take their turn.
                 log.warning("vendor api cache: could not release lock %s", key, exc_info=True)
 
     async def is_locked(self, key: str) -> bool:
-        try:
+        with _redis("is_locked"):
             return bool(await self._cache.is_locked(key))
-        except _BACKEND_ERRORS as exc:
-            raise _unavailable("is_locked", exc) from exc
 
     async def reserve(self, tags: Iterable[str], marker: str, *, ttl_s: float) -> None:
         """Put `marker` in each tag's index set before a fetch (see the module docstring)."""
         sets = [keys.tag_index(t) for t in tags]
-        try:
+        with _redis("reserve"):
             await self._reserve(keys=sets, args=[marker, _ms(ttl_s)])
-        except _BACKEND_ERRORS as exc:
-            raise _unavailable("reserve", exc) from exc
 
     async def release(self, tags: Iterable[str], marker: str) -> None:
         """Take back a reservation whose fetch stored nothing."""
-        try:
+        with _redis("release"):
             pipe = self._redis.pipeline(transaction=False)
             for tag in tags:
                 pipe.srem(keys.tag_index(tag), marker)
             await pipe.execute()
-        except _BACKEND_ERRORS as exc:
-            raise _unavailable("release", exc) from exc
 
     async def put(
         self, key: str, entry: StoredEntry, tags: list[str], marker: str, *, ttl_s: float
@@ -170,27 +156,21 @@ class EntryStore:
         the marker, the index step reports it, and the entry is deleted again.
         """
         sets = [keys.tag_index(t) for t in tags]
-        try:
+        with _redis("put"):
             await self._cache.set(key, entry.model_dump(mode="json"), expire=ttl_s)
             indexed = await self._register(keys=sets, args=[key, marker, _ms(ttl_s)])
             if not indexed:
                 await self._cache.delete(key)
-        except _BACKEND_ERRORS as exc:
-            raise _unavailable("put", exc) from exc
         return bool(indexed)
 
     async def delete(self, key: str) -> None:
-        try:
+        with _redis("delete"):
             await self._cache.delete(key)
-        except _BACKEND_ERRORS as exc:
-            raise _unavailable("delete", exc) from exc
 
     async def ttl_s(self, key: str) -> float | None:
         """Seconds Redis keeps `key`, None if absent (for tests and the CLI)."""
-        try:
+        with _redis("pttl"):
             pttl = int(await self._redis.pttl(key))
-        except _BACKEND_ERRORS as exc:
-            raise _unavailable("pttl", exc) from exc
         return None if pttl < 0 else pttl / 1000
 
     async def close(self) -> None:
@@ -202,6 +182,8 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
-def _unavailable(op: str, exc: BaseException) -> CacheUnavailable:
-    cause = exc.__cause__ or exc  # cashews wraps the redis error; name the real one
-    return CacheUnavailable(f"vendor api cache: redis {op} failed: {type(cause).__name__}: {cause}")
+def _redis(op: str) -> RedisBoundary:
+    """Redis errors (cashews wraps them) become CacheUnavailable, naming the operation."""
+    return redis_errors(
+        f"vendor api cache: redis {op}", into=CacheUnavailable, also=(CacheBackendInteractionError,)
+    )

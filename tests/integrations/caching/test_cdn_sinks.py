@@ -275,9 +275,11 @@ async def test_warmer_waits_for_its_purge_drops_overtaken_warms_and_confirms_hit
         policy=POLICY,
     )
     current = warm(run, wedding, version=2_000, event=f"ev-{run}-new", urls=(page,))
-    sink.add(current)
+    # Tier order is the runner's: it holds the warm back while its purge is not applied.
+    runner = SinkRole(settings, sink)
+    assert runner.tiers is not None
     with pytest.raises(RetryAfter):
-        await sink.flush()
+        await runner.hold_for_earlier_tiers([current])
     assert not sink.results
 
     # The purge of that event is applied by the edge's purge sink.
@@ -290,6 +292,7 @@ async def test_warmer_waits_for_its_purge_drops_overtaken_warms_and_confirms_hit
     await purger.flush()
     await purger.close()
     assert await redis.get(keys.purge_version("http_purge", f"wedding:{wedding}")) == b"2000"
+    await runner.hold_for_earlier_tiers([current])  # no longer held
 
     older = warm(run, wedding, version=1_000, event=f"ev-{run}-old", urls=(page,))
     sink.add(current)
@@ -301,4 +304,4 @@ async def test_warmer_waits_for_its_purge_drops_overtaken_warms_and_confirms_hit
     assert fetched.url == page and fetched.cache_status == "MISS" and fetched.confirmed
     async with httpx.AsyncClient(base_url=edge) as http:
         assert (await http.get(page)).headers["X-Cache"] == "HIT"
-    await sink.close()
+    await runner.stop()  # the runner was never started; this closes its clients and the sink

@@ -1,0 +1,230 @@
+"""The template of the CDN purge sinks: Cloudflare, CloudFront and the HTTP edge.
+
+A flush is the same for every provider and is written here once:
+
+    take the window's purges
+    -> keep those still to do (`pending`; CloudFront skips commands it already applied)
+    -> forget purge times older than `remember_purged_s`
+    -> plan: coalesce and escalate them through the purge budget to fit the provider's
+       limits (`plan`), and count what was coalesced and escalated
+    -> send the planned requests (`send`, the provider's part); each acknowledged request
+       is remembered in `Progress` (the retry of a failed batch does not send it again)
+       and in `RecentPurges` (a later window does not purge it again for older events)
+    -> clear Progress, record the applied commands in the region's ledger (markers and
+       version fences), purge latency and the ack hook
+    -> FlushResult, the commands the provider refused for good as `Rejected`.
+
+A provider module holds only its requests, the mapping of its answers and its limits.
+HTTP providers call through `request` (5xx and network errors retried by
+`sinks/retry.py`, calls counted); others through `retrying` with their own network
+errors.
+
+Tier order is not here: the edges declare `after = ("redis",)`, and the runner holds a
+batch until the region's Redis sink has applied its events (pipeline/roles.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self, TypedDict, TypeVar, Unpack
+
+import httpx
+from redis.asyncio import Redis
+
+from cachesync.consumers import telemetry
+from cachesync.consumers.commands import PurgeCommand
+from cachesync.consumers.errors import ServerError, TransientError
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks import budget
+from cachesync.consumers.sinks.base import FlushResult, Note, PurgeSink, Rejected
+from cachesync.consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
+from cachesync.consumers.sinks.retry import HttpEndpoint, Retries, redis_client, with_retries
+from cachesync.topology.model import CdnPolicy
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class CdnOptions(TypedDict, total=False):
+    """What every CDN sink's constructor takes besides its provider's own settings."""
+
+    policy: CdnPolicy | None  # `cdn:` of the topology; the defaults when None
+    on_ack: AckHook | None  # called with each acknowledged purge (the benchmark's latency)
+
+
+@dataclass
+class Sent:
+    """What a provider's `send` did with a flush's plan."""
+
+    rejected: dict[str, str] = field(default_factory=dict)  # command id -> why, for good
+    ref: str = ""  # the provider's name for the acknowledgement: zone, edge, invalidation id
+    note: Note | None = None  # said of every applied command (CloudFront: the invalidation)
+
+
+class CdnPurgeSink(PurgeSink):
+    """A purge sink in front of guests, paying in rate budget or money per item."""
+
+    is_cdn: ClassVar[bool] = True
+    # Tier order: an edge purges an event only after the region's Redis has, so that an
+    # edge miss cannot refill from a stale Redis.
+    after: tuple[str, ...] = ("redis",)
+    # Set by the provider: what log lines and errors call the target (`cloudflare zone Z`),
+    # how its calls are retried (from its section of the policy), its budget limits (or
+    # built per flush in its `plan`), and its HTTP endpoint if it is called over HTTP.
+    label: str
+    retries: Retries
+    limits: budget.Limits
+    http: HttpEndpoint | None = None
+
+    def __init__(
+        self, region: str, *, redis: Redis | str | None, **options: Unpack[CdnOptions]
+    ) -> None:
+        super().__init__(region)
+        self.policy = options.get("policy") or CdnPolicy()
+        # The region's Redis, for the ledger (the warmer's fences, the applied markers
+        # the runner's tier order reads); None only when a test builds the sink alone.
+        self.redis = redis_client(redis)
+        self.ledger = PurgeLedger(self.redis, self.kind, region) if self.redis is not None else None
+        self.linger_ms = self.policy.window_ms
+        self.max_batch_records = self.policy.max_batch_records
+        self.on_ack = options.get("on_ack")
+        self._progress = budget.Progress()
+        self._recent = budget.RecentPurges(
+            keep_s=self.policy.remember_purged_s, skew_ms=self.policy.clock_skew_ms
+        )
+        self.calls = 0  # provider calls made, for the CLI's status and the benchmark
+        self.throttled = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, region: str) -> Self:
+        """Every CDN sink gets the region's Redis and the topology's `cdn:` policy; the
+        provider adds its own arguments (`provider_args`)."""
+        return cls(
+            region,
+            redis=settings.region_redis_urls[region],
+            policy=settings.topology.cdn,
+            **cls.provider_args(settings, region),
+        )
+
+    @classmethod
+    @abstractmethod
+    def provider_args(cls, settings: Settings, region: str) -> dict[str, Any]:
+        """The provider's own constructor arguments for `region` (zone, distribution, edge)."""
+
+    @property
+    def attrs(self) -> dict[str, str]:
+        return {"provider": self.kind, "region": self.region}
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        assert self.http is not None, f"{self.kind} has no HTTP endpoint"
+        return self.http.client
+
+    async def setup(self) -> None:
+        if self.http is not None:
+            _ = self.http.client
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    # -- the flush ------------------------------------------------------------
+    async def flush(self) -> FlushResult:
+        purges = self.take()
+        if not purges:
+            return FlushResult()
+        todo = await self.pending(purges)
+        if not todo:
+            return FlushResult(applied=len(purges))
+        self._recent.expire(time.time() * 1000)
+        plan = await self.plan(todo)
+        telemetry.cdn_coalesced.add(plan.coalesced, self.attrs)
+        for esc in plan.escalations:
+            telemetry.cdn_escalations.add(1, {**self.attrs, "reason": esc.reason})
+            log.info(
+                "%s: %d items escalated to %s (%s)",
+                self.label,
+                esc.replaced,
+                esc.prefix,
+                esc.reason,
+            )
+        sent = await self.send(plan, todo)  # raises TransientError / RetryAfter
+        self._progress.clear()
+        applied = [c for c in todo if c.command_id not in sent.rejected]
+        if self.ledger is not None:
+            await self.ledger.record(applied)
+        record_latency(self.kind, self.region, applied, hook=self.on_ack, ref=sent.ref)
+        return FlushResult(
+            applied=len(purges) - len(todo) + len(applied),
+            rejected=tuple(
+                Rejected(c, sent.rejected[c.command_id])
+                for c in todo
+                if c.command_id in sent.rejected
+            ),
+            notes={c.command_id: sent.note for c in applied} if sent.note else {},
+        )
+
+    async def pending(self, purges: list[PurgeCommand]) -> list[PurgeCommand]:
+        """The purges still to do (all of them unless the provider remembers more)."""
+        return purges
+
+    async def plan(self, todo: Sequence[PurgeCommand]) -> budget.PurgePlan:
+        """The budget's plan for `todo` within `limits`, minus what a failed try already sent."""
+        return budget.plan(todo, self.limits, progress=self._progress, recent=self._recent)
+
+    @abstractmethod
+    async def send(self, plan: budget.PurgePlan, todo: Sequence[PurgeCommand]) -> Sent:
+        """Make the provider calls for `plan`; call `acknowledged` for each acknowledged request."""
+
+    def acknowledged(self, request: budget.PurgeRequest, sent_at_ms: float) -> None:
+        """The provider acknowledged `request`: not sent again on a retry, nor soon after."""
+        self._progress.record(request)
+        self._recent.record(request.kind, request.items, sent_at_ms)
+
+    # -- calls ----------------------------------------------------------------
+    def count_call(self, outcome: str) -> None:
+        """One provider call, by outcome: ok, throttled, busy, error, rejected, duplicate."""
+        telemetry.cdn_api_calls.add(1, {**self.attrs, "outcome": outcome})
+
+    async def retrying(
+        self,
+        call: Callable[[], Awaitable[T]],
+        *,
+        network: tuple[type[Exception], ...],
+        what: str,
+    ) -> T:
+        """`call` through the sinks' one retry helper; a call that never got an answer counts
+        as an error once (a 5xx counts on each attempt, where it is raised)."""
+        try:
+            return await with_retries(
+                call, self.retries, network=network, sink=self.kind, region=self.region, what=what
+            )
+        except TransientError as exc:
+            if isinstance(exc.__cause__, network):
+                self.count_call("error")
+            raise
+
+    async def request(self, method: str, path: str, *, what: str, **kwargs: Any) -> httpx.Response:
+        """One HTTP call to the provider; 5xx and network errors are retried, then raise
+        TransientError. The response is under 500; what it means is the provider's business."""
+
+        async def once() -> httpx.Response:
+            self.calls += 1
+            response = await self.client.request(method, path, **kwargs)
+            if response.status_code >= 500:
+                self.count_call("error")
+                raise ServerError(f"HTTP {response.status_code}{self.server_error(response)}")
+            return response
+
+        return await self.retrying(once, network=(httpx.TransportError,), what=what)
+
+    def server_error(self, response: httpx.Response) -> str:
+        """What to add to `HTTP <status>` about a 5xx answer (the provider's error detail)."""
+        return ""
