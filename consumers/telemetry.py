@@ -27,6 +27,11 @@ tracer = trace.get_tracer("cachesync")
 events_in = meter.create_counter(
     "cachesync.events.in", unit="{event}", description="Content events consumed, by event type"
 )
+events_unhandled = meter.create_counter(
+    "cachesync.events.unhandled",
+    unit="{event}",
+    description="Content events with no rule (and not in ignored_events), by event type: dropped",
+)
 commands_out = meter.create_counter(
     "cachesync.commands.out", unit="{command}", description="Commands produced, by kind and region"
 )

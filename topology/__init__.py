@@ -12,6 +12,7 @@ from cachesync.topology.model import (
     VendorApiPolicy,
     WarmTemplate,
     load_topology,
+    unhandled_events,
 )
 from cachesync.topology.templates import MissingField, render, render_all
 
@@ -30,4 +31,5 @@ __all__ = [
     "load_topology",
     "render",
     "render_all",
+    "unhandled_events",
 ]

@@ -7,6 +7,7 @@ file, the rule and the field, so one `cachesync topology check` shows them all.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -214,6 +215,9 @@ class Topology(_Strict):
     rules: dict[str, Rule]
     vendor_apis: dict[str, VendorApiPolicy] = Field(default_factory=dict)
     cdn: CdnPolicy = Field(default_factory=CdnPolicy)
+    # Event types the platform publishes that deliberately cause no cache work. Any
+    # other event type in schemas/ without a rule is reported by `topology check`.
+    ignored_events: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Topology:
@@ -282,12 +286,23 @@ def load_topology(
     return topology
 
 
+def unhandled_events(topology: Topology, known_events: Iterable[str]) -> list[str]:
+    """Event types with a schema but neither a rule nor a place in `ignored_events`: the
+    mapper drops them (and counts them), which is a mistake unless someone said so."""
+    return sorted(set(known_events) - set(topology.rules) - set(topology.ignored_events))
+
+
 def check_rules(topology: Topology, known_events: dict[str, frozenset[str]]) -> list[str]:
     """Rules against schemas: unknown events, templates naming absent fields, unrouted events."""
     problems: list[str] = []
     routed = {e for t in topology.topics.content for e in t.events}
     for event in sorted(routed - set(known_events)):
         problems.append(f"topics.content: event {event!r} has no schema in schemas/")
+    for event in topology.ignored_events:
+        if event not in known_events:
+            problems.append(f"ignored_events: no schema for event type {event!r}")
+        elif event in topology.rules:
+            problems.append(f"ignored_events: {event!r} has a rule; ignore it or map it, not both")
     for event_type, rule in topology.rules.items():
         where = f"rules.{event_type}"
         if event_type not in known_events:

@@ -239,8 +239,18 @@ def topology_apply() -> None:
 @topology_app.command("check")
 def topology_check() -> None:
     """Validate the topology against the schemas; list every problem with its location."""
+    from cachesync.topology import unhandled_events
+
     settings = _settings()
     topo = settings.topology
+    unhandled = unhandled_events(topo, settings.catalog.types("events"))
+    for event_type in unhandled:
+        console.print(
+            f"[red]unhandled[/red] {settings.topology_file}: event type {event_type!r} has a "
+            "schema but no rule: the mapper drops it (add a rule, or list it under ignored_events)"
+        )
+    if unhandled:
+        raise typer.Exit(1)
     Console().print(
         f"[green]ok[/green]: {settings.topology_file}: {len(topo.rules)} rules, "
         f"{len(topo.regions)} regions, {len(topo.topics.content)} content topics"

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cachesync.consumers import telemetry
 from cachesync.consumers.commands import Command, PurgeCommand, WarmCommand, command_id, to_millis
 from cachesync.consumers.errors import RuleError
 from cachesync.consumers.mapping.index import IndexView, RelationshipIndex
@@ -55,6 +56,8 @@ class Mapper:
         index = index or self.index
         rule = self.rule_for(event_type)
         if rule is None:
+            if event_type not in self.topology.ignored_events:
+                telemetry.events_unhandled.add(1, {"event_type": event_type})
             return []
         fields = dict(record)
         fields["occurred_at"] = to_millis(fields["occurred_at"])
