@@ -66,48 +66,89 @@ class RoleStats:
     dead_lettered: int = 0
 
 
-class MapperRole:
-    """Consumes content topics, maps events through the rules, produces commands per region."""
+class _Role:
+    """What every role has: a consumer of its topics on the commit-after-effect loop, and a
+    producer for its output, its dead letters and its audit records."""
 
-    name = "mapper"
-
-    def __init__(self, settings: Settings, *, codec: Codec | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        topics: list[str],
+        *,
+        group: str,
+        codec: Codec | None,
+        max_records: int,
+        linger_ms: int = 0,
+        auto_offset_reset: str = "earliest",
+    ) -> None:
         self.settings = settings
+        self.name = name
         self.codec = codec or codec_for(settings)
         self.stats = RoleStats()
-        self._state_redis = Redis.from_url(str(settings.state_redis_url), socket_timeout=5)
-        self.mapper = Mapper(
-            settings.topology, RelationshipIndex(self._state_redis, settings.topology)
-        )
+        client_id = f"cachesync-{name}"
         self.producer: AIOKafkaProducer = make_producer(
-            settings.kafka_bootstrap_servers, client_id="cachesync-mapper"
+            settings.kafka_bootstrap_servers, client_id=client_id
         )
         self.consumer = make_consumer(
             settings.kafka_bootstrap_servers,
-            *settings.content_topics,
-            group_id=settings.group_id("mapper"),
-            client_id="cachesync-mapper",
+            *topics,
+            group_id=group,
+            client_id=client_id,
+            auto_offset_reset=auto_offset_reset,
         )
-        self.dead_letters = DeadLetters(self.producer, settings.dead_letter_topic, self.name)
+        self.dead_letters = DeadLetters(self.producer, settings.dead_letter_topic, name)
         self.audit = AuditLog(self.producer, settings.audit_topic, self.codec)
         self.loop = CommitAfterEffect(
             self.consumer,
             self.handle,
-            name=self.name,
-            max_records=settings.consumer_max_records,
-            group=settings.group_id("mapper"),
+            name=name,
+            max_records=max_records,
+            linger_ms=linger_ms,
+            group=group,
         )
+
+    async def handle(self, records: list[Record]) -> None:
+        raise NotImplementedError
 
     async def start(self) -> None:
         await start_codec(self.codec)
+        await self._open()
         await self.producer.start()
         await self.consumer.start()
 
     async def stop(self) -> None:
         await self.consumer.stop()
         await self.producer.stop()
-        await self._state_redis.aclose()
+        await self._close()
         await close_codec(self.codec)
+
+    async def _open(self) -> None:
+        """The role's own connections, opened before it consumes."""
+
+    async def _close(self) -> None:
+        """The role's own connections, closed after it stopped consuming and producing."""
+
+
+class MapperRole(_Role):
+    """Consumes content topics, maps events through the rules, produces commands per region."""
+
+    def __init__(self, settings: Settings, *, codec: Codec | None = None) -> None:
+        super().__init__(
+            settings,
+            "mapper",
+            settings.content_topics,
+            group=settings.group_id("mapper"),
+            codec=codec,
+            max_records=settings.consumer_max_records,
+        )
+        self._state_redis = Redis.from_url(str(settings.state_redis_url), socket_timeout=5)
+        self.mapper = Mapper(
+            settings.topology, RelationshipIndex(self._state_redis, settings.topology)
+        )
+
+    async def _close(self) -> None:
+        await self._state_redis.aclose()
 
     async def handle(self, records: list[Record]) -> None:
         # Decode the whole batch first, so that the relationship index is read for all of
@@ -181,7 +222,7 @@ class MapperRole:
         return decoded
 
 
-class SinkRole:
+class SinkRole(_Role):
     """Consumes one region's command topic and applies it through one sink.
 
     It alone keeps tier order within the region: a batch is held back until the sinks
@@ -196,50 +237,31 @@ class SinkRole:
         codec: Codec | None = None,
         auto_offset_reset: str = "earliest",
     ) -> None:
-        self.settings = settings
-        self.sink = sink
-        self.name = f"sink.{sink.region}.{sink.kind}"
-        self.codec = codec or codec_for(settings)
-        self.stats = RoleStats()
-        client_id = f"cachesync-{self.name}"
-        self.producer = make_producer(settings.kafka_bootstrap_servers, client_id=client_id)
-        self.consumer = make_consumer(
-            settings.kafka_bootstrap_servers,
-            settings.commands_topic(sink.region),
-            group_id=settings.group_id("sink", sink.region, sink.kind),
-            client_id=client_id,
+        super().__init__(
+            settings,
+            f"sink.{sink.region}.{sink.kind}",
+            [settings.commands_topic(sink.region)],
+            group=settings.group_id("sink", sink.region, sink.kind),
+            codec=codec,
+            max_records=max(settings.consumer_max_records, sink.max_batch_records or 0),
+            linger_ms=sink.linger_ms,
             auto_offset_reset=auto_offset_reset,
         )
-        self.dead_letters = DeadLetters(self.producer, settings.dead_letter_topic, self.name)
-        self.audit = AuditLog(self.producer, settings.audit_topic, self.codec)
+        self.sink = sink
         # The applied markers of the region this role serves, read for tier order.
         self.tiers = (
             AppliedEvents.for_url(settings.region_redis_urls[sink.region], sink.region)
             if sink.after
             else None
         )
-        self.loop = CommitAfterEffect(
-            self.consumer,
-            self.handle,
-            name=self.name,
-            max_records=max(settings.consumer_max_records, sink.max_batch_records or 0),
-            linger_ms=sink.linger_ms,
-            group=settings.group_id("sink", sink.region, sink.kind),
-        )
 
-    async def start(self) -> None:
-        await start_codec(self.codec)
+    async def _open(self) -> None:
         await self.sink.setup()
-        await self.producer.start()
-        await self.consumer.start()
 
-    async def stop(self) -> None:
-        await self.consumer.stop()
-        await self.producer.stop()
+    async def _close(self) -> None:
         await self.sink.close()
         if self.tiers is not None:
             await self.tiers.close()
-        await close_codec(self.codec)
 
     async def handle(self, records: list[Record]) -> None:
         candidates: list[tuple[Record, Command]] = []
