@@ -49,4 +49,8 @@ def build_sink(settings: Settings, region: str, kind: str) -> Sink:
     reason = unavailable(settings, region, kind)
     if reason is not None:
         raise ConfigError(f"sink {kind} in {region}: {reason}")
-    return SINKS[kind].from_settings(settings, region)
+    sink = SINKS[kind].from_settings(settings, region)
+    # A sink follows only the tiers that run here: a region without CloudFront does not
+    # hold its warms for CloudFront.
+    sink.after = tuple(available(settings, region, sink.after))
+    return sink

@@ -58,6 +58,10 @@ class WarmResult:
     at_ms: float
 
 
+# Every purge sink kind, in tier order (tests/unit/sinks/test_registry.py holds it to the registry's).
+PURGE_TIERS = ("redis", "cloudflare", "cloudfront", "http_purge")
+
+
 class WarmerSink(Sink):
     kind: ClassVar[str] = "warmer"
     is_cdn: ClassVar[bool] = True
@@ -96,12 +100,11 @@ class WarmerSink(Sink):
 
     @classmethod
     def from_settings(cls, settings: Settings, region: str) -> Self:
-        from cachesync.consumers.sinks.registry import PURGE_KINDS, available
-
-        # Warm only after every purge sink configured here has applied the event's purge.
+        # Warm only after every purge tier has applied the event's purge; the registry
+        # keeps, of these, the ones that run in the region.
         return cls(
             region,
-            after=available(settings, region, PURGE_KINDS),
+            after=PURGE_TIERS,
             edge_url=settings.region_edge_urls[region],
             redis=settings.region_redis_urls[region],
             policy=settings.topology.cdn,

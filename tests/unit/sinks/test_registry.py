@@ -100,8 +100,21 @@ async def test_build_sink_uses_each_class_from_settings_and_tier_order(
             await sink.close()
 
 
-def test_the_warmer_follows_only_the_purge_sinks_configured_in_its_region(bare: Settings) -> None:
-    warmer = WarmerSink.from_settings(bare, EU)
+async def test_the_warmer_follows_only_the_purge_sinks_configured_in_its_region(
+    bare: Settings,
+) -> None:
+    """Built by the registry, the warmer waits for the purge tiers that run in its region."""
+    warmer = registry.build_sink(bare, EU, "warmer")
+    await warmer.close()
+    assert isinstance(warmer, WarmerSink)
     assert warmer.after == ("redis", "http_purge")
     assert warmer.after_max_wait_s == bare.topology.cdn.warm.max_wait_s
     assert warmer.after_retry_s == bare.topology.cdn.warm.wait_retry_s
+
+
+def test_the_warmer_follows_every_purge_tier() -> None:
+    """The warmer's list of purge tiers is the registry's: a new purge sink is not forgotten."""
+    from cachesync.consumers.sinks.registry import PURGE_KINDS
+    from cachesync.consumers.sinks.warmer import PURGE_TIERS
+
+    assert list(PURGE_TIERS) == PURGE_KINDS
