@@ -9,16 +9,29 @@
     │   │   ├── UnknownSchema    (schemas) fingerprint / schema id we do not hold (reason "unknown_schema")
     │   │   └── InvalidRecord    (schemas) fails its schema or the field checks (reason "invalid_record")
     │   ├── Oversized            over the configured size limit (reason "oversized")
-    │   └── RuleError            a rule template names a field the event lacks (reason "rule_error")
+    │   ├── RuleError            a rule template names a field the event lacks (reason "rule_error")
+    │   └── CommandRefused       the broker refused for good a command the event yields (too large
+    │                            for its topic, ...: reason "command_refused"); the rest was sent
     ├── TransientError           worth retrying: timeouts, 5xx, a Redis or broker that is down;
     │   │                        the batch is not committed, its partitions are paused and re-read
     │   ├── RetryAfter           the provider (or the tier order) said when (429 Retry-After)
+    │   │   └── SinkUnavailable  the provider refused the sink itself, not a command: no command is
+    │   │       │                dead-lettered; the sink says when to try again (its own backoff,
+    │   │       │                sinks/retry.py `Outage`), raises cachesync.sink.blocked and warns
+    │   │       │                once a minute
+    │   │       ├── CredentialsRejected  401/403, an expired or unknown AWS key (reason "credentials")
+    │   │       └── SinkMisconfigured    the provider does not know the sink's zone or distribution
+    │   │                                (reason "configuration")
     │   ├── ServerError          a provider answered 5xx: a sink retries it (sinks/retry.py), then
     │   │                        raises a plain TransientError; never leaves a sink
     │   ├── CacheUnavailable     the vendor API cache's Redis does not answer (the client then bypasses it)
+    │   ├── DeadLetterUnavailable  the dead-letter topic did not take a record: nothing is committed
     │   └── LockHeld             another caller holds a vendor API entry's fetch lock: wait and read
     │                            again (control flow inside consumers/vendor_api; never escapes it)
-    ├── PermanentSinkError       will never succeed (a 4xx): the command goes to the dead-letter topic
+    ├── ProduceRefused           (pipeline/sends.py) the broker will never accept some of a send's
+    │                            messages; the others were acked. The mapper dead-letters their events
+    ├── PermanentSinkError       will never succeed (a 4xx about the command's own items, bisected down
+    │                            to the commands that named them): they go to the dead-letter topic
     └── VendorApiError           a vendor API call failed and no cached entry may stand in for it
         ├── VendorUnavailable    refused, reset, 5xx or 429: a stale entry within max_stale_s answers instead
         │   └── VendorTimeout    no answer within the policy's timeouts
@@ -36,6 +49,11 @@ Backend errors become these, re-raised `from` the original, in one place per bac
   decides between serving stale and failing, so it maps to the VendorApiError branch);
 - botocore: `sinks/cloudfront.py` (ClientError codes; network errors go through
   `sinks/retry.py` like httpx's).
+
+What is the sink's fault and what the command's is decided by each provider module:
+Cloudflare's and an edge's 401/403 and CloudFront's credential codes are
+`CredentialsRejected`, an unknown zone or distribution is `SinkMisconfigured`; only what
+remains is a `PermanentSinkError` for the commands that named the refused items.
 
 The schema registry's outage (`cachesync.schemas.RegistryUnavailable`) becomes a
 TransientError in `pipeline/codecs.py`.
@@ -62,16 +80,22 @@ __all__ = [
     "BadVendorResponse",
     "CacheUnavailable",
     "CachesyncError",
+    "CommandRefused",
     "ConfigError",
+    "CredentialsRejected",
+    "DeadLetterUnavailable",
     "InvalidRecord",
     "LockHeld",
     "Oversized",
     "PermanentSinkError",
+    "ProduceRefused",
     "RedisBoundary",
     "RetryAfter",
     "RuleError",
     "SerdeError",
     "ServerError",
+    "SinkMisconfigured",
+    "SinkUnavailable",
     "TransientError",
     "Undecodable",
     "UnknownSchema",
@@ -95,6 +119,13 @@ class RuleError(BadInput):
     reason = "rule_error"
 
 
+class CommandRefused(BadInput):
+    """The broker will never take a command this event yields (too large for its topic, an
+    invalid topic): the event is dead-lettered; its other commands were sent."""
+
+    reason = "command_refused"
+
+
 class TransientError(CachesyncError):
     """Worth retrying later: the batch is not committed and will be re-read."""
 
@@ -107,8 +138,54 @@ class RetryAfter(TransientError):
         self.retry_after = retry_after
 
 
+class SinkUnavailable(RetryAfter):
+    """The provider refused the sink as a whole (its credentials, its zone or distribution).
+
+    No command is at fault, so none is dead-lettered and nothing is committed: the batch
+    is put back and tried again. It is a `RetryAfter` because the sink, not the loop,
+    keeps the backoff (one per sink, not per partition) and the warning once a minute;
+    the loop logs a RetryAfter only at debug level. `retry_after` is set by the sink's
+    `Outage` when the error leaves the sink.
+    """
+
+    reason = "unavailable"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after)
+
+
+class CredentialsRejected(SinkUnavailable):
+    """The provider refused the sink's credentials: a revoked or rotated token, an expired,
+    unknown or unauthorised AWS key, a bad signature."""
+
+    reason = "credentials"
+
+
+class SinkMisconfigured(SinkUnavailable):
+    """The provider does not know what the sink names (a Cloudflare zone, a CloudFront
+    distribution): the configuration is wrong, not the command."""
+
+    reason = "configuration"
+
+
 class ServerError(TransientError):
     """A provider answered 5xx (or failed in a way worth another try) within a sink's retries."""
+
+
+class DeadLetterUnavailable(TransientError):
+    """The dead-letter topic did not take a record (down, deleted, timed out): the batch
+    that holds it is put back and nothing is committed, so the record is never lost."""
+
+
+class ProduceRefused(CachesyncError):
+    """The broker will never accept some messages of a send; the others were acked.
+
+    `refused` maps each refused message's position (in the order it was added) to why.
+    """
+
+    def __init__(self, refused: dict[int, str]) -> None:
+        super().__init__(f"{len(refused)} messages refused: " + "; ".join(refused.values())[:500])
+        self.refused = refused
 
 
 class CacheUnavailable(TransientError):

@@ -17,23 +17,49 @@ VENDOR_WEDDINGS = "cachesync:rel:vendor:{vendor_id}:weddings"
 WEDDING_VENDORS = "cachesync:rel:wedding:{wedding_id}:vendors"
 # State Redis: the regions a wedding's guests are in, from wedding.updated/published.
 WEDDING_REGIONS = "cachesync:rel:wedding:{wedding_id}:regions"
+# State Redis: the dead letters already re-driven (`cachesync dlq redrive`), one hash per
+# dead-letter topic. Field: the dead letter's id "<partition>:<offset>"; value: JSON with
+# its dead-letter time, when it was re-driven and where the copy went. A second re-drive
+# of one is refused unless forced (why a hash here: consumers/ops/dlq.py).
+DLQ_REDRIVEN = "cachesync:dlq:redriven:{topic}"
 
 # Sink side, in each region's Redis: the newest purge version applied per target,
 # used to drop warms older than the last purge (version fencing).
 PURGE_VERSION = "cachesync:purged:{sink}:{entity}"
 # Kept past the command topics' retention, so a replay is still fenced.
 PURGE_VERSION_TTL_S = 7 * 24 * 3600
-# Sink side: command ids already applied, with a TTL, so a redelivered command is
-# applied at most once in effect even where the effect itself is not idempotent.
+# Sink side: what each purge sink has applied, so that a redelivered command is applied
+# at most once in effect even where the effect itself is not idempotent. Two records,
+# written with the effect (sinks/ledger.py says why two, and what they cost):
+# - per (sink, command topic, partition), one hash: the offset of the last record applied
+#   and its record time (`offset`, `record_ts`), and when it was applied (`applied_at`,
+#   epoch ms). A re-read record at or below it is skipped. One key per partition, however
+#   many commands: it is what covers the command topics' whole retention.
+APPLIED_OFFSET = "cachesync:offset:{sink}:{topic}:{partition}"
+# Kept past the command topics' retention (72 h), renewed by every write.
+APPLIED_OFFSET_TTL_S = 7 * 24 * 3600
+# - per command and per origin event (command_id "event:<event_id>"), a marker whose value
+#   is when it was applied (epoch ms): the runner's tier order and the warmer wait for the
+#   purge of an event (they cannot derive its command id on a replay), and a copy of a
+#   command at another offset (a re-drive, a mirror's duplicate) is still caught. They
+#   live only as long as anything waits on them: APPLIED_TTL_S covers the longest tier
+#   wait the topology allows (a warm's deadline, 300 s; tests/unit/sinks/test_ledger.py
+#   checks topology.yaml against it), twice over.
 APPLIED = "cachesync:applied:{sink}:{command_id}"
-# The same marker per origin event (command_id "event:<event_id>"): the warmer waits for
-# the purge of its own event, whose command id it cannot derive on a replay.
 APPLIED_EVENT = "event:{event_id}"
-APPLIED_TTL_S = 24 * 3600
+APPLIED_TTL_S = 10 * 60
 # CloudFront sink: one invalidation per CallerReference (derived from its command ids);
 # remembered here because a retried batch must never be a second invalidation, and
-# neither moto nor a restarted process would know. Value: the invalidation id.
+# neither moto nor a restarted process would know. Value: the invalidation id. Kept, like
+# the applied offsets, past the command topics' retention.
 CLOUDFRONT_BATCH = "cachesync:cloudfront:{distribution}:{caller_reference}"
+CLOUDFRONT_BATCH_TTL_S = APPLIED_OFFSET_TTL_S
+# CloudFront sink: the invalidations asked for and not yet recorded in the ledger, one hash
+# per distribution. Field: the CallerReference; value: JSON with its command ids and paths.
+# Written before CreateInvalidation and deleted once its commands are recorded, so a batch
+# re-read after a crash in between regroups those commands under the same reference and
+# paths, whatever else the new batch holds (sinks/cloudfront.py).
+CLOUDFRONT_UNSETTLED = "cachesync:cloudfront:{distribution}:unsettled"
 
 # Vendor API cache (consumers/vendor_api), in each region's Redis. One entry per
 # (integration, vendor, request), written through cashews and SADDed to TAG_INDEX under
@@ -66,6 +92,10 @@ def wedding_regions(wedding_id: str) -> str:
     return WEDDING_REGIONS.format(wedding_id=wedding_id)
 
 
+def dlq_redriven(topic: str) -> str:
+    return DLQ_REDRIVEN.format(topic=topic)
+
+
 def url_target(url: str) -> str:
     """The fencing target of one purged URL (an `entity` for PURGE_VERSION)."""
     return f"url:{url}"
@@ -83,8 +113,16 @@ def applied_event(sink: str, event_id: str) -> str:
     return applied(sink, APPLIED_EVENT.format(event_id=event_id))
 
 
+def applied_offset(sink: str, topic: str, partition: int) -> str:
+    return APPLIED_OFFSET.format(sink=sink, topic=topic, partition=partition)
+
+
 def cloudfront_batch(distribution: str, caller_reference: str) -> str:
     return CLOUDFRONT_BATCH.format(distribution=distribution, caller_reference=caller_reference)
+
+
+def cloudfront_unsettled(distribution: str) -> str:
+    return CLOUDFRONT_UNSETTLED.format(distribution=distribution)
 
 
 def vendor_api_entry(api: str, vendor_id: str, digest: str) -> str:

@@ -65,6 +65,38 @@ sink_retries = meter.create_counter(
     unit="{attempt}",
     description="Calls a sink made again after a 5xx or a network error (stamina), by sink and region",
 )
+sink_unavailable = meter.create_counter(
+    "cachesync.sink.unavailable",
+    unit="{batch}",
+    description="Batches a sink put back because the provider refused the sink itself, not a "
+    "command, by sink, region and reason (credentials, configuration); nothing dead-lettered",
+)
+
+# Sinks the provider refuses as a whole (sinks/retry.py `Outage`): 1 while blocked, 0
+# once a call is accepted again, by sink, region and reason. Read at export time.
+_blocked: dict[tuple[str, str, str], int] = {}
+
+
+def record_blocked(sink: str, region: str, reason: str | None) -> None:
+    """`sink` in `region` is blocked for `reason`, or (None) no longer blocked at all."""
+    for key in [k for k in _blocked if k[:2] == (sink, region)]:
+        _blocked[key] = 0
+    if reason is not None:
+        _blocked[(sink, region, reason)] = 1
+
+
+def _observe_blocked(_options: CallbackOptions) -> Iterable[Observation]:
+    for (sink, region, reason), value in list(_blocked.items()):
+        yield Observation(value, {"sink": sink, "region": region, "reason": reason})
+
+
+sink_blocked = meter.create_observable_gauge(
+    "cachesync.sink.blocked",
+    callbacks=[_observe_blocked],
+    unit="{sink}",
+    description="1 while the provider refuses a sink as a whole (its credentials, its zone or "
+    "distribution): the sink is paused and commits nothing; by sink, region and reason",
+)
 
 # CDN sinks and the purge budget (consumers/budget.py, consumers/sinks/), each by
 # `provider` (cloudflare, cloudfront, http_purge) and `region`.
@@ -208,6 +240,12 @@ consistency_probes = meter.create_counter(
     "cachesync.consistency.probes",
     unit="{probe}",
     description="Read-backs after a purge, by region, sink and result (converged, stale, recovered, gave_up)",
+)
+consistency_unapplied = meter.create_counter(
+    "cachesync.consistency.unapplied",
+    unit="{purge}",
+    description="Purges the mapper issued that a sink had not reported applied by the end of "
+    "their window, by region and sink",
 )
 consistency_staleness = meter.create_histogram(
     "cachesync.consistency.staleness",

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -218,6 +218,9 @@ async def _run(
             await checker.close()
     if checker is not None and checker.tallies:
         console.print(consistency_table(checker))
+        stale = stale_table(checker)
+        if stale is not None:
+            console.print(stale)
     console.print("[green]stopped cleanly[/green]: offsets committed for every applied batch")
 
 
@@ -412,21 +415,46 @@ def replay_cmd(
 
 @app.command("consistency")
 def consistency_cmd(
-    duration: Annotated[float, typer.Option(help="Seconds to sample purges for")] = 60.0,
+    duration: Annotated[
+        float,
+        typer.Option(
+            help="Seconds to collect the purges the mapper issues; then it waits for their "
+            "window and re-reads those not converged (at most window + give-up more), "
+            "saying what it waits for"
+        ),
+    ] = 60.0,
     window: Annotated[
-        float, typer.Option(help="Seconds after a purge before reading it back")
+        float, typer.Option(help="Seconds after a purge is issued before judging it")
     ] = 5.0,
-    sample: Annotated[float, typer.Option(help="Share of applied purges to read back")] = 1.0,
-    give_up: Annotated[float, typer.Option(help="Seconds to keep re-reading a stale purge")] = 60.0,
+    sample: Annotated[float, typer.Option(help="Share of issued purges to judge")] = 1.0,
+    give_up: Annotated[
+        float, typer.Option(help="Seconds after its window to keep re-reading a stale purge")
+    ] = 60.0,
     since: Annotated[
-        str | None, typer.Option(help="Also check purges since this time (15m, ISO)")
+        str | None, typer.Option(help="Also judge purges issued since this time (15m, ISO)")
+    ] = None,
+    show: Annotated[int, typer.Option(help="Stale purges listed per region and sink")] = 20,
+    sink: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Judge only this sink kind (repeatable); default: every purge sink that "
+            "runs in each region"
+        ),
     ] = None,
 ) -> None:
-    """Read back applied purges in each region's Redis and edge; report convergence as nines."""
-    from cachesync.consumers.ops.consistency import ConsistencyChecker
+    """Judge the purges the mapper issues: applied by every sink of their region, and nothing
+    stale read back in its Redis and edge; report convergence as nines, and list what is stale."""
+    from cachesync.consumers.ops.consistency import ConsistencyChecker, expected_sinks
 
     _setup_logging(False)
     settings = _settings()
+    unknown = sorted(set(sink or ()) - set(PURGE_KINDS))
+    if unknown:
+        raise typer.BadParameter(f"not purge sinks: {unknown}; known: {PURGE_KINDS}")
+    sinks = {
+        region: [k for k in kinds if sink is None or k in sink]
+        for region, kinds in expected_sinks(settings).items()
+    }
 
     async def main(stop: asyncio.Event) -> ConsistencyChecker:
         checker = ConsistencyChecker(
@@ -435,46 +463,123 @@ def consistency_cmd(
             sample=sample,
             give_up_s=give_up,
             since_ms=_parse_time(since) if since is not None else None,
+            sinks=sinks,
         )
-        task = asyncio.create_task(checker.run(stop))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=duration)
-        await checker.drain(timeout_s=window + give_up)
-        stop.set()
-        await task
-        await checker.close()
+        halt = asyncio.Event()
+        task = asyncio.create_task(checker.run(halt))
+        try:
+            with console.status("reading the command and audit topics...") as status:
+                await _wait_any(checker.ready, stop, task=task)
+                if checker.ready.is_set() and not stop.is_set():
+                    await _collect(checker, stop, duration, status)
+                    await _settle(checker, stop, task, status, within=window + give_up + 5.0)
+        finally:
+            halt.set()
+            await task
+            await checker.close()
         return checker
 
+    started = time.monotonic()
     checker = _run_until_signal(main)
-    Console().print(consistency_table(checker))
+    out = Console()
+    out.print(consistency_table(checker))
+    stale = stale_table(checker, limit=show)
+    if stale is not None:
+        out.print(stale)
+    console.print(f"[dim]took {time.monotonic() - started:.1f} s[/dim]")
+
+
+async def _collect(checker: Any, stop: asyncio.Event, duration: float, status: Any) -> None:
+    """Let the checker collect issued purges for `duration` seconds, showing its progress."""
+    deadline = time.monotonic() + duration
+    console.print(f"[dim]collecting the purges issued in the next {duration:g} s[/dim]")
+    while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+        status.update(
+            f"collecting issued purges: {checker.expected} so far, {left:.0f} s left; "
+            f"{checker.waiting_for()}"
+        )
+        await _wait_any(stop, within=min(left, 0.5))
+
+
+async def _settle(
+    checker: Any, stop: asyncio.Event, task: asyncio.Task[Any], status: Any, *, within: float
+) -> None:
+    """Stop collecting, then wait until every collected purge is judged, saying what for."""
+    checker.stop_expecting()
+    console.print(f"[dim]collected {checker.expected} purges; {checker.waiting_for()}[/dim]")
+    deadline = time.monotonic() + within
+    while not (checker.settled or stop.is_set() or task.done()):
+        if time.monotonic() > deadline:
+            console.print(f"[yellow]stopped waiting after {within:g} s[/yellow]")
+            break
+        status.update(checker.waiting_for() + "...")
+        await _wait_any(checker.all_judged, stop, task=task, within=0.25)
+
+
+async def _wait_any(
+    *events: asyncio.Event, task: asyncio.Task[Any] | None = None, within: float | None = None
+) -> None:
+    """Wait until one of `events` is set or `task` ends, for at most `within` seconds."""
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(
+            [*waiters, *([task] if task is not None else [])],
+            timeout=within,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def consistency_table(checker: Any) -> Table:
     table = Table(
         "region",
         "sink",
-        "purges read back",
+        "purges judged",
         "converged in window",
         "nines",
         "recovered later",
         "still stale",
+        "never applied",
         "staleness p50",
         "staleness p99",
         title=f"consistency (window {checker.window_s:g}s)",
+        caption=f"{checker.pending} purges not judged yet" if checker.pending else None,
     )
     for (region, sink), t in sorted(checker.tallies.items()):
         p50, p99 = t.quantile(0.5), t.quantile(0.99)
+        all_converged = t.probed > 0 and t.converged == t.probed
         table.add_row(
             region,
             sink,
             str(t.probed),
             f"{t.share:.4%}",
-            f"{t.nines:.1f}" + ("+" if t.converged == t.probed else ""),
+            f"{t.nines:.1f}" + ("+" if all_converged else ""),
             str(t.recovered),
-            str(t.gave_up),
+            f"[red]{t.stale_count}[/red]" if t.stale_count else "0",
+            f"[red]{t.unapplied}[/red]" if t.unapplied else "0",
             "-" if p50 is None else f"{p50:.0f} ms",
             "-" if p99 is None else f"{p99:.0f} ms",
         )
+    return table
+
+
+def stale_table(checker: Any, *, limit: int = 20) -> Table | None:
+    """The purges not converged, with their stale keys and why: `limit` per (region, sink)
+    and a count of the rest; None when there are none."""
+    rows = [(k, t) for k, t in sorted(checker.tallies.items()) if t.stale_count]
+    if not rows:
+        return None
+    table = Table("region", "sink", "event", "stale keys", "why", title="stale purges")
+    for (region, sink), t in rows:
+        for entry in list(t.stale.values())[:limit]:
+            named = ", ".join(entry.keys[:4]) + (
+                f" (+{len(entry.keys) - 4})" if len(entry.keys) > 4 else ""
+            )
+            table.add_row(region, sink, entry.event_id, named, entry.reason)
+        if t.stale_count > limit:
+            table.add_row(region, sink, f"... and {t.stale_count - limit} more", "", "")
     return table
 
 
@@ -577,6 +682,115 @@ def demo(
         )
     )
     console.print(f"produced {stats.produced} events")
+
+
+dlq_app = typer.Typer(
+    help="List, show and re-drive the dead-letter topic's records.", no_args_is_help=True
+)
+app.add_typer(dlq_app, name="dlq")
+
+
+def _dlq_call(call: Coroutine[Any, Any, T]) -> T:
+    """Run one dlq operation; a bad argument or an unavailable service is a message, not a traceback."""
+    from cachesync.consumers.errors import TransientError
+
+    try:
+        return asyncio.run(call)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except TransientError as exc:
+        console.print(f"[red]unavailable:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+@dlq_app.command("list")
+def dlq_list(
+    since: Annotated[
+        str | None,
+        typer.Option(help="Dead-lettered since: ISO 8601 or 15m/2h/1d ago; default: all"),
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Dead-lettered before (exclusive)")] = None,
+    reason: Annotated[list[str] | None, typer.Option(help="Only this reason (repeatable)")] = None,
+    limit: Annotated[int, typer.Option(help="Print at most the newest N")] = 100,
+) -> None:
+    """Dead letters: id, time, reason, origin, consumer, event and error, and if re-driven."""
+    from cachesync.consumers.ops import dlq
+
+    _setup_logging(False)
+    settings = _settings()
+    letters = _dlq_call(
+        dlq.read_dead_letters(
+            settings,
+            since_ms=_parse_time(since) if since else None,
+            until_ms=_parse_time(until) if until else None,
+            reasons=reason or (),
+        )
+    )
+    out = Console()
+    out.print(dlq.list_table(letters[-limit:] if limit > 0 else letters))
+    if len(letters) > limit > 0:
+        out.print(f"[dim]{len(letters) - limit} older not shown (--limit)[/dim]")
+
+
+@dlq_app.command("show")
+def dlq_show(
+    dead_letter_id: Annotated[str, typer.Argument(help="The id `dlq list` prints (0:17)")],
+) -> None:
+    """One dead letter in full: headers, payload (decoded where it decodes), re-drives."""
+    from cachesync.consumers.ops import dlq
+
+    _setup_logging(False)
+    settings = _settings()
+    letter = _dlq_call(dlq.find_dead_letter(settings, dead_letter_id))
+    if letter is None:
+        console.print(f"[red]no dead letter {dead_letter_id}[/red] on {settings.dead_letter_topic}")
+        raise typer.Exit(1)
+    Console().print(dlq.detail_table(letter))
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    reason: Annotated[
+        list[str] | None, typer.Option(help="Those of this reason (repeatable)")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Those dead-lettered since: ISO 8601 or 15m/2h/1d ago")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Those dead-lettered before (exclusive)")
+    ] = None,
+    id_: Annotated[
+        list[str] | None, typer.Option("--id", help="This dead letter (repeatable)")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print what would be sent, send nothing")] = False,
+    force: Annotated[bool, typer.Option(help="Re-drive again what was re-driven before")] = False,
+) -> None:
+    """Re-send chosen dead letters to their original topics, after a fix; exit 1 if any is not sent."""
+    from cachesync.consumers.ops import dlq
+
+    _setup_logging(False)
+    settings = _settings()
+    report = _dlq_call(
+        dlq.redrive(
+            settings,
+            reasons=reason or (),
+            ids=id_ or (),
+            since_ms=_parse_time(since) if since else None,
+            until_ms=_parse_time(until) if until else None,
+            dry_run=dry_run,
+            force=force,
+        )
+    )
+    out = Console()
+    out.print(dlq.redrive_table(report))
+    verb = "would send" if dry_run else "sent"
+    out.print(
+        f"{verb} {len(report.sent)} of {len(report.outcomes)} chosen dead letters"
+        + (f", {len(report.not_sent)} not sent" if report.not_sent else "")
+        + (f", {len(report.unknown_ids)} ids not found" if report.unknown_ids else "")
+    )
+    if report.not_sent or report.unknown_ids:
+        raise typer.Exit(1)
 
 
 vendor_api_app = typer.Typer(

@@ -7,7 +7,7 @@ Both are kept from the content topics themselves, so a replay rebuilds them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from redis.asyncio import Redis
 
@@ -97,7 +97,10 @@ class BatchIndex:
     writes), so every event sees what the per-event index would have shown it. The
     writes are queued and `flush` applies them, in order, in one MULTI/EXEC. A set
     that was not prefetched is read from Redis on first use. A batch that fails before
-    `flush` leaves the index as it was, so its retry maps exactly as the first attempt.
+    `flush` leaves the index as it was, so its retry maps exactly as the first attempt:
+    the mapper flushes only once every command of the batch is acknowledged. Each write
+    is tagged with the `origin` set when it was queued (the event's place in its batch),
+    so that `flush` can leave out the writes of events that were dead-lettered.
     Per-event calls cost a round trip each, which was most of the mapper's time
     (bench/results/profile.txt).
     """
@@ -108,7 +111,9 @@ class BatchIndex:
         self.topology = index.topology
         self._vendor_weddings: dict[str, set[str]] = {}
         self._wedding_regions: dict[str, set[str]] = {}
-        self._writes: list[tuple[str, str, tuple[str, ...]]] = []  # (command, key, members)
+        # (origin, command, key, members)
+        self._writes: list[tuple[int, str, str, tuple[str, ...]]] = []
+        self.origin = -1  # the event whose writes are being queued
 
     async def prefetch(self, vendor_ids: Iterable[str], wedding_ids: Iterable[str]) -> None:
         """Load the vendors' weddings, then the regions of those weddings and `wedding_ids`."""
@@ -139,19 +144,19 @@ class BatchIndex:
 
     async def link_vendor(self, vendor_id: str, wedding_id: str) -> None:
         (await self._weddings(vendor_id)).add(wedding_id)
-        self._writes.append(("sadd", keys.vendor_weddings(vendor_id), (wedding_id,)))
-        self._writes.append(("sadd", keys.wedding_vendors(wedding_id), (vendor_id,)))
+        self._queue("sadd", keys.vendor_weddings(vendor_id), (wedding_id,))
+        self._queue("sadd", keys.wedding_vendors(wedding_id), (vendor_id,))
 
     async def unlink_vendor(self, vendor_id: str, wedding_id: str) -> None:
         (await self._weddings(vendor_id)).discard(wedding_id)
-        self._writes.append(("srem", keys.vendor_weddings(vendor_id), (wedding_id,)))
-        self._writes.append(("srem", keys.wedding_vendors(wedding_id), (vendor_id,)))
+        self._queue("srem", keys.vendor_weddings(vendor_id), (wedding_id,))
+        self._queue("srem", keys.wedding_vendors(wedding_id), (vendor_id,))
 
     async def forget_vendor(self, vendor_id: str) -> None:
         weddings = await self._weddings(vendor_id)
         for wedding in sorted(weddings):
-            self._writes.append(("srem", keys.wedding_vendors(wedding), (vendor_id,)))
-        self._writes.append(("delete", keys.vendor_weddings(vendor_id), ()))
+            self._queue("srem", keys.wedding_vendors(wedding), (vendor_id,))
+        self._queue("delete", keys.vendor_weddings(vendor_id))
         weddings.clear()
 
     def regions_for_countries(self, countries: Iterable[str]) -> list[str]:
@@ -160,8 +165,8 @@ class BatchIndex:
     async def set_wedding_regions(self, wedding_id: str, countries: Iterable[str]) -> list[str]:
         regions = self.index.regions_for_countries(countries)
         self._wedding_regions[wedding_id] = set(regions)
-        self._writes.append(("delete", keys.wedding_regions(wedding_id), ()))
-        self._writes.append(("sadd", keys.wedding_regions(wedding_id), tuple(regions)))
+        self._queue("delete", keys.wedding_regions(wedding_id))
+        self._queue("sadd", keys.wedding_regions(wedding_id), tuple(regions))
         return regions
 
     async def weddings_of(self, vendor_id: str) -> list[str]:
@@ -177,14 +182,18 @@ class BatchIndex:
             out[wedding] = regions or [self.topology.default_region]
         return out
 
-    async def flush(self) -> None:
-        """Apply the batch's writes, in event order, atomically."""
-        writes, self._writes = self._writes, []
+    def _queue(self, command: str, key: str, members: tuple[str, ...] = ()) -> None:
+        self._writes.append((self.origin, command, key, members))
+
+    async def flush(self, *, skip: Collection[int] = ()) -> None:
+        """Apply the batch's writes, in event order, atomically; not those of the events
+        (origins) in `skip`."""
+        writes, self._writes = [w for w in self._writes if w[0] not in skip], []
         if not writes:
             return
         async with self.index._guard("write relationship index"):
             pipe = self.redis.pipeline(transaction=True)
-            for command, key, members in writes:
+            for _, command, key, members in writes:
                 if command == "sadd":
                     pipe.sadd(key, *members)
                 elif command == "srem":

@@ -20,6 +20,19 @@ from cachesync.consumers.errors import RuleError
 from cachesync.consumers.mapping.index import IndexView, RelationshipIndex
 from cachesync.topology import MissingField, PurgeTemplate, Rule, Topology, render, render_all
 
+# How much a purge command may name, in bytes of its keys, tags, URLs and prefixes.
+# A purge names everything its event reaches: a vendor serving 50,000 weddings is two
+# items per wedding, some 2.5 MiB, and Kafka refuses a message over the topic's
+# max.message.bytes (1 MiB by default). Such a purge is split into parts that each stay
+# within this budget, well under any sane topic limit (and the producer's 256 KiB batch).
+#
+# Split rather than escalate: the Redis sink deletes exact keys, and there is no coarser
+# key that covers `wedding:{w}:vendors` for 50,000 weddings; a tag covers only what the
+# platform tagged with it, so escalating to `vendor:{v}` could leave pages cached. The
+# CDN sinks already escalate URLs to prefixes or wildcards to fit their providers'
+# limits (sinks/budget.py), from the exact items, whatever the number of parts.
+MAX_PURGE_BYTES = 256 * 1024
+
 
 class Mapper:
     def __init__(
@@ -28,11 +41,13 @@ class Mapper:
         index: RelationshipIndex,
         *,
         clock: Callable[[], float] = time.time,
+        max_purge_bytes: int = MAX_PURGE_BYTES,
     ) -> None:
         self.topology = topology
         self.index = index
         self.clock = clock
         self.regions = list(topology.regions)
+        self.max_purge_bytes = max_purge_bytes
 
     def rule_for(self, event_type: str) -> Rule | None:
         return self.topology.rules.get(event_type)
@@ -95,23 +110,37 @@ class Mapper:
     def _purges(
         self, rule: Rule, entity: str, targets: _Targets, origin: _Origin
     ) -> list[PurgeCommand]:
-        """One purge per region (any region may hold a copy), if there is anything to purge."""
+        """One purge per region (any region may hold a copy), if there is anything to purge;
+        several per region, in parts of at most `max_purge_bytes`, if it names that much.
+
+        Parts share the event's entity (so they stay in order on one partition) and its
+        version; part 0 keeps the id an unsplit purge has, part n gets its own id derived
+        from the event, the region and n, so a retried or replayed event splits the same
+        way into the same ids.
+        """
         if not targets:
             return []
         common = origin.command_fields()
+        parts = targets.parts(self.max_purge_bytes)
         return [
             PurgeCommand(
-                command_id=command_id(origin.event_id, region, "purge", origin.replay_id),
+                command_id=command_id(
+                    origin.event_id,
+                    region,
+                    "purge",
+                    origin.replay_id if n == 0 else f"{origin.replay_id}#part{n}",
+                ),
                 region=region,
                 entity=entity,
                 scope=rule.scope,
-                keys=tuple(targets.keys),
-                tags=tuple(targets.tags),
-                urls=tuple(targets.urls),
-                prefixes=tuple(targets.prefixes),
+                keys=tuple(part.keys),
+                tags=tuple(part.tags),
+                urls=tuple(part.urls),
+                prefixes=tuple(part.prefixes),
                 **common,
             )
             for region in self.regions
+            for n, part in enumerate(parts)
         ]
 
     async def _warms(
@@ -218,16 +247,24 @@ class _Targets:
             render_all(t.prefixes, fields),
         )
 
-    def merged(self, other: _Targets) -> _Targets:
-        return _Targets(
-            _merge(self.keys, other.keys),
-            _merge(self.tags, other.tags),
-            _merge(self.urls, other.urls),
-            _merge(self.prefixes, other.prefixes),
-        )
-
     def __bool__(self) -> bool:
         return bool(self.keys or self.tags or self.urls or self.prefixes)
+
+    def parts(self, max_bytes: int) -> list[_Targets]:
+        """These targets in order, cut into parts naming at most `max_bytes` each (an item
+        costs its UTF-8 length plus its Avro length prefix); an item larger than that
+        alone makes a part. Deterministic: the same targets always cut the same way."""
+        parts = [_Targets([], [], [], [])]
+        size = 0
+        for name in ("keys", "tags", "urls", "prefixes"):
+            for item in getattr(self, name):
+                cost = len(item.encode()) + 3
+                if size + cost > max_bytes and parts[-1]:
+                    parts.append(_Targets([], [], [], []))
+                    size = 0
+                getattr(parts[-1], name).append(item)
+                size += cost
+        return parts
 
 
 def _per_wedding(
@@ -237,16 +274,21 @@ def _per_wedding(
     weddings: list[str],
     targets: _Targets,
 ) -> _Targets:
-    """The event's purge targets plus the rule's per-wedding ones for each wedding it reaches."""
+    """The event's purge targets plus the rule's per-wedding ones for each wedding it reaches,
+    each item once, in the order first named (dicts: a vendor may serve 50,000 weddings)."""
     if rule.per_wedding is None:
         return targets
+    merged: dict[str, dict[str, None]] = {
+        name: dict.fromkeys(getattr(targets, name)) for name in ("keys", "tags", "urls", "prefixes")
+    }
     for wedding in weddings:
         try:
             more = _Targets.render(rule.per_wedding, {**fields, "wedding_id": wedding})
         except MissingField as exc:
             raise RuleError(f"rules.{event_type}.per_wedding: {exc}") from None
-        targets = targets.merged(more)
-    return targets
+        for name, items in merged.items():
+            items.update(dict.fromkeys(getattr(more, name)))
+    return _Targets(*(list(items) for items in merged.values()))
 
 
 @dataclass(slots=True)
@@ -271,7 +313,3 @@ class _Origin:
             "issued_at": self.issued_at,
             "replay": self.replay,
         }
-
-
-def _merge(a: list[str], b: list[str]) -> list[str]:
-    return list(dict.fromkeys([*a, *b]))

@@ -2,8 +2,8 @@
 
 Two sources, so it works even when the pipeline is down: consumer lag straight from
 Kafka (committed offsets of every cachesync group against the log end), and the
-pipeline's own /metrics (throughput, purge latency, hit ratios), read twice to
-turn counters into rates.
+pipeline's own /metrics (throughput, purge latency, hit ratios, sinks the provider
+refuses as a whole), read twice to turn counters into rates.
 """
 
 from __future__ import annotations
@@ -137,17 +137,27 @@ def render(settings: Settings, cur: Snapshot, prev: Snapshot | None) -> Group:
         str(cur.lag.get(settings.group_id("mapper"), "-")),
     )
     sinks = Table(title="sinks per region", expand=True)
-    for col in ("region", "sink", "applied", "rate", "lag", "purge p50", "purge p99"):
+    for col in ("region", "sink", "state", "applied", "rate", "lag", "purge p50", "purge p99"):
         sinks.add_column(col)
     applied = cur.by("cachesync_commands_applied_total", "region", "sink")
     applied_then = then.by("cachesync_commands_applied_total", "region", "sink")
-    pairs = set(applied) | {
-        tuple(g.split(".")[-2:]) for g in cur.lag if g.startswith(settings.group_id("sink") + ".")
-    }
+    blocked = blocked_sinks(cur)
+    unknown = "-" if cur.metrics_error or not cur.samples else "ok"
+    pairs = (
+        set(applied)
+        | set(cur.by("cachesync_sink_blocked", "region", "sink"))
+        | {
+            tuple(g.split(".")[-2:])
+            for g in cur.lag
+            if g.startswith(settings.group_id("sink") + ".")
+        }
+    )
     for region, sink in sorted(pairs):
+        reasons = blocked.get((region, sink))
         sinks.add_row(
             region,
             sink,
+            f"[bold red]BLOCKED: {', '.join(reasons)}[/bold red]" if reasons else unknown,
             f"{applied.get((region, sink), 0):.0f}",
             _rate(cur, prev, applied.get((region, sink), 0), applied_then.get((region, sink), 0)),
             str(cur.lag.get(settings.group_id("sink", region, sink), "-")),
@@ -181,11 +191,29 @@ def render(settings: Settings, cur: Snapshot, prev: Snapshot | None) -> Group:
             f"escalations {cur.total('cachesync_cdn_escalations_total', provider=provider):.0f}",
         )
     parts: list[Table | str] = [pipeline, sinks, caches]
+    for (region, sink), reasons in sorted(blocked.items()):
+        parts.append(
+            f"[bold red]{sink} in {region} is blocked: the provider refuses its "
+            f"{' and '.join(reasons)}; its batches wait, uncommitted, and resume when the "
+            f"provider accepts it again (a new secret takes a restart)[/bold red]"
+        )
     if cur.metrics_error:
         parts.append(
             f"[yellow]metrics unavailable ({cur.metrics_error}); lag is read from Kafka[/yellow]"
         )
     return Group(*parts)
+
+
+def blocked_sinks(snap: Snapshot) -> dict[tuple[str, str], list[str]]:
+    """(region, sink) -> why the provider refuses it (credentials, configuration), from the
+    `cachesync_sink_blocked` gauge; only sinks blocked now."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for (region, sink, reason), value in sorted(
+        snap.by("cachesync_sink_blocked", "region", "sink", "reason").items()
+    ):
+        if value > 0:
+            out.setdefault((region, sink), []).append(reason)
+    return out
 
 
 def _ratio(hit: float, miss: float) -> str:

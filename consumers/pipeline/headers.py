@@ -4,7 +4,9 @@ Commands carry `KIND` and `EVENT_ID` (so a consumer can route or trace without
 decoding), plus the W3C trace context (`traceparent`, `tracestate`, written by
 `telemetry.inject_context`). A replay adds `REPLAY` and, with `--no-cdn`,
 `REPLAY_CDN: off`, which CDN sinks obey. The dead-letter topic keeps the record's
-own headers and adds the `dlq.*` ones, which say where it came from and why.
+own headers and adds the `dlq.*` ones, which say where it came from and why; a
+re-drive (`cachesync dlq redrive`) sends it back to its topic without them, plus
+`REDRIVE`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ DLQ_TOPIC = "dlq.topic"
 DLQ_PARTITION = "dlq.partition"
 DLQ_OFFSET = "dlq.offset"
 DLQ_TIMESTAMP = "dlq.timestamp"
+# A record too large for the dead-letter topic keeps only a prefix of its value.
+DLQ_TRUNCATED = "dlq.truncated"  # "true": the value is the original's first 64 KiB
+DLQ_ORIGINAL_BYTES = "dlq.original_bytes"  # the original value's size, in bytes
+# On a record re-sent from the dead-letter topic to its original topic.
+REDRIVE = "cachesync.redrive"  # the dead letter's id: "<partition>:<offset>" on the dlq
 
 Headers = list[tuple[str, bytes]]
 

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 BatchHandler = Callable[[list[Record]], Awaitable[None]]
 
+# 2 ** 62 times any sane base is past any cap: doubling further changes nothing.
+_MAX_EXPONENT = 62
+
 
 @dataclass
 class Backoff:
@@ -39,9 +42,10 @@ class Backoff:
 
     def next_delay(self) -> float:
         self.failures += 1
-        return (
-            self.rng.uniform(0, min(self.cap, self.base * 2 ** (self.failures - 1))) + self.base / 2
-        )
+        # The exponent stops growing long after the cap is reached: 2 ** 1024 is no
+        # float, and a multi-hour outage must not kill the loop with an OverflowError.
+        exponent = min(self.failures - 1, _MAX_EXPONENT)
+        return self.rng.uniform(0, min(self.cap, self.base * 2**exponent)) + self.base / 2
 
     def reset(self) -> None:
         self.failures = 0

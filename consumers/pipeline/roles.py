@@ -28,8 +28,10 @@ from cachesync.consumers import telemetry
 from cachesync.consumers.commands import COMMAND_TYPES, Command, to_millis
 from cachesync.consumers.errors import (
     BadInput,
+    CommandRefused,
     InvalidRecord,
     PermanentSinkError,
+    ProduceRefused,
     RetryAfter,
 )
 from cachesync.consumers.mapping.index import RelationshipIndex
@@ -48,7 +50,7 @@ from cachesync.consumers.pipeline.kafka import Record, make_consumer, make_produ
 from cachesync.consumers.pipeline.loop import CommitAfterEffect
 from cachesync.consumers.pipeline.writer import CommandWriter
 from cachesync.consumers.settings import Settings
-from cachesync.consumers.sinks.base import Note, Sink
+from cachesync.consumers.sinks.base import Note, Position, Sink
 from cachesync.consumers.sinks.ledger import AppliedEvents
 from cachesync.schemas import Codec, Decoded
 
@@ -97,7 +99,9 @@ class _Role:
             client_id=client_id,
             auto_offset_reset=auto_offset_reset,
         )
-        self.dead_letters = DeadLetters(self.producer, settings.dead_letter_topic, name)
+        self.dead_letters = DeadLetters(
+            settings.kafka_bootstrap_servers, settings.dead_letter_topic, name
+        )
         self.audit = AuditLog(self.producer, settings.audit_topic, self.codec)
         self.loop = CommitAfterEffect(
             self.consumer,
@@ -120,6 +124,7 @@ class _Role:
     async def stop(self) -> None:
         await self.consumer.stop()
         await self.producer.stop()
+        await self.dead_letters.close()
         await self._close()
         await close_codec(self.codec)
 
@@ -128,6 +133,21 @@ class _Role:
 
     async def _close(self) -> None:
         """The role's own connections, closed after it stopped consuming and producing."""
+
+
+# Command refs per mapper audit record: some 50 bytes each, so a record stays near 100 KB.
+AUDIT_COMMANDS_PER_RECORD = 2_000
+
+
+@dataclass(slots=True)
+class _Mapped:
+    """One event of a batch that mapped: where it was, what it yielded, its span."""
+
+    position: int
+    record: Record
+    item: Decoded
+    commands: list[Command]
+    span: Span
 
 
 class MapperRole(_Role):
@@ -151,6 +171,16 @@ class MapperRole(_Role):
         await self._state_redis.aclose()
 
     async def handle(self, records: list[Record]) -> None:
+        """Map the batch, send its commands, and only then write the relationship index.
+
+        The index is written last, once every command of the batch is acknowledged (and
+        the audit records too): a batch that fails before that is re-read and mapped
+        against the index as the first attempt saw it, so the retry yields exactly the
+        same commands (a retried `vendor.deleted` still reaches its weddings). Within the
+        batch the index view reads its own writes, so a `vendor.linked` is seen by a
+        `vendor.updated` after it. If the index write itself fails, the retry sends the
+        same commands again under the same ids, which sinks apply at most once in effect.
+        """
         # Decode the whole batch first, so that the relationship index is read for all of
         # it in one round trip and written in one (index.flush) instead of per event.
         decoded: list[Decoded | BadInput] = []
@@ -165,54 +195,110 @@ class MapperRole(_Role):
                 (d.type_name, d.record) for d in decoded if isinstance(d, Decoded)
             )
         )
-        writer = CommandWriter(self.producer, self.codec, self.settings.commands_topic)
-        out: Counter[tuple[str, str]] = Counter()
-        for record, item in zip(records, decoded, strict=True):
-            self.stats.records += 1
-            parent = telemetry.extract_context(record.headers)
-            # A new trace when the platform sent no context; its child otherwise. Every
-            # command is sent inside this span, so each region's command carries it on.
-            with telemetry.tracer.start_as_current_span(
-                "cachesync.map",
-                context=parent,
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "messaging.source.name": record.topic,
-                    "messaging.kafka.offset": record.offset,
-                },
-            ) as span:
-                try:
-                    if isinstance(item, BadInput):
-                        raise item
-                    commands = await self.mapper.map_event(item.type_name, item.record, index=index)
-                except BadInput as exc:
-                    span.set_status(Status(StatusCode.ERROR, exc.reason))
-                    await self.dead_letters.send(record, exc)
-                    self.stats.dead_lettered += 1
-                    continue
-                event_id = str(item.record["event_id"])
-                span.set_attributes(
-                    {
-                        "cachesync.event_type": item.type_name,
-                        "cachesync.event_id": event_id,
-                        "cachesync.commands": len(commands),
-                    }
+        writer = CommandWriter(
+            self.producer, self.codec, self.settings.commands_topic, renew=self._renew_producer
+        )
+        mapped: list[_Mapped] = []
+        spans: list[Span] = []
+        try:
+            for position, (record, item) in enumerate(zip(records, decoded, strict=True)):
+                self.stats.records += 1
+                # A new trace when the platform sent no context; its child otherwise. Every
+                # command is added inside this span, so each region's command carries it on.
+                span = telemetry.tracer.start_span(
+                    "cachesync.map",
+                    context=telemetry.extract_context(record.headers),
+                    kind=SpanKind.CONSUMER,
+                    attributes={
+                        "messaging.source.name": record.topic,
+                        "messaging.kafka.offset": record.offset,
+                    },
                 )
-                writer.add(commands)
-                for command in commands:
-                    self.stats.produced[command.region] += 1
-                    out[command.kind, command.region] += 1
-                await self.audit.mapped(
-                    event_id=event_id,
-                    event_type=item.type_name,
-                    occurred_at=to_millis(item.record["occurred_at"]),
-                    commands=commands,
-                )
-        for (kind, region), n in out.items():
-            telemetry.commands_out.add(n, {"kind": kind, "region": region})
-        await index.flush()
-        await writer.send()
-        await self.audit.flush()
+                spans.append(span)
+                with use_span(span):
+                    try:
+                        if isinstance(item, BadInput):
+                            raise item
+                        index.origin = position
+                        commands = await self.mapper.map_event(
+                            item.type_name, item.record, index=index
+                        )
+                    except BadInput as exc:
+                        span.set_status(Status(StatusCode.ERROR, exc.reason))
+                        await self._dead_letter(record, exc)
+                        continue
+                    span.set_attributes(
+                        {
+                            "cachesync.event_type": item.type_name,
+                            "cachesync.event_id": str(item.record["event_id"]),
+                            "cachesync.commands": len(commands),
+                        }
+                    )
+                    writer.add(commands, origin=position)
+                    mapped.append(_Mapped(position, record, item, commands, span))
+            refused = await self._send(writer)
+            out: Counter[tuple[str, str]] = Counter()
+            for m in mapped:
+                with use_span(m.span):
+                    if m.position in refused:
+                        m.span.set_status(Status(StatusCode.ERROR, CommandRefused.reason))
+                        await self._dead_letter(m.record, CommandRefused(refused[m.position]))
+                        continue
+                    for command in m.commands:
+                        self.stats.produced[command.region] += 1
+                        out[command.kind, command.region] += 1
+                    await self._audit_mapped(m)
+            for (kind, region), n in out.items():
+                telemetry.commands_out.add(n, {"kind": kind, "region": region})
+            await self.audit.flush()
+            await index.flush(skip=refused)
+        finally:
+            for span in spans:
+                span.end()
+
+    async def _send(self, writer: CommandWriter) -> dict[int, str]:
+        """Send the batch's commands; the events (by position) whose commands the broker
+        will never accept, with why (the rest are acked)."""
+        try:
+            await writer.send()
+        except ProduceRefused as exc:
+            return exc.refused
+        return {}
+
+    async def _dead_letter(self, record: Record, error: BadInput) -> None:
+        await self.dead_letters.send(record, error)
+        self.stats.dead_lettered += 1
+
+    async def _audit_mapped(self, m: _Mapped) -> None:
+        """The event's audit record; one per AUDIT_COMMANDS_PER_RECORD commands, so that a
+        fan-out to 50,000 weddings does not make a record too large for the audit topic
+        (`trace` joins them)."""
+        event_id = str(m.item.record["event_id"])
+        occurred_at = to_millis(m.item.record["occurred_at"])
+        for start in range(0, max(len(m.commands), 1), AUDIT_COMMANDS_PER_RECORD):
+            await self.audit.mapped(
+                event_id=event_id,
+                event_type=m.item.type_name,
+                occurred_at=occurred_at,
+                commands=m.commands[start : start + AUDIT_COMMANDS_PER_RECORD],
+            )
+
+    async def _renew_producer(self) -> AIOKafkaProducer:
+        """Replace the role's producer. After the broker refused one of its batches, the
+        idempotent producer's sequence numbers for that partition are out of step, and
+        every later send there would fail (aiokafka does not rewind them)."""
+        old = self.producer
+        self.producer = make_producer(
+            self.settings.kafka_bootstrap_servers, client_id=f"cachesync-{self.name}"
+        )
+        await self.producer.start()
+        # The audit log holds the producer; it has nothing pending while commands are sent.
+        self.audit = AuditLog(self.producer, self.settings.audit_topic, self.codec)
+        try:
+            await old.stop()
+        except Exception:  # the old producer has nothing left to deliver
+            log.warning("%s: error while stopping the replaced producer", self.name, exc_info=True)
+        return self.producer
 
     async def _decode(self, record: Record) -> Decoded:
         decoded = await decode_event(
@@ -296,6 +382,11 @@ class SinkRole(_Role):
                 },
             )
             accepted[command.command_id] = (record, command, span)
+            # Where it was read: a purge sink records its partition's applied offset with
+            # the effect, and skips a re-read record it covers (sinks/ledger.py).
+            self.sink.read_from(
+                command, Position(record.topic, record.partition, record.offset, record.timestamp)
+            )
             self.sink.add(command)
         if not accepted:
             return

@@ -12,8 +12,9 @@ from aiokafka import AIOKafkaProducer
 
 from cachesync.consumers import telemetry
 from cachesync.consumers.commands import Command
+from cachesync.consumers.errors import ProduceRefused
 from cachesync.consumers.pipeline import headers
-from cachesync.consumers.pipeline.sends import BatchedSends
+from cachesync.consumers.pipeline.sends import BatchedSends, Renew
 from cachesync.schemas import Codec
 
 
@@ -22,6 +23,9 @@ class CommandWriter:
 
     Keyed by entity, so one entity's commands stay in order on one partition. The
     current span's trace context goes into every command added while it is active.
+    With `renew` (see BatchedSends), a command the broker will never accept does not
+    hold up the others: `send` raises ProduceRefused naming the `origin` of each refused
+    command (what the caller passed to `add`, e.g. the event's place in its batch).
     """
 
     def __init__(
@@ -32,17 +36,19 @@ class CommandWriter:
         *,
         replay_id: str | None = None,
         cdn: bool = True,
+        renew: Renew | None = None,
     ) -> None:
         self.codec = codec
         self.topic_for = topic_for
-        self._sends = BatchedSends(producer)
+        self._sends = BatchedSends(producer, renew=renew)
+        self._origins: list[int] = []  # per message added: the origin it was added with
         self._marks: headers.Headers = []
         if replay_id is not None:
             self._marks.append((headers.REPLAY, replay_id.encode()))
         if not cdn:
             self._marks.append((headers.REPLAY_CDN, b"off"))
 
-    def add(self, commands: Iterable[Command]) -> None:
+    def add(self, commands: Iterable[Command], *, origin: int = -1) -> None:
         """One event's commands, in the trace of the current span (if any)."""
         context: headers.Headers = []
         telemetry.inject_context(context)
@@ -58,10 +64,19 @@ class CommandWriter:
                     *self._marks,
                 ],
             )
+            self._origins.append(origin)
 
     def __len__(self) -> int:
         return len(self._sends)
 
     async def send(self) -> None:
-        """Send everything added; TransientError when the broker did not ack all of it."""
-        await self._sends.send()
+        """Send everything added; TransientError when the broker did not ack all of it,
+        ProduceRefused (by origin) when it acked all but commands it will never accept."""
+        origins, self._origins = self._origins, []
+        try:
+            await self._sends.send()
+        except ProduceRefused as exc:
+            by_origin: dict[int, str] = {}
+            for position, why in exc.refused.items():
+                by_origin[origins[position]] = by_origin.get(origins[position], why)
+            raise ProduceRefused(by_origin) from exc

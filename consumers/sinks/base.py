@@ -10,6 +10,12 @@ returns. So a sink must:
   and the batch is committed);
 - leave its buffer empty when `flush` returns or raises.
 
+Before each `add`, the runner says where it read the command (`read_from`: topic,
+partition, offset, record time). A purge sink records the last offset it applied per
+partition with its effect and skips a re-read record at or below it (sinks/ledger.py):
+that is what keeps a command applied once across the command topics' whole retention.
+A command added without a position (a test, a tool) is deduplicated by its markers only.
+
 Each sink class names its `kind`, builds itself from settings (`from_settings`) and
 says why it cannot run in a region (`unavailable`); `sinks/registry.py` maps kinds to
 classes. Tier order within a region is the runner's (pipeline/roles.py): a sink only
@@ -30,9 +36,24 @@ if TYPE_CHECKING:
     from cachesync.consumers.settings import Settings
 
 
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where the runner read a command: its record's topic, partition, offset and time (ms)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+
+
 @dataclass(frozen=True)
 class Note:
-    """What a sink says about one command, beyond applied / not applied."""
+    """What a sink says about one command, beyond applied / not applied.
+
+    A command redelivered after it was applied (a crash before the commit) is "applied"
+    again, with a detail saying when it was (`sinks/ledger.py` `redelivered`): the audit
+    trail then has its applied record even if the first one was never written.
+    """
 
     outcome: str = "applied"  # applied | skipped | fenced | rejected
     detail: str = ""
@@ -103,6 +124,10 @@ class Sink(ABC):
     def accepts(self, command: Command) -> bool:
         """Whether this sink has anything to do for the command (others are skipped)."""
 
+    def read_from(self, command: Command, position: Position) -> None:
+        """Where the runner read `command`, said just before `add`. A sink that records
+        applied offsets keeps it until its flush; the others ignore it (the default)."""
+
     @abstractmethod
     def add(self, command: Command) -> None:
         """Buffer one command for the next flush."""
@@ -127,15 +152,29 @@ class PurgeSink(Sink):
     def __init__(self, region: str) -> None:
         super().__init__(region)
         self._pending: list[PurgeCommand] = []
+        self._positions: dict[str, Position] = {}
 
     def accepts(self, command: Command) -> bool:
         return isinstance(command, PurgeCommand) and any(getattr(command, f) for f in self.acts_on)
+
+    def read_from(self, command: Command, position: Position) -> None:
+        # A command read twice in one batch (a copy at another offset): the later offset,
+        # which its one application covers too.
+        known = self._positions.get(command.command_id)
+        if known is None or known.partition != position.partition or known.offset < position.offset:
+            self._positions[command.command_id] = position
 
     def add(self, command: Command) -> None:
         if isinstance(command, PurgeCommand):
             self._pending.append(command)
 
     def take(self) -> list[PurgeCommand]:
-        """The buffered purges, leaving the buffer empty (as the contract requires)."""
+        """The buffered purges, leaving the buffer empty (as the contract requires); their
+        positions are then `take_positions`'."""
         pending, self._pending = self._pending, []
         return pending
+
+    def take_positions(self) -> dict[str, Position]:
+        """Where the runner read the purges added since the last flush, by command id."""
+        positions, self._positions = self._positions, {}
+        return positions

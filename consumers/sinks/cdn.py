@@ -2,19 +2,29 @@
 
 A flush is the same for every provider and is written here once:
 
-    take the window's purges
-    -> keep those still to do (`pending`; CloudFront skips commands it already applied)
+    take the window's purges, and where the runner read each (topic, partition, offset)
+    -> keep those still to do (`pending`): a purge applied before (its marker, or its
+       partition's applied offset covers it: a redelivery) is not sent again, and is
+       audited as applied with when it was; CloudFront also finds the invalidations an
+       earlier try made but never recorded
     -> forget purge times older than `remember_purged_s`
     -> plan: coalesce and escalate them through the purge budget to fit the provider's
        limits (`plan`), and count what was coalesced and escalated
     -> send the planned requests (`send`, the provider's part); each acknowledged request
        is remembered in `Progress` (the retry of a failed batch does not send it again)
        and in `RecentPurges` (a later window does not purge it again for older events)
-    -> clear Progress, record the applied commands in the region's ledger (markers and
-       version fences), purge latency and the ack hook
+    -> a provider that refuses the sink itself (credentials, zone, distribution) raises
+       `SinkUnavailable` from `plan` or `send`: `Outage` gives it the sink's backoff, the
+       blocked gauge and a warning a minute, and the batch goes back uncommitted
+    -> clear Progress, record the applied commands in the region's ledger (markers,
+       version fences, and each partition's applied offset, short of a rejected command),
+       purge latency and the ack hook
     -> FlushResult, the commands the provider refused for good as `Rejected`.
 
-A provider module holds only its requests, the mapping of its answers and its limits.
+A provider module holds only its requests, the mapping of its answers and its limits;
+it decides which refusals are the sink's (`CredentialsRejected`, `SinkMisconfigured`) and
+which are a command's (returned in `Sent.rejected`, bisected down to the commands that
+named the refused items).
 HTTP providers call through `request` (5xx and network errors retried by
 `sinks/retry.py`, calls counted); others through `retrying` with their own network
 errors.
@@ -28,7 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self, TypedDict, TypeVar, Unpack
 
@@ -37,12 +47,18 @@ from redis.asyncio import Redis
 
 from cachesync.consumers import telemetry
 from cachesync.consumers.commands import PurgeCommand
-from cachesync.consumers.errors import ServerError, TransientError
+from cachesync.consumers.errors import ServerError, SinkUnavailable, TransientError
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks import budget
-from cachesync.consumers.sinks.base import FlushResult, Note, PurgeSink, Rejected
-from cachesync.consumers.sinks.ledger import AckHook, PurgeLedger, record_latency
-from cachesync.consumers.sinks.retry import HttpEndpoint, Retries, redis_client, with_retries
+from cachesync.consumers.sinks.base import FlushResult, Note, Position, PurgeSink, Rejected
+from cachesync.consumers.sinks.ledger import AckHook, PurgeLedger, record_latency, redelivered
+from cachesync.consumers.sinks.retry import (
+    HttpEndpoint,
+    Outage,
+    Retries,
+    redis_client,
+    with_retries,
+)
 from cachesync.topology.model import CdnPolicy
 
 log = logging.getLogger(__name__)
@@ -55,6 +71,18 @@ class CdnOptions(TypedDict, total=False):
 
     policy: CdnPolicy | None  # `cdn:` of the topology; the defaults when None
     on_ack: AckHook | None  # called with each acknowledged purge (the benchmark's latency)
+
+
+@dataclass
+class Pending:
+    """What a flush has left to send (`todo`), and what it has not."""
+
+    todo: list[PurgeCommand]
+    # Applied before this delivery, by id: audited as applied, with when (not recorded again).
+    done: dict[str, Note] = field(default_factory=dict)
+    # Applied by an earlier try of this batch whose record was lost (CloudFront found its
+    # invalidation): not sent again, but recorded with this flush. Their notes are in `done`.
+    found: list[PurgeCommand] = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +127,8 @@ class CdnPurgeSink(PurgeSink):
         )
         self.calls = 0  # provider calls made, for the CLI's status and the benchmark
         self.throttled = 0
+        # While the provider refuses the sink itself: its backoff, gauge and warnings.
+        self.outage = Outage(self.kind, region)
 
     @classmethod
     def from_settings(cls, settings: Settings, region: str) -> Self:
@@ -138,28 +168,39 @@ class CdnPurgeSink(PurgeSink):
     # -- the flush ------------------------------------------------------------
     async def flush(self) -> FlushResult:
         purges = self.take()
+        positions = self.take_positions()
         if not purges:
             return FlushResult()
-        todo = await self.pending(purges)
+        pending = await self.pending(purges, positions)
+        todo = pending.todo
         if not todo:
-            return FlushResult(applied=len(purges))
+            await self._record(pending.found, positions)
+            return FlushResult(applied=len(purges), notes=pending.done)
         self._recent.expire(time.time() * 1000)
-        plan = await self.plan(todo)
-        telemetry.cdn_coalesced.add(plan.coalesced, self.attrs)
-        for esc in plan.escalations:
-            telemetry.cdn_escalations.add(1, {**self.attrs, "reason": esc.reason})
-            log.info(
-                "%s: %d items escalated to %s (%s)",
-                self.label,
-                esc.replaced,
-                esc.prefix,
-                esc.reason,
-            )
-        sent = await self.send(plan, todo)  # raises TransientError / RetryAfter
+        calls = self.calls
+        self.outage.hold()  # while blocked, one batch asks the provider per wait, not each
+        try:
+            plan = await self.plan(todo)
+            telemetry.cdn_coalesced.add(plan.coalesced, self.attrs)
+            for esc in plan.escalations:
+                telemetry.cdn_escalations.add(1, {**self.attrs, "reason": esc.reason})
+                log.info(
+                    "%s: %d items escalated to %s (%s)",
+                    self.label,
+                    esc.replaced,
+                    esc.prefix,
+                    esc.reason,
+                )
+            sent = await self.send(plan, todo)  # raises TransientError / RetryAfter
+        except SinkUnavailable as exc:
+            # Not the commands' fault: none is rejected, the batch waits for the sink.
+            self.outage.refused(exc)
+            raise
+        if self.calls > calls:  # the provider answered, and not with a refusal of the sink
+            self.outage.accepted()
         self._progress.clear()
         applied = [c for c in todo if c.command_id not in sent.rejected]
-        if self.ledger is not None:
-            await self.ledger.record(applied)
+        await self._record([*pending.found, *applied], positions, held=sent.rejected.keys())
         record_latency(self.kind, self.region, applied, hook=self.on_ack, ref=sent.ref)
         return FlushResult(
             applied=len(purges) - len(todo) + len(applied),
@@ -168,12 +209,41 @@ class CdnPurgeSink(PurgeSink):
                 for c in todo
                 if c.command_id in sent.rejected
             ),
-            notes={c.command_id: sent.note for c in applied} if sent.note else {},
+            notes={
+                **pending.done,
+                **({c.command_id: sent.note for c in applied} if sent.note else {}),
+            },
         )
 
-    async def pending(self, purges: list[PurgeCommand]) -> list[PurgeCommand]:
-        """The purges still to do (all of them unless the provider remembers more)."""
-        return purges
+    async def pending(
+        self, purges: list[PurgeCommand], positions: Mapping[str, Position]
+    ) -> Pending:
+        """The purges still to do: those this sink applied before (their markers, or their
+        partition's applied offset: a redelivery) are not sent again."""
+        if self.ledger is None:
+            return Pending(purges)
+        before = await self.ledger.applied_before(purges, positions)
+        return Pending(
+            [c for c in purges if c.command_id not in before],
+            done={command_id: redelivered(a) for command_id, a in before.items()},
+        )
+
+    async def _record(
+        self,
+        applied: Sequence[PurgeCommand],
+        positions: Mapping[str, Position],
+        *,
+        held: Collection[str] = (),
+    ) -> None:
+        """Record the applied purges in the region's ledger (markers, fences, the partitions'
+        applied offsets, short of the `held` commands), then tell the provider (`recorded`)."""
+        if self.ledger is not None:
+            await self.ledger.record(applied, positions=positions, held=held)
+        await self.recorded()
+
+    async def recorded(self) -> None:
+        """The flush's applied purges are in the ledger: what the provider kept until then
+        (CloudFront: its unsettled invalidations) can go."""
 
     async def plan(self, todo: Sequence[PurgeCommand]) -> budget.PurgePlan:
         """The budget's plan for `todo` within `limits`, minus what a failed try already sent."""
@@ -190,7 +260,8 @@ class CdnPurgeSink(PurgeSink):
 
     # -- calls ----------------------------------------------------------------
     def count_call(self, outcome: str) -> None:
-        """One provider call, by outcome: ok, throttled, busy, error, rejected, duplicate."""
+        """One provider call, by outcome: ok, throttled, busy, error, rejected (a command's
+        items), blocked (the sink's credentials or target), duplicate."""
         telemetry.cdn_api_calls.add(1, {**self.attrs, "outcome": outcome})
 
     async def retrying(

@@ -5,10 +5,14 @@ purge type per request (files, tags, prefixes, or hosts when escalation reached 
 host root), at most `max_items_per_request` items each, paced by a token bucket per
 zone. A 429 becomes `RetryAfter` (the runner pauses the partition for Retry-After);
 5xx and timeouts are retried with jittered backoff (stamina) and then become
-`TransientError`; a 4xx is final: the commands of that request are returned as
-`Rejected` with the API's errors (a 400 is bisected first, so one bad item does not
-take a hundred good ones with it). The API token is a `SecretStr` and appears only
-in the Authorization header, never in a log line or an error message.
+`TransientError`. A refusal of the sink itself is not the commands' fault: a 401/403
+or an authentication error code (a revoked, rotated or under-privileged token) raises
+`CredentialsRejected`, an unknown zone (404, 7003) `SinkMisconfigured`, and the batch
+waits, uncommitted, until Cloudflare accepts the sink again (sinks/cdn.py). Any other
+4xx is final: the commands of that request are returned as `Rejected` with the API's
+errors (a 400 is bisected first, so one bad item does not take a hundred good ones with
+it). The API token is a `SecretStr` and appears only in the Authorization header, never
+in a log line or an error message.
 
 The flush itself (ledger, budget plan, progress, retries) is the CDN template's
 (sinks/cdn.py); this module holds Cloudflare's request and response mapping and limits.
@@ -29,7 +33,12 @@ from redis.asyncio import Redis
 
 from cachesync.consumers import telemetry
 from cachesync.consumers.commands import PurgeCommand
-from cachesync.consumers.errors import RetryAfter
+from cachesync.consumers.errors import (
+    CredentialsRejected,
+    RetryAfter,
+    SinkMisconfigured,
+    SinkUnavailable,
+)
 from cachesync.consumers.settings import Settings, region_var
 from cachesync.consumers.sinks import budget
 from cachesync.consumers.sinks.cdn import CdnOptions, CdnPurgeSink, Sent
@@ -39,6 +48,11 @@ log = logging.getLogger(__name__)
 
 # Our own pacing may sleep this long for a token; longer waits pause the partition.
 _MAX_PACING_SLEEP_S = 1.0
+# Error codes about the sink, not the items, whatever the status: the token (10000
+# authentication error, 9103/9106/9109 unknown, missing or invalid, 6003/6111 malformed
+# headers) and the zone (7003 unknown object identifier, 7000 no route).
+_CREDENTIAL_CODES = frozenset({10000, 9103, 9106, 9109, 6003, 6111})
+_ZONE_CODES = frozenset({7000, 7003})
 
 
 class TokenBucket:
@@ -204,8 +218,12 @@ class CloudflareSink(CdnPurgeSink):
             raise RetryAfter(f"{self.label}: 429 rate limited", retry_after)
         envelope = _json(response)
         if response.status_code >= 400 or not envelope.get("success", False):
-            self.count_call("rejected")
             message = f"{self.label}: HTTP {response.status_code}: {_errors(response)}"
+            refusal = _sink_refusal(response)
+            if refusal is not None:
+                self.count_call("blocked")
+                raise refusal(message)
+            self.count_call("rejected")
             log.warning("%s (%d %s)", message, len(items), kind)
             return response.status_code, message
         self.count_call("ok")
@@ -229,6 +247,17 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _sink_refusal(response: httpx.Response) -> type[SinkUnavailable] | None:
+    """Whether an error answer refuses the sink itself (its token, its zone), and how."""
+    errors: Sequence[Any] = _json(response).get("errors") or []
+    codes = {e.get("code") for e in errors if isinstance(e, dict)}
+    if response.status_code in (401, 403) or codes & _CREDENTIAL_CODES:
+        return CredentialsRejected
+    if response.status_code == 404 or codes & _ZONE_CODES:
+        return SinkMisconfigured
+    return None
 
 
 def _errors(response: httpx.Response) -> str:

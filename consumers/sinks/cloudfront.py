@@ -7,11 +7,32 @@ When those limits are full, or CloudFront answers `TooManyInvalidationsInProgres
 the batch waits (`RetryAfter`, the partition is paused): nothing is dropped.
 
 Idempotency is the project's own, because neither moto nor a restarted process
-would provide it: the `CallerReference` is derived from the batch's command ids, the
-reference and its invalidation id are remembered in the region's Redis
-(`keys.CLOUDFRONT_BATCH`), and commands already applied (`keys.APPLIED`) are skipped,
-so a retried batch is never a second invalidation. The ids of the invalidations are
-kept in `invalidations` (and logged) for audit records.
+would provide it, and the same commands must make the same invalidation whatever the
+batch they come back in (a batch re-read after a crash holds what arrived since):
+
+- commands already applied are skipped (their markers, or their partition's applied
+  offset: sinks/ledger.py), so an invalidation covers only commands not yet applied;
+- the `CallerReference` is derived from the command ids of the invalidation. Before it
+  is asked for, its reference, command ids and paths are written to the region's Redis
+  (`keys.CLOUDFRONT_UNSETTLED`) until the commands are recorded as applied. A re-read
+  batch first regroups the commands of each such invalidation under its reference and
+  paths (`pending`), and only the others make a new one;
+- a reference and its invalidation id are remembered (`keys.CLOUDFRONT_BATCH`, past the
+  command topics' retention), so a regrouped or retried batch is never a second
+  invalidation. A crash between CloudFront's answer and that write is left to
+  CloudFront itself, which answers the same CallerReference with the same paths with
+  the invalidation it made (moto does not: it makes another).
+
+The ids of the invalidations are kept in `invalidations` (and logged) for audit records.
+
+A refusal of the sink itself is not the commands' fault: the credential error codes
+(AccessDenied, ExpiredToken, InvalidClientTokenId, SignatureDoesNotMatch, ...), any
+401/403 and botocore's missing credentials raise `CredentialsRejected`, an unknown
+distribution `SinkMisconfigured`, and the batch waits, uncommitted, until CloudFront
+accepts the sink again (sinks/cdn.py). A refusal of the batch's content (400:
+InvalidArgument for a bad path; 413: BatchTooLarge) is bisected by command, each half
+its own invalidation with a CallerReference from the half's command ids, so one bad
+path dead-letters only the commands that named it, not a window of thousands.
 
 The flush itself (ledger, budget plan, retries) is the CDN template's (sinks/cdn.py);
 this module holds CloudFront's request, the mapping of its error codes, and its limits.
@@ -21,11 +42,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Unpack
 
@@ -35,7 +57,10 @@ from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
     ConnectTimeoutError,
+    CredentialRetrievalError,
     EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
     ReadTimeoutError,
 )
 from pydantic import SecretStr
@@ -45,17 +70,19 @@ from cachesync.consumers import keys, telemetry
 from cachesync.consumers.commands import PurgeCommand
 from cachesync.consumers.errors import (
     CachesyncError,
+    CredentialsRejected,
     PermanentSinkError,
     RetryAfter,
     ServerError,
+    SinkMisconfigured,
+    SinkUnavailable,
     TransientError,
     redis_errors,
 )
 from cachesync.consumers.settings import Settings, region_var
 from cachesync.consumers.sinks import budget
-from cachesync.consumers.sinks.base import Note
-from cachesync.consumers.sinks.cdn import CdnOptions, CdnPurgeSink, Sent
-from cachesync.consumers.sinks.ledger import PurgeLedger
+from cachesync.consumers.sinks.base import Note, Position
+from cachesync.consumers.sinks.cdn import CdnOptions, CdnPurgeSink, Pending, Sent
 from cachesync.consumers.sinks.retry import Retries
 
 if TYPE_CHECKING:
@@ -82,6 +109,29 @@ _THROTTLED = {"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooM
 # The same CallerReference with a different batch: our reference was already used,
 # i.e. this batch's invalidation exists.
 _ALREADY = {"InvalidationBatchAlreadyExists"}
+# The sink's credentials, whatever the status (ExpiredToken is a 400); any 401/403 too.
+_CREDENTIALS = {
+    "AccessDenied",
+    "AccessDeniedException",
+    "AuthFailure",
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "IncompleteSignature",
+    "InvalidAccessKeyId",
+    "InvalidClientTokenId",
+    "InvalidSignatureException",
+    "InvalidToken",
+    "MissingAuthenticationToken",
+    "NotAuthorized",
+    "RequestExpired",
+    "SignatureDoesNotMatch",
+    "UnrecognizedClientException",
+}
+_NO_CREDENTIALS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)
+# The sink's target: a distribution CloudFront does not know.
+_UNKNOWN_TARGET = {"NoSuchDistribution"}
+# A refusal of the batch's content, which a part of the batch may pass: bisect it.
+_SPLITTABLE_STATUS = {400, 413}
 
 
 @dataclass(frozen=True)
@@ -117,7 +167,6 @@ class CloudFrontSink(CdnPurgeSink):
         super().__init__(region, redis=redis, **options)
         assert self.redis is not None and self.ledger is not None  # required here
         self._refs: Redis = self.redis
-        self._markers: PurgeLedger = self.ledger
         self.distribution = distribution
         self.label = f"cloudfront {distribution}"
         self.endpoint_url = endpoint_url
@@ -138,6 +187,8 @@ class CloudFrontSink(CdnPurgeSink):
         # Invalidations started here and not yet seen complete: id -> (paths, wildcards).
         self.in_flight: dict[str, tuple[int, int]] = {}
         self.invalidations: deque[InvalidationRecord] = deque(maxlen=10_000)
+        # References of this flush's invalidations, settled once its commands are recorded.
+        self._settling: set[str] = set()
 
     @classmethod
     def unavailable(cls, settings: Settings, region: str) -> str | None:
@@ -173,10 +224,67 @@ class CloudFrontSink(CdnPurgeSink):
         await self._stack.aclose()
         await super().close()
 
-    async def pending(self, purges: list[PurgeCommand]) -> list[PurgeCommand]:
-        """Commands already turned into an invalidation (their markers) are not sent again."""
-        done = await self._markers.applied_ids([c.command_id for c in purges])
-        return [c for c in purges if c.command_id not in done]
+    async def pending(
+        self, purges: list[PurgeCommand], positions: Mapping[str, Position]
+    ) -> Pending:
+        """Commands applied before are not sent again (the template's `pending`); those of an
+        invalidation asked for before and never recorded are regrouped under its reference
+        and paths: found again (the usual case), or asked for again with the same batch."""
+        self._settling = set()  # what a failed flush made stays unsettled: its batch returns
+        pending = await super().pending(purges, positions)
+        unsettled = await self._unsettled() if pending.todo else {}
+        for ref, (command_ids, paths) in unsettled.items():
+            group = [c for c in pending.todo if c.command_id in command_ids]
+            if not group:
+                continue
+            calls = self.calls
+            try:
+                record = await self._invalidate(ref, paths, [c.command_id for c in group])
+            except PermanentSinkError:
+                continue  # refused, and forgotten: its commands go the usual way
+            except SinkUnavailable as exc:
+                self.outage.refused(exc)
+                raise
+            if self.calls > calls:
+                self.outage.accepted()
+            note = Note(
+                provider_ids=(record.invalidation_id,),
+                detail=f"redelivered; {len(paths)} paths in invalidation "
+                f"{record.invalidation_id}, asked for before this delivery",
+            )
+            pending.found.extend(group)
+            pending.done.update(dict.fromkeys((c.command_id for c in group), note))
+            pending.todo = [c for c in pending.todo if c.command_id not in command_ids]
+        return pending
+
+    async def recorded(self) -> None:
+        """The flush's commands are in the ledger: their invalidations are settled."""
+        refs, self._settling = self._settling, set()
+        if refs:
+            with redis_errors(f"{self.label}: settling invalidations"):
+                await self._refs.hdel(keys.cloudfront_unsettled(self.distribution), *refs)
+
+    async def _unsettled(self) -> dict[str, tuple[frozenset[str], tuple[str, ...]]]:
+        """The invalidations asked for and not yet recorded: reference -> (command ids, paths).
+        One left behind (its record lost, its commands applied since) goes after the
+        command topics' retention."""
+        key = keys.cloudfront_unsettled(self.distribution)
+        with redis_errors(f"{self.label}: reading unsettled invalidations"):
+            entries = await self._refs.hgetall(key)
+        found: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {}
+        stale: list[str] = []
+        oldest = time.time() * 1000 - keys.CLOUDFRONT_BATCH_TTL_S * 1000
+        for raw, value in entries.items():
+            ref = raw.decode() if isinstance(raw, bytes) else str(raw)
+            entry = json.loads(value)
+            if entry["at"] < oldest:
+                stale.append(ref)
+                continue
+            found[ref] = (frozenset(entry["ids"]), tuple(entry["paths"]))
+        if stale:
+            with redis_errors(f"{self.label}: forgetting old unsettled invalidations"):
+                await self._refs.hdel(key, *stale)
+        return found
 
     async def plan(self, todo: Sequence[PurgeCommand]) -> budget.PurgePlan:
         """One invalidation within what the distribution's in-progress limits leave free;
@@ -215,14 +323,77 @@ class CloudFrontSink(CdnPurgeSink):
         try:
             record = await self._invalidate(ref, paths, command_ids)
         except PermanentSinkError as exc:
-            message = f"{self.label}: {exc}"
-            log.warning("%s (%d commands dead-lettered)", message, len(todo))
-            return Sent(rejected=dict.fromkeys(command_ids, message))
+            return await self._bisect(plan, command_ids, exc)
         for kind in budget.PATH_KINDS:
             self._recent.record(kind, plan.items[kind], sent_at)
         # The invalidation id goes into each command's audit record, for `cachesync trace`.
         note = Note(provider_ids=(record.invalidation_id,), detail=f"{len(paths)} paths")
         return Sent(ref=record.invalidation_id, note=note)
+
+    async def _bisect(
+        self, plan: budget.PurgePlan, command_ids: list[str], refused: PermanentSinkError
+    ) -> Sent:
+        """CloudFront refused the window's invalidation. A refusal of its content (a bad
+        path) is bisected by command until it is down to the commands that named the bad
+        paths; those are rejected, the others applied. Anything else rejects the window."""
+        # The commands that named a path of the refused invalidation (the others' paths
+        # were all invalidated recently: nothing of theirs was refused).
+        named = sorted(
+            set().union(*(plan.items[k][p] for k in budget.PATH_KINDS for p in plan.items[k]))
+        )
+        if not _splittable(refused) or len(named) < 2:
+            message = f"{self.label}: {refused}"
+            doomed = command_ids if not _splittable(refused) else named
+            log.warning("%s (%d commands dead-lettered)", message, len(doomed))
+            return Sent(rejected=dict.fromkeys(doomed, message))
+        rejected: dict[str, str] = {}
+        made: list[InvalidationRecord] = []
+        half = len(named) // 2
+        for part in (named[:half], named[half:]):
+            await self._invalidate_part(plan, part, rejected, made)
+        log.warning(
+            "%s: refused %s; bisected: %d of %d commands dead-lettered, %d invalidations",
+            self.label,
+            refused,
+            len(rejected),
+            len(command_ids),
+            len(made),
+        )
+        ids = tuple(r.invalidation_id for r in made)
+        note = Note(provider_ids=ids, detail=f"{sum(len(r.paths) for r in made)} paths")
+        return Sent(rejected=rejected, ref=",".join(ids), note=note if made else None)
+
+    async def _invalidate_part(
+        self,
+        plan: budget.PurgePlan,
+        part: list[str],
+        rejected: dict[str, str],
+        made: list[InvalidationRecord],
+    ) -> None:
+        """One half of a refused window: its commands' paths as their own invalidation, its
+        CallerReference from their ids (so each half, and a retry of it, has its own)."""
+        if not part:
+            return
+        ids = set(part)
+        urls = sorted(u for u, who in plan.items["urls"].items() if who & ids)
+        prefixes = sorted(p for p, who in plan.items["prefixes"].items() if who & ids)
+        paths = (*urls, *(p + "*" for p in prefixes))
+        sent_at = time.time() * 1000
+        try:
+            record = await self._invalidate(caller_reference(self.distribution, part), paths, part)
+        except PermanentSinkError as exc:
+            if len(part) > 1 and _splittable(exc):
+                half = len(part) // 2
+                await self._invalidate_part(plan, part[:half], rejected, made)
+                await self._invalidate_part(plan, part[half:], rejected, made)
+                return
+            message = f"{self.label}: {exc}"
+            for command_id in part:
+                rejected.setdefault(command_id, message)
+            return
+        made.append(record)
+        self._recent.record("urls", urls, sent_at)
+        self._recent.record("prefixes", prefixes, sent_at)
 
     async def _invalidate(
         self, ref: str, paths: tuple[str, ...], command_ids: list[str]
@@ -234,19 +405,36 @@ class CloudFrontSink(CdnPurgeSink):
         if known is not None:
             inv_id = known.decode() if isinstance(known, bytes) else str(known)
             log.info("%s: batch %s is invalidation %s", self.label, ref, inv_id)
+            self._settling.add(ref)
             rec = InvalidationRecord(
                 inv_id, ref, self.distribution, paths, tuple(command_ids), "known", now, True
             )
             self.invalidations.append(rec)
             return rec
-        inv = await self._create(ref, paths)
+        # Until its commands are recorded, a re-read batch regroups them under this
+        # reference and these paths (`pending`). Not replaced if there: a regrouped batch
+        # may hold only some of the commands.
+        unsettled = keys.cloudfront_unsettled(self.distribution)
+        entry = {"ids": sorted(command_ids), "paths": list(paths), "at": int(now)}
+        with redis_errors(f"{self.label}: recording the invalidation it asks for"):
+            await self._refs.hsetnx(unsettled, ref, json.dumps(entry))
+            await self._refs.expire(unsettled, keys.CLOUDFRONT_BATCH_TTL_S)
+        try:
+            inv = await self._create(ref, paths)
+        except (PermanentSinkError, RetryAfter):
+            # CloudFront said no, so nothing was made (unlike a timeout): its commands are
+            # rejected or bisected, or they wait and come back in a batch of their own.
+            with redis_errors(f"{self.label}: forgetting a refused invalidation"):
+                await self._refs.hdel(unsettled, ref)
+            raise
         inv_id = str(inv["Id"])
         status = str(inv.get("Status", ""))
         wildcards = sum(1 for p in paths if p.endswith("*"))
         if status.lower() != "completed":
             self.in_flight[inv_id] = (len(paths), wildcards)
         with redis_errors(f"{self.label}: invalidation {inv_id} created but recording it"):
-            await self._refs.set(batch_key, inv_id, ex=keys.APPLIED_TTL_S)
+            await self._refs.set(batch_key, inv_id, ex=keys.CLOUDFRONT_BATCH_TTL_S)
+        self._settling.add(ref)
         telemetry.cdn_items.add(len(paths) - wildcards, {**self.attrs, "kind": "paths"})
         telemetry.cdn_items.add(wildcards, {**self.attrs, "kind": "wildcards"})
         telemetry.cdn_cost_units.add(len(paths), self.attrs)
@@ -284,6 +472,9 @@ class CloudFrontSink(CdnPurgeSink):
             response = await self.retrying(once, network=_TRANSIENT_NETWORK, what=self.label)
         except ClientError as exc:
             raise self._refused(ref, exc) from exc
+        except _NO_CREDENTIALS as exc:
+            self.count_call("blocked")
+            raise CredentialsRejected(f"{self.label}: {type(exc).__name__}") from exc
         except BotoCoreError as exc:  # not a network error worth another try
             self.count_call("error")
             raise TransientError(f"{self.label}: {type(exc).__name__}") from exc
@@ -302,8 +493,22 @@ class CloudFrontSink(CdnPurgeSink):
         if code in _ALREADY:
             self.count_call("duplicate")
             return TransientError(f"{self.label}: reference {ref} exists with another batch")
+        blocked = self._sink_refusal(exc)
+        if blocked is not None:
+            self.count_call("blocked")
+            return blocked
         self.count_call("rejected")
         return PermanentSinkError(_describe(exc))
+
+    def _sink_refusal(self, exc: ClientError) -> SinkUnavailable | None:
+        """The error if CloudFront refused the sink itself (its credentials, its
+        distribution), not the batch; None otherwise."""
+        code = _code(exc)
+        if code in _CREDENTIALS or _status(exc) in (401, 403):
+            return CredentialsRejected(f"{self.label}: {_describe(exc)}")
+        if code in _UNKNOWN_TARGET:
+            return SinkMisconfigured(f"{self.label}: {_describe(exc)}")
+        return None
 
     async def _in_progress(self) -> tuple[int, int]:
         """Paths and wildcards of this sink's invalidations that CloudFront has not completed."""
@@ -312,9 +517,17 @@ class CloudFrontSink(CdnPurgeSink):
                 response = await self._client.get_invalidation(
                     DistributionId=self.distribution, Id=inv_id
                 )
-            except (ClientError, BotoCoreError) as exc:
+            except ClientError as exc:
+                blocked = self._sink_refusal(exc)
+                if blocked is not None:  # nothing else will pass either: wait for the sink
+                    raise blocked from exc
                 log.warning("%s: status of %s unknown: %s", self.label, inv_id, exc)
                 continue  # still counted as in progress: the safe side
+            except _NO_CREDENTIALS as exc:
+                raise CredentialsRejected(f"{self.label}: {type(exc).__name__}") from exc
+            except BotoCoreError as exc:
+                log.warning("%s: status of %s unknown: %s", self.label, inv_id, exc)
+                continue
             if str(response["Invalidation"].get("Status", "")).lower() == "completed":
                 del self.in_flight[inv_id]
         paths = sum(p for p, _ in self.in_flight.values())
@@ -342,4 +555,12 @@ def _status(exc: ClientError) -> int:
 
 def _describe(exc: ClientError) -> str:
     error = exc.response.get("Error", {})
-    return f"HTTP {_status(exc)}: {error.get('Code', '?')}: {error.get('Message', '')}".strip()
+    code = error.get("Code") or "no error code"
+    message = error.get("Message")
+    return f"HTTP {_status(exc)}: {code}" + (f": {message}" if message else "")
+
+
+def _splittable(exc: PermanentSinkError) -> bool:
+    """A refusal of the batch's content (a bad path, too large), which a part may pass."""
+    cause = exc.__cause__
+    return isinstance(cause, ClientError) and _status(cause) in _SPLITTABLE_STATUS

@@ -9,8 +9,9 @@
 
 The edge must accept these only from the purger (deploy/varnish/default.vcl allows
 loopback). A 5xx or timeout is retried with jittered backoff and then becomes
-`TransientError`; any other refusal (405: not allowed) is final and the commands are
-returned as `Rejected`.
+`TransientError`; a 401/403 (a Fastly-style edge refusing the purger's key) refuses the
+sink itself, `CredentialsRejected`: the batch waits, uncommitted (sinks/cdn.py). Any
+other refusal (405: not allowed) is final and the commands are returned as `Rejected`.
 
 The flush itself (ledger, budget plan, progress, retries) is the CDN template's
 (sinks/cdn.py); this module holds the edge's requests and its concurrency.
@@ -30,7 +31,7 @@ from redis.asyncio import Redis
 
 from cachesync.consumers import telemetry
 from cachesync.consumers.commands import PurgeCommand
-from cachesync.consumers.errors import TransientError
+from cachesync.consumers.errors import CredentialsRejected, SinkUnavailable, TransientError
 from cachesync.consumers.settings import Settings, region_var
 from cachesync.consumers.sinks import budget
 from cachesync.consumers.sinks.cdn import CdnOptions, CdnPurgeSink, Sent
@@ -97,8 +98,9 @@ class HttpPurgeSink(CdnPurgeSink):
         )
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            # What was acknowledged is in the progress; the retry sends only the rest.
-            first = failures[0]
+            # What was acknowledged is in the progress; the retry sends only the rest. A
+            # refusal of the sink itself says the most about the rest, so it goes first.
+            first = next((f for f in failures if isinstance(f, SinkUnavailable)), failures[0])
             if isinstance(first, TransientError):
                 raise first
             raise TransientError(f"http_purge {self.region}: {type(first).__name__}") from first
@@ -119,11 +121,14 @@ class HttpPurgeSink(CdnPurgeSink):
                 method, path, headers=headers, what=f"{self.label}: {method}"
             )
         if response.status_code >= 400:
-            self.count_call("rejected")
             message = (
                 f"{self.label}: {method} {path} refused: "
                 f"HTTP {response.status_code} {response.reason_phrase}"
             )
+            if response.status_code in (401, 403):
+                self.count_call("blocked")
+                raise CredentialsRejected(message)
+            self.count_call("rejected")
             log.warning(message)
             for command_id in request.command_ids:
                 rejected.setdefault(command_id, message)

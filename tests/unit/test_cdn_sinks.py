@@ -13,7 +13,7 @@ import stamina
 from pydantic import SecretStr
 
 from cachesync.consumers.commands import PurgeCommand
-from cachesync.consumers.errors import RetryAfter, TransientError
+from cachesync.consumers.errors import CredentialsRejected, RetryAfter, TransientError
 from cachesync.consumers.sinks.cloudflare import CloudflareSink, TokenBucket
 from cachesync.consumers.sinks.cloudfront import caller_reference
 from cachesync.consumers.sinks.http_purge import HttpPurgeSink
@@ -196,16 +196,17 @@ async def test_cloudflare_400_is_bisected_so_only_the_bad_command_is_rejected() 
     await sink.close()
 
 
-async def test_cloudflare_403_rejects_with_the_api_error_and_never_the_token() -> None:
-    """A refused token dead-letters the commands with Cloudflare's message, not the secret."""
+async def test_cloudflare_403_pauses_the_sink_with_the_api_error_and_never_the_token() -> None:
+    """A refused token is the sink's fault, not the command's: the batch is put back
+    (CredentialsRejected, a RetryAfter) with Cloudflare's message, never the secret."""
     sink = cloudflare(Recorder(lambda r: fail(403, 10000, "Authentication error")))
     cmd = purge(tags=("t1",))
     sink.add(cmd)
-    result = await sink.flush()
-    assert result.applied == 0
-    assert result.rejected[0].command == cmd
-    assert "10000 Authentication error" in result.rejected[0].error
-    assert TOKEN not in result.rejected[0].error and TOKEN not in repr(sink.__dict__)
+    with pytest.raises(CredentialsRejected) as caught:
+        await sink.flush()
+    assert isinstance(caught.value, RetryAfter) and caught.value.retry_after > 0
+    assert "10000 Authentication error" in str(caught.value)
+    assert TOKEN not in str(caught.value) and TOKEN not in repr(sink.__dict__)
     await sink.close()
 
 

@@ -6,6 +6,14 @@
 injected on demand (`fail_next`). Answers in Cloudflare's envelope
 `{"success", "errors": [{"code", "message"}], "messages", "result"}` and records
 every call, so tests can count them.
+
+The token can be revoked and restored while it runs, as an operator rotating it would
+(`revoke`, `restore`, `rotate`; over HTTP for a stub in another process, such as the
+local stack's: `POST /_stub/token/revoke?status=401`, `POST /_stub/token/restore`,
+`POST /_stub/token/rotate` with `{"token": ...}`). While revoked, every purge is
+answered 403 (or 401) with code 10000 "Authentication error", as the API does. `GET
+/_stub/purged?kind=tags&zone=Z` lists what was accepted: the ledger a test or a fault
+run checks against.
 """
 
 from __future__ import annotations
@@ -67,10 +75,31 @@ class CloudflareStub:
         self.burst = burst
         self.calls: list[StubCall] = []
         self.fail_next: list[int] = []  # statuses to answer before anything else, in order
+        self.revoked: int | None = None  # the status every purge gets while the token is revoked
         self._buckets: dict[str, _Bucket] = {}
         self.app = Starlette(
-            routes=[Route("/client/v4/zones/{zone}/purge_cache", self.purge, methods=["POST"])]
+            routes=[
+                Route("/client/v4/zones/{zone}/purge_cache", self.purge, methods=["POST"]),
+                Route("/_stub/token/{action}", self._token_route, methods=["POST"]),
+                Route("/_stub/purged", self._purged_route, methods=["GET"]),
+            ]
         )
+
+    # -- the token, as an operator rotates it ------------------------------------
+    def revoke(self, status: int = 403) -> None:
+        """From now on the token is refused (`status` 403 or 401, code 10000)."""
+        if status not in (401, 403):
+            raise ValueError(f"a revoked token is answered 401 or 403, not {status}")
+        self.revoked = status
+
+    def restore(self) -> None:
+        """The token is accepted again."""
+        self.revoked = None
+
+    def rotate(self, token: str) -> None:
+        """A new token replaces the old one, which is refused from now on."""
+        self.token = token
+        self.revoked = None
 
     def set_rate(self, rate_per_s: float, burst: int) -> None:
         self.rate_per_s, self.burst = rate_per_s, burst
@@ -85,6 +114,32 @@ class CloudflareStub:
 
     def count(self, status: int, zone: str | None = None) -> int:
         return sum(1 for c in self.calls if c.status == status and (zone is None or c.zone == zone))
+
+    async def _token_route(self, request: Request) -> JSONResponse:
+        action = request.path_params["action"]
+        if action == "revoke":
+            try:
+                self.revoke(int(request.query_params.get("status", "403")))
+            except ValueError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+        elif action == "restore":
+            self.restore()
+        elif action == "rotate":
+            body = await request.json()
+            token = body.get("token") if isinstance(body, dict) else None
+            if not isinstance(token, str) or not token:
+                return JSONResponse({"error": 'rotate takes {"token": "..."}'}, status_code=400)
+            self.rotate(token)
+        else:
+            return JSONResponse({"error": f"no token action {action!r}"}, status_code=404)
+        return JSONResponse({"revoked": self.revoked})
+
+    async def _purged_route(self, request: Request) -> JSONResponse:
+        kind = request.query_params.get("kind", "")
+        if kind not in PURGE_TYPES:
+            return JSONResponse({"error": f"kind is one of {', '.join(PURGE_TYPES)}"}, 400)
+        zone = request.query_params.get("zone")
+        return JSONResponse({"kind": kind, "items": sorted(self.purged(kind, zone))})
 
     # -- the API ---------------------------------------------------------------
     async def purge(self, request: Request) -> JSONResponse:
@@ -110,8 +165,8 @@ class CloudflareStub:
                 }
             return JSONResponse(body, status_code=status, headers=headers)
 
-        if request.headers.get("authorization") != f"Bearer {self.token}":
-            return answer(403, 10000, "Authentication error")
+        if request.headers.get("authorization") != f"Bearer {self.token}" or self.revoked:
+            return answer(self.revoked or 403, 10000, "Authentication error")
         if self.zones is not None and zone not in self.zones:
             return answer(
                 404,

@@ -311,3 +311,13 @@ async def test_run_returns_when_stop_is_set_while_idle() -> None:
 
     assert handler.calls == []
     assert consumer.commits == []
+
+
+def test_backoff_stays_within_its_cap_after_thousands_of_failures() -> None:
+    """Past ~1,024 failures base * 2 ** n is no float: the delay keeps to base/2 .. cap + base/2."""
+    backoff = Backoff(base=0.2, cap=30.0, rng=random.Random(3))
+    delays = [backoff.next_delay() for _ in range(5_000)]
+
+    assert backoff.failures == 5_000
+    assert all(0.1 <= d <= 30.1 for d in delays)
+    assert max(delays[-100:]) > 15  # still spread over the whole capped range

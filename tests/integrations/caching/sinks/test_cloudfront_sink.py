@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from cachesync.consumers import keys
 from cachesync.consumers.commands import PurgeCommand, command_id
-from cachesync.consumers.errors import TransientError
+from cachesync.consumers.errors import SinkMisconfigured, TransientError
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.cloudfront import CloudFrontSink, caller_reference
 from cachesync.topology.model import CdnPolicy
@@ -163,19 +163,18 @@ async def test_a_path_invalidated_after_the_event_happened_is_not_invalidated_ag
     assert await redis.exists(keys.applied("cloudfront", older.command_id))
 
 
-async def test_a_refused_invalidation_rejects_its_commands_and_records_nothing(
+async def test_an_unknown_distribution_pauses_the_sink_and_records_nothing(
     settings: Settings, cloudfront_endpoint: str, distribution: str, redis: Redis, run: str
 ) -> None:
-    """A distribution CloudFront does not know (404 NoSuchDistribution): dead-lettered."""
+    """A distribution CloudFront does not know (404 NoSuchDistribution) is the sink's
+    configuration, not the command's: the batch is put back, nothing is dead-lettered."""
     sink = make(settings, cloudfront_endpoint, f"NOSUCH{run.upper()}")
     await sink.setup()
     command = purge(run, 0, urls=(f"/weddings/w-{run}/gallery",))
     sink.add(command)
-    result = await sink.flush()
+    with pytest.raises(SinkMisconfigured, match="NoSuchDistribution"):
+        await sink.flush()
     await sink.close()
-    assert result.applied == 0
-    [rejected] = result.rejected
-    assert rejected.command == command and "NoSuchDistribution" in rejected.error
     assert not await redis.exists(keys.applied("cloudfront", command.command_id))
     assert await invalidations(cloudfront_endpoint, distribution) == []
 

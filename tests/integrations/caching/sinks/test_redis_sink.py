@@ -6,6 +6,7 @@ keys; the oracle is Redis itself (GET / EXISTS / TTL / SMEMBERS), not FlushResul
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 
@@ -15,6 +16,7 @@ from redis.asyncio import Redis
 from cachesync.consumers import keys
 from cachesync.consumers.commands import PurgeCommand
 from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.base import FlushResult, Position
 from cachesync.consumers.sinks.redis import RedisSink
 
 REGION = "eu-west"
@@ -205,3 +207,78 @@ async def test_a_tag_with_more_members_than_one_del_call_is_purged_whole(
 
     assert await redis.exists(*members) == 0
     assert await redis.exists(keys.tag_index(tag)) == 0
+
+
+async def apply_read(sink: RedisSink, *read: tuple[PurgeCommand, Position]) -> FlushResult:
+    """As the runner does: where each command was read, then the command, then one flush."""
+    for command, position in read:
+        sink.read_from(command, position)
+        sink.add(command)
+    return await sink.flush()
+
+
+async def test_a_record_the_partition_offset_covers_is_skipped_without_its_marker(
+    sink: RedisSink, redis: Redis, run: str
+) -> None:
+    """Markers gone (they live minutes), a record at or below its partition's applied offset
+    is still skipped, and said applied at or before the time the offset was recorded."""
+    topic = f"cmds-{run}"
+    key = f"wedding:{run}:gallery"
+    first, second = (purge(run, n, entity=f"wedding:{run}", version=n, keys=(key,)) for n in (1, 2))
+    await redis.set(key, "old")
+    await apply_read(
+        sink, (first, Position(topic, 3, 10, 1_000)), (second, Position(topic, 3, 11, 1_001))
+    )
+    offsets = keys.applied_offset(RedisSink.kind, topic, 3)
+    assert await redis.hmget(offsets, "offset", "record_ts") == [b"11", b"1001"]
+    assert 0 < await redis.ttl(offsets) <= keys.APPLIED_OFFSET_TTL_S
+    await redis.delete(*(keys.applied(RedisSink.kind, c.command_id) for c in (first, second)))
+
+    await redis.set(key, "fresh")
+    result = await apply_read(sink, (first, Position(topic, 3, 10, 1_000)))
+
+    assert await redis.get(key) == b"fresh"
+    note = result.notes[first.command_id]
+    assert note.outcome == "applied" and note.detail.startswith(
+        "redelivered; applied at or before "
+    )
+    assert await redis.hmget(offsets, "offset") == [b"11"]
+
+
+async def test_a_record_newer_than_any_applied_is_applied_whatever_its_offset(
+    sink: RedisSink, redis: Redis, run: str
+) -> None:
+    """A topic deleted and made again starts its offsets at 0: its records are newer than any
+    applied, so they are applied, and the partition's offset starts again from them."""
+    topic = f"cmds-{run}"
+    key = f"wedding:{run}:gallery"
+    await apply_read(sink, (purge(run, 1, entity=key, version=1), Position(topic, 0, 500, 1_000)))
+    await redis.set(key, "old")
+
+    remade = purge(run, 2, entity=key, version=2, keys=(key,))
+    result = await apply_read(sink, (remade, Position(topic, 0, 0, 2_000)))
+
+    assert result.applied == 1 and await redis.exists(key) == 0
+    offsets = keys.applied_offset(RedisSink.kind, topic, 0)
+    assert await redis.hmget(offsets, "offset", "record_ts") == [b"0", b"2000"]
+
+
+async def test_a_copy_at_another_offset_is_skipped_by_its_marker_and_moves_the_offset(
+    sink: RedisSink, redis: Redis, run: str
+) -> None:
+    """The same command at a later offset (a re-drive, a mirror's duplicate): skipped by its
+    marker, said applied at the marker's time, and its offset is covered from then on."""
+    topic = f"cmds-{run}"
+    key = f"wedding:{run}:gallery"
+    command = purge(run, 1, entity=key, version=1, keys=(key,))
+    await apply_read(sink, (command, Position(topic, 1, 7, 1_000)))
+    applied_at = int(await redis.get(keys.applied(RedisSink.kind, command.command_id)))
+    await redis.set(key, "fresh")
+
+    result = await apply_read(sink, (command, Position(topic, 1, 42, 1_500)))
+
+    assert result.applied == 0 and await redis.get(key) == b"fresh"
+    stamp = dt.datetime.fromtimestamp(applied_at / 1000, dt.UTC).isoformat(timespec="milliseconds")
+    assert result.notes[command.command_id].detail == f"redelivered; applied at {stamp[:-6]}Z"
+    offsets = keys.applied_offset(RedisSink.kind, topic, 1)
+    assert await redis.hmget(offsets, "offset", "record_ts") == [b"42", b"1500"]
