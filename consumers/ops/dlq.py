@@ -47,7 +47,6 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 from rich.markup import escape
@@ -58,16 +57,14 @@ from cachesync.consumers.commands import COMMAND_TYPES
 from cachesync.consumers.errors import BadInput, redis_errors
 from cachesync.consumers.mapping.index import RelationshipIndex
 from cachesync.consumers.mapping.mapper import Mapper
+from cachesync.consumers.ops.clients import ToolClients
 from cachesync.consumers.ops.window import TimeWindow
 from cachesync.consumers.pipeline import headers
 from cachesync.consumers.pipeline.codecs import (
-    close_codec,
-    codec_for,
     decode,
     decode_event,
-    start_codec,
 )
-from cachesync.consumers.pipeline.kafka import Record, make_producer
+from cachesync.consumers.pipeline.kafka import Record
 from cachesync.consumers.settings import Settings
 from cachesync.schemas import Codec
 
@@ -248,37 +245,18 @@ async def redrive(
     return report
 
 
-class _DeadLetterTopic:
+class _DeadLetterTopic(ToolClients):
     """What reading and re-driving share: the codec, the state Redis (the re-drive ledger,
     the relationship index for the check) and, to re-drive, a producer."""
 
     def __init__(self, settings: Settings, *, produce: bool = False) -> None:
-        self.settings = settings
-        self.codec = codec_for(settings)
-        self.state = Redis.from_url(str(settings.state_redis_url), socket_timeout=5)
+        super().__init__(settings, client_id="cachesync-dlq-redrive", produce=produce)
         self.ledger = RedriveLedger(
             self.state,
             settings.dead_letter_topic,
             retention_ms=settings.topology.topics.dead_letter.retention_ms,
         )
         self.check = _Check(settings, self.codec, self.state)
-        self.producer: AIOKafkaProducer | None = (
-            make_producer(settings.kafka_bootstrap_servers, client_id="cachesync-dlq-redrive")
-            if produce
-            else None
-        )
-
-    async def __aenter__(self) -> _DeadLetterTopic:
-        await start_codec(self.codec)
-        if self.producer is not None:
-            await self.producer.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.producer is not None:
-            await self.producer.stop()
-        await self.state.aclose()
-        await close_codec(self.codec)
 
     async def read(
         self,

@@ -24,15 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
-
 from cachesync.consumers.commands import Command, PurgeCommand
 from cachesync.consumers.errors import BadInput
 from cachesync.consumers.mapping.index import RelationshipIndex
 from cachesync.consumers.mapping.mapper import Mapper
+from cachesync.consumers.ops.clients import ToolClients
 from cachesync.consumers.ops.window import TimeWindow
-from cachesync.consumers.pipeline.codecs import close_codec, codec_for, decode_event, start_codec
-from cachesync.consumers.pipeline.kafka import Record, make_producer
+from cachesync.consumers.pipeline.codecs import decode_event
+from cachesync.consumers.pipeline.kafka import Record
 from cachesync.consumers.pipeline.writer import CommandWriter
 from cachesync.consumers.settings import Settings
 
@@ -118,7 +117,7 @@ def _wanted_regions(settings: Settings, regions: set[str] | None) -> set[str]:
     return wanted
 
 
-class _Replayer:
+class _Replayer(ToolClients):
     """Maps events again, counts their commands in the report and writes them.
 
     A dry run reads the index without writing it; a dry run and an index rebuild
@@ -128,19 +127,15 @@ class _Replayer:
     def __init__(
         self, settings: Settings, report: ReplayReport, regions: set[str], *, cdn: bool
     ) -> None:
-        self.settings = settings
+        super().__init__(
+            settings,
+            client_id="cachesync-replay",
+            produce=not (report.dry_run or report.index_only),
+        )
         self.report = report
         self.regions = regions
-        self.codec = codec_for(settings)
-        self.state = Redis.from_url(str(settings.state_redis_url))
         index_cls = _ReadOnlyIndex if report.dry_run else RelationshipIndex
         self.mapper = Mapper(settings.topology, index_cls(self.state, settings.topology))
-        produce = not (report.dry_run or report.index_only)
-        self.producer = (
-            make_producer(settings.kafka_bootstrap_servers, client_id="cachesync-replay")
-            if produce
-            else None
-        )
         self.writer = (
             CommandWriter(
                 self.producer,
@@ -152,18 +147,6 @@ class _Replayer:
             if self.producer is not None
             else None
         )
-
-    async def __aenter__(self) -> _Replayer:
-        await start_codec(self.codec)
-        if self.producer is not None:
-            await self.producer.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.producer is not None:
-            await self.producer.stop()
-        await self.state.aclose()
-        await close_codec(self.codec)
 
     async def replay(self, records: list[Record]) -> None:
         """One batch: each event mapped, its commands for the wanted regions counted and sent."""
