@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from rich.console import Console
 
 from cachesync.consumers import keys
-from cachesync.consumers.cli.app import consistency_table, stale_table
+from cachesync.consumers.cli.consistency import consistency_table, stale_table
 from cachesync.consumers.ops.consistency import ConsistencyChecker
 from cachesync.consumers.ops.platform_cache import cache_put
 from cachesync.consumers.ops.publish import EventPublisher, new_event

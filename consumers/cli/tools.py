@@ -1,0 +1,182 @@
+"""`cachesync replay | trace | status | demo`: the operator tools."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cachesync.consumers.cli.common import (
+    console,
+    load_settings_or_exit,
+    parse_time,
+    run_until_signal,
+    setup_logging,
+)
+from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.registry import PURGE_KINDS
+
+
+def replay_cmd(
+    since: Annotated[str, typer.Option(help="Start: ISO 8601 time or 15m/2h/1d ago")],
+    until: Annotated[str | None, typer.Option(help="End (exclusive); default: now")] = None,
+    region: Annotated[
+        list[str] | None, typer.Option(help="Only these regions (repeatable)")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan, produce nothing")] = False,
+    index_only: Annotated[bool, typer.Option(help="Rebuild the relationship index only")] = False,
+    cdn: Annotated[bool, typer.Option(help="Let CDN sinks apply replayed purges")] = True,
+) -> None:
+    """Re-read content topics for a time window and re-emit commands marked as replay."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from cachesync.consumers.ops.replay import replay
+
+    setup_logging(False)
+    settings = load_settings_or_exit()
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("replaying", total=None)
+        report = asyncio.run(
+            replay(
+                settings,
+                since_ms=parse_time(since),
+                until_ms=parse_time(until) if until else None,
+                regions=set(region) if region else None,
+                dry_run=dry_run,
+                index_only=index_only,
+                cdn=cdn,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        )
+    mode = "dry run" if dry_run else "index rebuild" if index_only else "replay"
+    out = Console()
+    out.print(
+        f"[bold]{mode}[/bold] {report.replay_id}: {report.records} events in {report.seconds:.1f}s "
+        f"({report.events_per_second:.0f}/s)"
+    )
+    table = Table("event type", "events")
+    for event_type, n in sorted(report.events.items()):
+        table.add_row(event_type, str(n))
+    for reason, n in sorted(report.skipped_bad.items()):
+        table.add_row(f"[red]skipped: {reason}[/red]", str(n))
+    out.print(table)
+    if report.commands:
+        table = Table("region", "purge", "warm", "CDN items (urls+tags+prefixes)")
+        for r in sorted({r for r, _ in report.commands}):
+            table.add_row(
+                r,
+                str(report.commands[(r, "purge")]),
+                str(report.commands[(r, "warm")]),
+                str(report.cdn_items[r]) + ("" if cdn else " (CDN sinks skip)"),
+            )
+        out.print(table)
+
+
+def trace_cmd(
+    event_id: Annotated[str, typer.Argument(help="The platform event's event_id")],
+    since: Annotated[str, typer.Option(help="How far back to look: ISO time or 15m/2h/1d")] = "7d",
+    wait: Annotated[float, typer.Option(help="Seconds to wait for pending parts to arrive")] = 0.0,
+) -> None:
+    """Print where one event went: commands per region, each sink's outcome and latency."""
+    from cachesync.consumers.ops.trace import read_trace, render
+
+    settings = load_settings_or_exit()
+    expected = _expected_sinks(settings)
+
+    async def main() -> Any:
+        deadline = time.monotonic() + wait
+        while True:
+            view = await read_trace(settings, event_id, since_ms=parse_time(since))
+            if (
+                not view.pending(expected) and view.mapper is not None
+            ) or time.monotonic() >= deadline:
+                return view
+            await asyncio.sleep(0.5)
+
+    view = asyncio.run(main())
+    out = Console()
+    out.print(render(view, expected))
+    pending = view.pending(expected)
+    if view.event_type is None:
+        raise typer.Exit(1)
+    if pending:
+        out.print(
+            f"[yellow]{len(pending)} sink steps pending[/yellow] (not applied yet, or that sink is not running)"
+        )
+    else:
+        out.print("[green]complete[/green]: every expected sink reported")
+
+
+def _expected_sinks(settings: Settings) -> Callable[[str, str], list[str]]:
+    """Which sinks should report on a command of a kind in a region (the ones configured)."""
+    from cachesync.consumers.sinks.registry import WARM_KINDS, available
+
+    def expected(region: str, kind: str) -> list[str]:
+        return available(settings, region, WARM_KINDS if kind == "warm" else PURGE_KINDS)
+
+    return expected
+
+
+def status_cmd(
+    metrics_url: Annotated[str, typer.Option(help="The pipeline's /metrics")] = "",
+    every: Annotated[float, typer.Option(help="Refresh interval, seconds")] = 2.0,
+    once: Annotated[bool, typer.Option(help="Print one snapshot and exit")] = False,
+) -> None:
+    """Live view of throughput, lag, purge latency and hit ratios per region and sink."""
+    from rich.live import Live
+
+    from cachesync.consumers.ops.status import collect, render
+
+    settings = load_settings_or_exit()
+    url = metrics_url or f"http://127.0.0.1:{settings.metrics_port or 9464}/metrics"
+
+    async def main(stop: asyncio.Event) -> None:
+        prev = None
+        cur = await collect(settings, url)
+        if once:
+            Console().print(render(settings, cur, None))
+            return
+        with Live(render(settings, cur, None), console=Console(), refresh_per_second=4) as live:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=every)
+                prev, cur = cur, await collect(settings, url)
+                live.update(render(settings, cur, prev))
+
+    run_until_signal(main)
+
+
+def demo(
+    rate: Annotated[float, typer.Option(help="Events per second")] = 20.0,
+    weddings: Annotated[int, typer.Option(help="Number of weddings")] = 20,
+    count: Annotated[int | None, typer.Option(help="Stop after this many events")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed for a repeatable run")] = None,
+) -> None:
+    """Produce realistic wedding traffic to the content topics."""
+    from cachesync.consumers.ops.demo import run_demo
+
+    setup_logging(False)
+    settings = load_settings_or_exit()
+
+    def show(event_type: str, record: dict) -> None:  # type: ignore[type-arg]
+        ident = record.get("wedding_id") or record.get("vendor_id")
+        console.print(f"  {event_type:<22} {ident}")
+
+    stats = run_until_signal(
+        lambda stop: run_demo(
+            settings, stop, rate=rate, weddings=weddings, limit=count, seed=seed, on_event=show
+        )
+    )
+    console.print(f"produced {stats.produced} events")
