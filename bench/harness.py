@@ -2,12 +2,16 @@
 
     .venv/bin/python -m bench            # the full run (`make bench`), a few minutes
     .venv/bin/python -m bench --smoke    # everything small, under a minute (`make test`)
+    .venv/bin/python -m bench --only throughput   # figures 1 and 3 alone, to a temp file
 
-1. mapper throughput on one core vs a bare aiokafka consume -> produce loop moving
-   the same messages (bench/worker.py `ceiling`);
+1. mapper throughput on one core vs a bare aiokafka consume -> produce -> commit loop
+   sending, per event, the very messages the mapper sent, batched per partition with
+   the same producer (bench/worker.py `ceiling`);
 2. end-to-end latency, event produced -> purge applied in all three regions' Redis,
    at a steady rate, from the audit topic's sink records;
-3. Redis sink apply rate vs pipelined DELs of the same keys;
+3. Redis sink apply rate vs the smallest correct sink: consume the same command topic,
+   decode, delete the keys and tagged keys in one pipeline per batch, commit
+   (bench/worker.py `redis-ceiling`);
 4. backlog drain time and peak RSS per process, at two backlog sizes;
 5. CDN efficiency, from bench/cdn_burst.py when it runs.
 
@@ -33,6 +37,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
@@ -54,6 +59,8 @@ from bench.common import (
 from cachesync.consumers.settings import Settings
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from aiokafka import TopicPartition
     from redis.asyncio import Redis
 
@@ -376,22 +383,18 @@ async def bench_mapper(
     )
     if profile:
         return {"mapper": mapper}
-    moved = {"inputs": total, **mapper["outputs"]}
-    for kind in ("commands", "audit"):
-        moved.setdefault(kind, {"messages": 0, "value_bytes": 0, "key_bytes": 0, "header_bytes": 0})
-    ceiling = await run_worker(
-        "kafka-ceiling",
-        "ceiling",
-        *common,
-        "--count",
-        plan.mapper_count,
-        "--plan",
-        json.dumps(moved),
-    )
+    # On the same topics, after the mapper: it reads back what the mapper sent.
+    ceiling = await run_worker("kafka-ceiling", "ceiling", *common, "--count", plan.mapper_count)
+    produced = sum(mapper["roles"]["mapper"]["produced"].values())
+    planned = {kind: t["messages"] for kind, t in ceiling["planned"].items()}
+    if ceiling["sent"] != planned or planned["commands"] != produced:
+        raise BenchError(
+            f"kafka-ceiling sent {ceiling['sent']} of {planned}; the mapper sent {produced} commands"
+        )
     return {
         "value": mapper["window"]["rate"],
         "ceiling": ceiling["window"]["rate"],
-        "moved": moved,
+        "moved": {"inputs": total, **ceiling["planned"]},
         "mapper": mapper,
         "kafka_ceiling": ceiling,
     }
@@ -439,22 +442,6 @@ async def _purge_commands(
     return commands[:total]
 
 
-def _deleted_keys(
-    commands: list[PurgeCommand], entries: list[tuple[str, list[str]]]
-) -> list[list[str]]:
-    """Per command, every key the sink removes: its keys, its tags' indexes and their members."""
-    from cachesync.consumers import keys
-
-    members: dict[str, list[str]] = defaultdict(list)
-    for key, tags in entries:
-        for tag in tags:
-            members[tag].append(key)
-    return [
-        [*c.keys, *(keys.tag_index(t) for t in c.tags), *(m for t in c.tags for m in members[t])]
-        for c in commands
-    ]
-
-
 async def bench_sink(
     plan: Plan, run: str, topics: Topics, rep: int, region: str = "eu-west", profile: str = ""
 ) -> dict[str, Any]:
@@ -490,25 +477,13 @@ async def bench_sink(
         )
         if profile:
             return {"sink": sink}
+        # The same cache again, and the same command topic, read in a group of its own.
         await _fill_cache(redis, entries)
-    finally:
-        await redis.aclose()
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(_deleted_keys(commands, entries), f)
-    try:
         ceiling = await run_worker(
-            "redis-ceiling",
-            "redis-ceiling",
-            "--url",
-            url,
-            "--keys",
-            f.name,
-            *common,
-            "--batch",
-            settings.consumer_max_records,
+            "redis-ceiling", "redis-ceiling", "--prefix", prefix, "--region", region, *common
         )
     finally:
-        os.unlink(f.name)
+        await redis.aclose()
     return {
         "value": sink["window"]["rate"],
         "ceiling": ceiling["window"]["rate"],
@@ -874,10 +849,23 @@ async def _profile(
     return {"slowest": slowest, "file": "bench/results/profile.txt"}
 
 
+@contextlib.asynccontextmanager
+async def _scenarios(run: str) -> AsyncIterator[Topics]:
+    """The run's topics; at the end its workers stopped, its topics and cache entries gone."""
+    topics = Topics(os.environ["KAFKA_BOOTSTRAP_SERVERS"])
+    try:
+        yield topics
+    finally:
+        await Worker.reap_all()
+        with contextlib.suppress(Exception):
+            await topics.delete_all()
+        with contextlib.suppress(Exception):
+            await cleanup_redis(run)
+
+
 async def run_all(plan: Plan, smoke: bool) -> dict[str, Any]:
     stack_env()
     run = uuid.uuid4().hex[:8]
-    topics = Topics(os.environ["KAFKA_BOOTSTRAP_SERVERS"])
     out: dict[str, Any] = {
         "run": run,
         "smoke": smoke,
@@ -886,7 +874,7 @@ async def run_all(plan: Plan, smoke: bool) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "pinned_cpu": _cpu(), "python": sys.version.split()[0]},
     }
     say = Progress()
-    try:
+    async with _scenarios(run) as topics:
         out["mapper"], out["sink"] = await _throughput(plan, run, topics, say)
         latency = await _latency(plan, run, topics, say)
         if plan.latency_low_rate:
@@ -899,12 +887,6 @@ async def run_all(plan: Plan, smoke: bool) -> dict[str, Any]:
         out["summary"] = summarize(out)
         if plan.profile:
             out["profile"] = await _profile(plan, run, topics, say, out["summary"])
-    finally:
-        await Worker.reap_all()
-        with contextlib.suppress(Exception):
-            await topics.delete_all()
-        with contextlib.suppress(Exception):
-            await cleanup_redis(run)
     out["seconds"] = say.elapsed()
     return out
 
@@ -970,6 +952,45 @@ def _write_results(out: dict[str, Any], name: str) -> None:
     print(f"written: bench/results/{name}.json, {name}.md, {name}.png ({out['seconds']:.0f}s)")
 
 
+class Only(StrEnum):
+    """A part of the run that can be run alone (`--only`)."""
+
+    THROUGHPUT = "throughput"
+
+
+async def run_only(plan: Plan, smoke: bool, part: Only) -> dict[str, Any]:
+    """One part of the run, with the same topics, workers and clean-up as the whole."""
+    stack_env()
+    run = uuid.uuid4().hex[:8]
+    out: dict[str, Any] = {"run": run, "smoke": smoke, "only": part, "plan": asdict(plan)}
+    say = Progress()
+    async with _scenarios(run) as topics:
+        out["mapper"], out["sink"] = await _throughput(plan, run, topics, say)
+    out["seconds"] = say.elapsed()
+    return out
+
+
+def _write_only(out: dict[str, Any]) -> None:
+    """A part run alone is not the committed results: its JSON goes to a temp file."""
+    for key in ("mapper", "sink"):
+        reps = out[key]
+        spread = {field: _spread([r[field] for r in reps]) for field in ("value", "ceiling")} | {
+            "ratio": _spread([r["value"] / r["ceiling"] for r in reps])
+        }
+        print(
+            f"{key}: value {spread['value']['median']:,.0f} "
+            f"({spread['value']['min']:,.0f}-{spread['value']['max']:,.0f}), ceiling "
+            f"{spread['ceiling']['median']:,.0f} "
+            f"({spread['ceiling']['min']:,.0f}-{spread['ceiling']['max']:,.0f}), ratio "
+            f"{spread['ratio']['median']:.2f} "
+            f"({spread['ratio']['min']:.2f}-{spread['ratio']['max']:.2f})"
+        )
+    fd, path = tempfile.mkstemp(prefix=f"bench-{out['only']}-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(_finite(out), f, indent=2)
+    print(f"written: {path} ({out['seconds']:.0f}s)")
+
+
 app = one_command_app()
 
 
@@ -979,11 +1000,18 @@ def main(
     latency_seconds: Annotated[float | None, typer.Option()] = None,
     reps: Annotated[int | None, typer.Option()] = None,
     backlog: Annotated[str | None, typer.Option(help="two sizes, e.g. 10000,100000")] = None,
+    only: Annotated[
+        Only | None,
+        typer.Option(help="run this part alone; its JSON goes to a temp file, not results/"),
+    ] = None,
 ) -> None:
     # A new topic's leaders take a moment: aiokafka retries and says so; that is not news.
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     plan = _plan(smoke, latency_seconds, reps, backlog)
     try:
+        if only is not None:
+            _write_only(asyncio.run(run_only(plan, smoke, only)))
+            return
         out = asyncio.run(run_all(plan, smoke))
     except BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)

@@ -1,15 +1,18 @@
 """The processes the harness measures, one per figure, so no two share an event loop.
 
     python -m bench.worker roles --prefix P --roles mapper,redis:eu-west [--warmup W --count N]
-    python -m bench.worker ceiling --prefix P --warmup W --count N --plan '{...}'
-    python -m bench.worker redis-ceiling --url URL --keys FILE --warmup W --count N
+    python -m bench.worker ceiling --prefix P --warmup W --count N
+    python -m bench.worker redis-ceiling --prefix P --region R --warmup W --count N
 
 `roles` runs the pipeline's own roles (MapperRole, SinkRole + RedisSink) with
-telemetry set up as `cachesync run` does; the ceilings run bare clients doing the
-same moves. Each prints `READY` once its consumers have their partitions and, at
-the end, `RESULT {json}`: the timed window (records W..W+N, from the commit of the
-batch that crossed W to the commit of the batch that crossed W+N), the role
-counters and the process's peak RSS. `--cpu` pins the process to one core.
+telemetry set up as `cachesync run` does; the ceilings are bare aiokafka loops doing
+the same work with the same clients (bench/CEILINGS.md says what each includes and
+leaves out). `ceiling` runs after the mapper on the same topics and sends, for each
+input event, the very messages the mapper sent for it (read back from the topics
+before it starts). Each prints `READY` once its consumers have their partitions and,
+at the end, `RESULT {json}`: the timed window (records W..W+N, from the commit of the
+batch that crossed W to the commit of the batch that crossed W+N), the role counters
+and the process's peak RSS. `--cpu` pins the process to one core.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import resource
 import signal
 import sys
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections import defaultdict
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -33,11 +36,12 @@ import typer
 from bench.common import bench_settings, one_command_app, stack_env
 
 if TYPE_CHECKING:
-    from aiokafka import TopicPartition
+    from aiokafka import AIOKafkaProducer, TopicPartition
 
     from cachesync.consumers.pipeline.kafka import Record
     from cachesync.consumers.pipeline.roles import Role
     from cachesync.consumers.settings import Settings
+    from cachesync.schemas import Codec
 
 
 class Window:
@@ -67,55 +71,16 @@ class Window:
 
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {"seen": self.seen}
-        if self.started and self.ended:
+        # One batch both starts and ends a window too small to time: no rate.
+        if self.started and self.ended and self.ended[0] > self.started[0]:
             seconds = self.ended[0] - self.started[0]
             records = self.ended[1] - self.started[1]
             out.update(seconds=seconds, records=records, rate=records / seconds)
         return out
 
 
-Send = Callable[..., Awaitable[Any]]
-
-
-def _counting(send: Send, audit_topic: str, outputs: dict[str, Counter[str]]) -> Send:
-    """Wraps a producer's send to tally messages and bytes, audit records apart."""
-
-    async def counted(topic: str, value: bytes, key: bytes, headers: Any = None) -> Any:
-        tally = outputs.setdefault("audit" if topic == audit_topic else "commands", Counter())
-        tally["messages"] += 1
-        tally["value_bytes"] += len(value or b"")
-        tally["key_bytes"] += len(key or b"")
-        tally["header_bytes"] += sum(len(k) + len(v) for k, v in headers or ())
-        return await send(topic, value=value, key=key, headers=headers)
-
-    return counted
-
-
-def _count_batched(audit_topic: str, outputs: dict[str, Counter[str]]) -> None:
-    """The same tally for what goes out through BatchedSends (commands, audit records)."""
-    from cachesync.consumers.pipeline.sends import BatchedSends
-
-    add = BatchedSends.add
-
-    def counted(
-        self: BatchedSends, topic: str, key: bytes | None, value: bytes, headers: Any
-    ) -> None:
-        tally = outputs.setdefault("audit" if topic == audit_topic else "commands", Counter())
-        tally["messages"] += 1
-        tally["value_bytes"] += len(value or b"")
-        tally["key_bytes"] += len(key or b"")
-        tally["header_bytes"] += sum(len(k) + len(v) for k, v in headers or ())
-        add(self, topic, key, value, headers)
-
-    BatchedSends.add = counted  # type: ignore[method-assign]
-
-
 def _write(path: str, text: str) -> None:
     Path(path).write_text(text)
-
-
-def _read(path: str) -> str:
-    return Path(path).read_text()
 
 
 def _pin(cpu: int | None) -> None:
@@ -216,7 +181,7 @@ def _role_stats(roles: list[Role]) -> dict[str, dict[str, Any]]:
 async def run_roles_worker(
     prefix: str, specs: list[str], warmup: int, count: int | None, limit_s: float, profile: str
 ) -> dict[str, Any]:
-    from cachesync.consumers.pipeline.roles import MapperRole, run_roles
+    from cachesync.consumers.pipeline.roles import run_roles
     from cachesync.consumers.telemetry import setup_telemetry
 
     settings = bench_settings(prefix)
@@ -226,13 +191,6 @@ async def run_roles_worker(
     _stop_on_signals(stop)
     window = Window(warmup, count, stop)
     _time_batches(roles[0], window)
-
-    # What the mapper puts on the wire, so the ceiling can move exactly as much.
-    outputs: dict[str, Counter[str]] = {}
-    for role in roles:
-        if isinstance(role, MapperRole):
-            role.producer.send = _counting(role.producer.send, settings.audit_topic, outputs)
-            _count_batched(settings.audit_topic, outputs)
 
     profiler = None
     if profile:
@@ -257,37 +215,143 @@ async def run_roles_worker(
     return {
         "window": window.result(),
         "roles": _role_stats(roles),
-        "outputs": {k: dict(v) for k, v in outputs.items()},
         "peak_rss_mb": _peak_rss_mb(),
     }
 
 
-Payload = tuple[int, bytes, bytes, list[tuple[str, bytes]]]
+# -- the ceilings (bench/CEILINGS.md) -----------------------------------------------
+
+Where = tuple[str, int, int]  # an input record: topic, partition, offset
+Message = tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]  # topic, key, value, headers
 
 
-def _payload(moved: dict[str, Any]) -> Payload:
-    """(messages, key, value, headers) of one kind of output: as many messages as the mapper
-    sent, each of the mapper's mean key, value and header size."""
-    n = int(moved["messages"])
+async def _read_back(settings: Settings, topics: list[str]) -> list[Record]:
+    """Every record of `topics`, from the start to their current end (no consumer group)."""
+    from aiokafka import AIOKafkaConsumer
 
-    def size(name: str) -> int:
-        return max(1, round(int(moved[name]) / max(n, 1)))
+    from cachesync.consumers.pipeline.kafka import partitions_of
 
-    header = [("h", b"x" * max(0, size("header_bytes") - 1))] if moved["header_bytes"] else []
-    return n, b"k" * size("key_bytes"), b"v" * size("value_bytes"), header
+    parts = await partitions_of(settings.kafka_bootstrap_servers, topics)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    out: list[Record] = []
+    try:
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        left = {tp for tp in parts if ends[tp] > 0}
+        while left:
+            batch = await consumer.getmany(*left, timeout_ms=1000, max_records=5000)
+            for tp, records in batch.items():
+                out += records
+                if records and records[-1].offset + 1 >= ends[tp]:
+                    left.discard(tp)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def _message(record: Record) -> Message:
+    return record.topic, record.key, record.value or b"", list(record.headers or ())
+
+
+@dataclass
+class MapperOutputs:
+    """What the mapper sent for each input event, as it is on the wire: its commands (to
+    every region's topic, keyed by entity) and its audit records (keyed by event id)."""
+
+    commands: dict[Where, list[Message]]
+    audit: dict[Where, list[Message]]
+
+    @classmethod
+    async def read_back(cls, settings: Settings, codec: Codec) -> MapperOutputs:
+        """From the scenario's topics, after the mapper ran: a command names its event in a
+        header, an audit record in its key; each event is found by its id in the inputs."""
+        from cachesync.consumers.pipeline.headers import EVENT_ID, header
+
+        where: dict[str, Where] = {}
+        for r in await _read_back(settings, settings.content_topics):
+            await codec.resolve(r.value or b"")
+            event_id = str(codec.decode(r.value or b"").record["event_id"])
+            where[event_id] = (r.topic, r.partition, r.offset)
+        commands: dict[Where, list[Message]] = defaultdict(list)
+        regions = [settings.commands_topic(region) for region in settings.topology.regions]
+        for r in await _read_back(settings, regions):
+            commands[where[(header(r, EVENT_ID) or b"").decode()]].append(_message(r))
+        audit: dict[Where, list[Message]] = defaultdict(list)
+        for r in await _read_back(settings, [settings.audit_topic]):
+            audit[where[(r.key or b"").decode()]].append(_message(r))
+        return cls(dict(commands), dict(audit))
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        """Messages and bytes (key, value, headers) of each kind, over every event."""
+        out: dict[str, dict[str, int]] = {}
+        for kind, per_event in (("commands", self.commands), ("audit", self.audit)):
+            messages = [m for ms in per_event.values() for m in ms]
+            size = sum(
+                len(k or b"") + len(v) + sum(len(h) + len(hv) for h, hv in hs)
+                for _, k, v, hs in messages
+            )
+            out[kind] = {"messages": len(messages), "bytes": size}
+        return out
+
+
+class PartitionBatches:
+    """Messages handed to the producer as one batch per partition (`create_batch` and
+    `send_batch`, as the mapper's BatchedSends does), the partition the default
+    partitioner's: murmur2 of the key, memoized per key."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        from cachesync.consumers.pipeline.kafka import CachedPartitioner
+
+        self.producer = producer
+        self.partitioner = CachedPartitioner()
+        self.sent = 0
+
+    async def send(self, messages: list[Message]) -> None:
+        """Send `messages` and wait until the broker acked every one."""
+        if not messages:
+            return
+        partitions: dict[str, list[int]] = {}
+        grouped: dict[tuple[str, int], list[Message]] = {}
+        for message in messages:
+            topic, key = message[0], message[1]
+            if topic not in partitions:
+                partitions[topic] = sorted(await self.producer.partitions_for(topic))
+            known = partitions[topic]
+            grouped.setdefault((topic, self.partitioner(key, known, known)), []).append(message)
+        acks = []
+        for (topic, partition), part in grouped.items():
+            batch = self.producer.create_batch()
+            for _, key, value, headers in part:
+                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                    acks.append(await self.producer.send_batch(batch, topic, partition=partition))
+                    batch = self.producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None, headers=headers)
+            acks.append(await self.producer.send_batch(batch, topic, partition=partition))
+        await asyncio.gather(*acks)
+        self.sent += len(messages)
 
 
 async def run_kafka_ceiling(
-    prefix: str, plan_json: str, warmup: int, count: int | None, limit_s: float
+    prefix: str, warmup: int, count: int | None, limit_s: float
 ) -> dict[str, Any]:
-    """A bare consume -> produce -> commit loop moving what the mapper moved, nothing else."""
+    """The mapper's ceiling: consume -> produce -> commit, with the mapper's clients and
+    batching, sending for each input event the very messages the mapper sent for it."""
+    from cachesync.consumers.pipeline.codecs import close_codec, codec_for, start_codec
     from cachesync.consumers.pipeline.kafka import make_consumer, make_producer
 
     settings = bench_settings(prefix)
-    plan = json.loads(plan_json)
-    inputs = int(plan["inputs"])
-    regions = [settings.commands_topic(r) for r in settings.topology.regions]
-    commands, audit = _payload(plan["commands"]), _payload(plan["audit"])
+    codec = codec_for(settings)
+    await start_codec(codec)
+    try:
+        outputs = await MapperOutputs.read_back(settings, codec)
+    finally:
+        await close_codec(codec)
     producer = make_producer(settings.kafka_bootstrap_servers, client_id="cachesync-bench-ceiling")
     consumer = make_consumer(
         settings.kafka_bootstrap_servers,
@@ -298,69 +362,120 @@ async def run_kafka_ceiling(
     stop = asyncio.Event()
     _stop_on_signals(stop)
     window = Window(warmup, count, stop)
+    sent = {"commands": PartitionBatches(producer), "audit": PartitionBatches(producer)}
     await producer.start()
     await consumer.start()
     try:
         await _wait_assigned([consumer])
         _emit("READY")
-        index = 0
         deadline = time.monotonic() + limit_s
         while not stop.is_set() and time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=200, max_records=500)
+            batch = await consumer.getmany(
+                timeout_ms=200, max_records=settings.consumer_max_records
+            )
             if not batch:
                 continue
-            pending = []
-            for part in batch.values():
-                for _record in part:
-                    # Spread the mapper's outputs over the inputs exactly (same totals).
-                    for n, key, value, headers, topics in (
-                        (*commands, regions),
-                        (*audit, [settings.audit_topic]),
-                    ):
-                        k = (index + 1) * n // inputs - index * n // inputs
-                        for j in range(k):
-                            pending.append(
-                                await producer.send(
-                                    topics[(index + j) % len(topics)],
-                                    value=value,
-                                    key=key,
-                                    headers=headers,
-                                )
-                            )
-                    index += 1
-            await asyncio.gather(*pending)
+            commands: list[Message] = []
+            audit: list[Message] = []
+            for tp, part in batch.items():
+                for record in part:
+                    where = (tp.topic, tp.partition, record.offset)
+                    commands += outputs.commands.get(where, ())
+                    audit += outputs.audit.get(where, ())
+            # As the mapper: the audit records go out once the commands are acked (they
+            # say what was sent), and the offsets are committed once both are.
+            await sent["commands"].send(commands)
+            await sent["audit"].send(audit)
             await consumer.commit({tp: part[-1].offset + 1 for tp, part in batch.items() if part})
             window.add(sum(len(p) for p in batch.values()))
     finally:
         await consumer.stop()
         await producer.stop()
-    return {"window": window.result(), "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "window": window.result(),
+        "planned": outputs.totals(),
+        "sent": {kind: s.sent for kind, s in sent.items()},
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+# Each tag index set's members and the set itself, deleted in one step: a key tagged
+# while the purge runs is either deleted now or survives with its tag (as in the sink).
+_DELETE_TAGGED = """
+local deleted = 0
+for i = 1, #KEYS do
+  local members = redis.call('SMEMBERS', KEYS[i])
+  for j = 1, #members, 500 do
+    deleted = deleted + redis.call('DEL', unpack(members, j, math.min(j + 499, #members)))
+  end
+  deleted = deleted + redis.call('DEL', KEYS[i])
+end
+return deleted
+"""
 
 
 async def run_redis_ceiling(
-    url: str, keys_file: str, warmup: int, count: int | None, batch: int
+    prefix: str, region: str, warmup: int, count: int | None, limit_s: float
 ) -> dict[str, Any]:
-    """Pipelined DELs of the keys each command removes, straight to the same Redis."""
+    """The Redis sink's ceiling, the smallest correct sink: consume the region's command
+    topic, decode each command, delete the batch's keys and tagged keys in one pipeline,
+    commit."""
     from redis.asyncio import Redis
 
-    per_command: list[list[str]] = json.loads(_read(keys_file))
-    redis = Redis.from_url(url)
+    from cachesync.consumers import keys
+    from cachesync.consumers.pipeline.codecs import close_codec, codec_for, start_codec
+    from cachesync.consumers.pipeline.kafka import make_consumer
+
+    settings = bench_settings(prefix)
+    codec = codec_for(settings)
+    redis = Redis.from_url(settings.region_redis_urls[region])
+    consumer = make_consumer(
+        settings.kafka_bootstrap_servers,
+        settings.commands_topic(region),
+        group_id=settings.group_id("ceiling", region, "redis"),
+        client_id="cachesync-bench-redis-ceiling",
+    )
     stop = asyncio.Event()
+    _stop_on_signals(stop)
     window = Window(warmup, count, stop)
-    _emit("READY")
+    deleted = 0
+    await start_codec(codec)
+    await consumer.start()
     try:
-        for start in range(0, len(per_command), batch):
-            chunk = per_command[start : start + batch]
+        # Loaded once: each batch's pipeline is then one round trip (EVALSHA, no check).
+        delete_tagged = await redis.script_load(_DELETE_TAGGED)
+        await _wait_assigned([consumer])
+        _emit("READY")
+        deadline = time.monotonic() + limit_s
+        while not stop.is_set() and time.monotonic() < deadline:
+            batch = await consumer.getmany(
+                timeout_ms=200, max_records=settings.consumer_max_records
+            )
+            if not batch:
+                continue
+            cache_keys: list[str] = []
+            tag_sets: list[str] = []
+            for part in batch.values():
+                for record in part:
+                    await codec.resolve(record.value or b"")
+                    decoded = codec.decode(record.value or b"")
+                    if decoded.type_name != "purge":
+                        continue
+                    cache_keys += decoded.record["keys"]
+                    tag_sets += (keys.tag_index(t) for t in decoded.record["tags"])
             pipe = redis.pipeline(transaction=False)
-            for keys_ in chunk:
-                pipe.delete(*keys_)
-            await pipe.execute()
-            window.add(len(chunk))
-            if stop.is_set():
-                break
+            if cache_keys:
+                pipe.delete(*cache_keys)
+            if tag_sets:
+                pipe.evalsha(delete_tagged, len(tag_sets), *tag_sets)
+            deleted += sum(await pipe.execute())
+            await consumer.commit({tp: part[-1].offset + 1 for tp, part in batch.items() if part})
+            window.add(sum(len(p) for p in batch.values()))
     finally:
+        await consumer.stop()
+        await close_codec(codec)
         await redis.aclose()
-    return {"window": window.result(), "peak_rss_mb": _peak_rss_mb()}
+    return {"window": window.result(), "deleted": deleted, "peak_rss_mb": _peak_rss_mb()}
 
 
 class Mode(StrEnum):
@@ -381,10 +496,7 @@ def main(
     warmup: int = 0,
     count: int | None = None,
     timeout: float = 600.0,
-    plan: str = "{}",
-    url: str = "",
-    keys: str = "",
-    batch: int = 500,
+    region: str = "eu-west",
     profile: str = "",
 ) -> None:
     _pin(cpu)
@@ -394,9 +506,9 @@ def main(
             run_roles_worker(prefix, roles.split(","), warmup, count, timeout, profile)
         )
     elif mode is Mode.CEILING:
-        result = asyncio.run(run_kafka_ceiling(prefix, plan, warmup, count, timeout))
+        result = asyncio.run(run_kafka_ceiling(prefix, warmup, count, timeout))
     else:
-        result = asyncio.run(run_redis_ceiling(url, keys, warmup, count, batch))
+        result = asyncio.run(run_redis_ceiling(prefix, region, warmup, count, timeout))
     _emit("RESULT", result)
 
 
