@@ -560,12 +560,14 @@ async def _wait_drained(settings: Settings, regions: list[str], cap_s: float) ->
 
 async def _applied_at(settings: Settings) -> dict[str, dict[str, int]]:
     """Per event id, per region: when the Redis sink applied its purge (the audit topic's ms)."""
-    from cachesync.consumers.commands import to_millis
+    from cachesync.consumers.pipeline.audit import AuditRecord
 
     applied: dict[str, dict[str, int]] = defaultdict(dict)
     for rec in await read_topic(settings, settings.audit_topic):
-        if rec["stage"] == "sink" and rec["sink"] == "redis" and rec["outcome"] == "applied":
-            applied[rec["event_id"]][rec["region"]] = to_millis(rec["recorded_at"])
+        # A sink's record may stand for many commands (one per flush and outcome).
+        for a in AuditRecord.from_record(rec).expand():
+            if a.stage == "sink" and a.sink == "redis" and a.outcome == "applied":
+                applied[a.event_id][a.region or ""] = a.recorded_at
     return applied
 
 

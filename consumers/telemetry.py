@@ -7,6 +7,7 @@ API's no-op providers make every call here free.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 
 meter = metrics.get_meter("cachesync")
 tracer = trace.get_tracer("cachesync")
@@ -235,6 +237,81 @@ def inject_context(headers: list[tuple[str, bytes]]) -> None:
     propagate.inject(headers, setter=KAFKA_HEADERS)
 
 
+# The W3C traceparent, as the tracecontext propagator reads it (version 00, no extra field).
+_TRACEPARENT = re.compile(
+    rb"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*$"
+)
+_W3C_READ: dict[int, bool] = {}  # id(global propagator) -> whether it reads traceparent
+
+
+@dataclass(frozen=True, slots=True)
+class MessageTrace:
+    """The trace a consumed message belongs to, as far as a consumer acts on it."""
+
+    # The parent of the message's own span; None when its trace is not sampled: then it
+    # gets no span of its own (only a batch span links it, if sampled itself).
+    parent: Context | None
+    trace_id: str | None  # hex, when the message carries a trace (for audit records)
+
+
+def message_trace(headers: Sequence[tuple[str, bytes]] | None) -> MessageTrace:
+    """What a message's trace context says: its trace and whether that trace is sampled.
+
+    The platform's sampling decision travels in the context's flags: a sampled trace gets
+    a span per message (under the parent-based sampler, `trace_sampler`), an unsampled
+    one none, and reading that costs a header scan rather than a full extract. A message
+    without a context starts a new trace, sampled as the sampler decides for a root.
+    """
+    if headers and _reads_traceparent():
+        for key, value in headers:
+            if key == "traceparent":
+                match = _TRACEPARENT.match(value)
+                if (
+                    match is not None
+                    and match[1] == b"00"
+                    and not match[5]
+                    and not int(match[4], 16) & 1
+                    and match[2] != b"0" * 32
+                    and match[3] != b"0" * 16
+                ):
+                    return MessageTrace(None, match[2].decode())
+                break
+    context = extract_context(headers)
+    span_context = trace.get_current_span(context).get_span_context()
+    if not span_context.is_valid:
+        return MessageTrace(context, None)
+    trace_id = format(span_context.trace_id, "032x")
+    return MessageTrace(context if span_context.trace_flags.sampled else None, trace_id)
+
+
+def _reads_traceparent() -> bool:
+    textmap = propagate.get_global_textmap()
+    known = _W3C_READ.get(id(textmap))
+    if known is None:
+        known = _W3C_READ[id(textmap)] = "traceparent" in textmap.fields
+    return known
+
+
+def trace_sampler() -> Sampler | None:
+    """The sampler from the standard OTEL_TRACES_SAMPLER (and _ARG), always parent-based,
+    so that a span follows the sampling decision of the platform's event: the mapper's,
+    the sinks' and the Redis, HTTP and AWS client spans are kept for a sampled event and
+    not made for an unsampled one. Unset or `always_on`: ParentBased(always on);
+    `traceidratio`: ParentBased(ratio), the ratio applying only to events that come
+    without a context. None: the SDK reads the variable itself (`parentbased_*`,
+    `always_off`, or a sampler it knows by name)."""
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if name in ("", "always_on"):
+        return ParentBased(ALWAYS_ON)
+    if name == "traceidratio":
+        try:
+            ratio = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", ""))
+        except ValueError:
+            ratio = 1.0
+        return ParentBased(TraceIdRatioBased(min(max(ratio, 0.0), 1.0)))
+    return None
+
+
 # The consistency checker (consumers/consistency.py), by region and sink.
 consistency_probes = meter.create_counter(
     "cachesync.consistency.probes",
@@ -297,6 +374,7 @@ def setup_telemetry(
 ) -> Telemetry:
     """Install the global tracer and meter providers and the library instrumentations.
 
+    Spans are sampled by `trace_sampler` (parent-based, from OTEL_TRACES_SAMPLER).
     Exporters follow the standard OTEL_* variables: OTLP over HTTP when
     OTEL_EXPORTER_OTLP_ENDPOINT (or the per-signal variable) is set, nothing when
     not; OTEL_SDK_DISABLED=true turns everything off. `metrics_port` serves
@@ -304,7 +382,7 @@ def setup_telemetry(
     in-memory exporters and readers.
     """
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider = TracerProvider(resource=resource, sampler=trace_sampler())
     readers = list(metric_readers or [])
     otlp = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if otlp or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):

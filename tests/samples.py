@@ -17,7 +17,11 @@ def _value(name: str, avro_type: Any) -> Any:
         if avro_type.get("logicalType") == "timestamp-millis":
             return 1_764_000_000_000
         if avro_type["type"] == "array":
+            if isinstance(avro_type["items"], dict):  # a record: one of them
+                return [_value(name, avro_type["items"])]
             return [f"{name}-1", f"{name}-2"]
+        if avro_type["type"] == "record":
+            return {f["name"]: _value(f["name"], f["type"]) for f in avro_type["fields"]}
         if avro_type["type"] == "map":
             return {f"{name}-k": f"{name}-v"}
         return _value(name, avro_type["type"])

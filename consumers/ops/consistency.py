@@ -366,8 +366,7 @@ class ConsistencyChecker:
 
     async def _read_reports(self, codec: Codec, records: list[Record]) -> None:
         for record in records:
-            audit = await _decode_audit(codec, record)
-            if audit is not None:
+            for audit in await _decode_audits(codec, record):
                 self._on_report(audit)
 
     def _commands_read_past(self, ms: float) -> bool:
@@ -632,14 +631,16 @@ async def _decode_command(codec: Codec, record: Record) -> Command | None:
         return None
 
 
-async def _decode_audit(codec: Codec, record: Record) -> AuditRecord | None:
+async def _decode_audits(codec: Codec, record: Record) -> list[AuditRecord]:
+    """The audit records in a message, one per command (a sink's record about several
+    commands of a flush is expanded)."""
     try:
         decoded = await decode(codec, record.value or b"")
     except BadInput:
-        return None
+        return []
     if decoded.type_name != "audit":
-        return None
-    return AuditRecord.from_record(decoded.record)
+        return []
+    return AuditRecord.from_record(decoded.record).expand()
 
 
 def _edges(settings: Settings) -> dict[str, str]:

@@ -1,6 +1,8 @@
 """`cachesync trace EVENT_ID`: where one event's cache work went, read from the audit topic.
 
-Audit records are keyed by event id, so only the key's partition is read. The view
+Audit records are keyed by event id, so only the key's partition is read: the records
+with that key, and the sinks' records about several commands (`headers.AUDIT_BATCH`),
+whose key is their first command's event id, for the commands of this event. The view
 lists the commands the mapper produced per region and, for each, every sink that
 should handle it: its outcome and latency from the event's time, provider ids and
 warm cache statuses, or "pending" when no record has arrived (yet).
@@ -17,7 +19,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from rich.tree import Tree
 
 from cachesync.consumers.ops.window import TimeWindow
-from cachesync.consumers.pipeline.audit import AuditRecord, decode_audit
+from cachesync.consumers.pipeline import headers
+from cachesync.consumers.pipeline.audit import AuditRecord, decode_audits
 from cachesync.consumers.pipeline.codecs import close_codec, codec_for, start_codec
 from cachesync.consumers.pipeline.kafka import partitions_of
 from cachesync.consumers.settings import Settings
@@ -65,9 +68,11 @@ async def read_trace(
         ) as window:
             async for records in window.batches():
                 for record in records:
-                    audit = decode_audit(codec, record.value or b"") if record.key == key else None
-                    if audit is not None:
-                        _add(view, audit)
+                    if record.key != key and headers.header(record, headers.AUDIT_BATCH) is None:
+                        continue
+                    for audit in decode_audits(codec, record.value or b""):
+                        if audit.event_id == event_id:
+                            _add(view, audit)
     finally:
         await close_codec(codec)
     return view

@@ -1,34 +1,102 @@
 """Audit records: where each event's cache work went, on the audit topic.
 
-The mapper writes one record per event (the commands it produced); each sink writes
-one per command it handled (applied, skipped, fenced, rejected), with provider ids
-and, for warms, the edge's cache status. Records are keyed by the origin event id,
-so `cachesync trace EVENT_ID` reads a single partition.
+The mapper writes one record per event (the commands it produced). Each sink says what
+became of every command it handled (applied, skipped, fenced, rejected), with provider
+ids and, for warms, the edge's cache status, in one record per flush and outcome rather
+than one per command: a record about one command carries it in its own fields (as
+`audit.v1` did), a record about several lists them in `handled`. Readers see one
+`AuditRecord` per command either way (`decode_audits`, `AuditRecord.expand`).
+
+Records are keyed by the origin event id, so `cachesync trace EVENT_ID` reads a single
+partition: a flush's commands are grouped by the partition their event id hashes to, and
+a record about several is keyed by its first event id (the others share its partition)
+and marked with the `headers.AUDIT_BATCH` header, so that `trace` decodes it although
+its key names another event.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from opentelemetry import trace
 
 from cachesync.consumers.commands import Command, to_millis
+from cachesync.consumers.pipeline import headers
 from cachesync.consumers.pipeline.sends import BatchedSends
 from cachesync.consumers.sinks.base import Note
 from cachesync.schemas import Codec, SerdeError
 
+# What one record about several commands may hold: at most this many, in at most this
+# many bytes, so that it stays well below the topic's message size (1 MB by default; a
+# command is itself at most one Kafka message, so a record about it alone may be larger).
+ENTRIES_PER_RECORD = 500
+RECORD_BYTES = 512 * 1024
+# A note's detail is cut to this many characters.
+DETAIL_CHARS = 2000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HandledCommand:
+    """One command of a sink-stage record about several; mirrors `HandledCommand` in
+    `schemas/avro/audit/audit.v2.avsc` (times in epoch milliseconds)."""
+
+    command_id: str
+    event_id: str
+    event_type: str
+    occurred_at: int
+    detail: str = ""
+    provider_ids: tuple[str, ...] = ()
+    cache_status: Mapping[str, str] = field(default_factory=dict)
+    keys: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    urls: tuple[str, ...] = ()
+    trace_id: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "command_id": self.command_id,
+            "event_id": self.event_id,
+            "event_type": self.event_type,
+            "occurred_at": self.occurred_at,
+            "detail": self.detail,
+            "provider_ids": list(self.provider_ids),
+            "cache_status": dict(self.cache_status),
+            "keys": list(self.keys),
+            "tags": list(self.tags),
+            "urls": list(self.urls),
+            "trace_id": self.trace_id,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> HandledCommand:
+        return cls(
+            command_id=record["command_id"],
+            event_id=record["event_id"],
+            event_type=record["event_type"],
+            occurred_at=to_millis(record["occurred_at"]),
+            detail=record.get("detail", ""),
+            provider_ids=tuple(record.get("provider_ids", ())),
+            cache_status=dict(record.get("cache_status", {})),
+            keys=tuple(record.get("keys", ())),
+            tags=tuple(record.get("tags", ())),
+            urls=tuple(record.get("urls", ())),
+            trace_id=record.get("trace_id"),
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuditRecord:
-    """One record of the audit topic; mirrors `schemas/avro/audit/audit.v1.avsc`.
+    """One record of the audit topic; mirrors `schemas/avro/audit/audit.v2.avsc`.
 
     Times are epoch milliseconds. `stage` is "mapper" (one record per event, with the
-    `commands` it produced) or "sink" (one per command a sink handled, with its
-    `command_id`, `region`, `sink`, and for purges the `keys`, `tags` and `urls` it named).
+    `commands` it produced) or "sink" (about one command a sink handled, with its
+    `command_id`, `region`, `sink`, and for purges the `keys`, `tags` and `urls` it
+    named; or, with `handled`, about several commands of one flush with one outcome:
+    `expand` gives one record per command).
     """
 
     event_id: str
@@ -50,6 +118,7 @@ class AuditRecord:
     recorded_at: int
     latency_ms: int = 0
     trace_id: str | None = None
+    handled: tuple[HandledCommand, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
         """The Avro record (arrays as lists, the map as a dict)."""
@@ -57,26 +126,54 @@ class AuditRecord:
         for name in _ARRAYS:
             record[name] = list(record[name])
         record["cache_status"] = dict(self.cache_status)
+        record["handled"] = [h.to_record() for h in self.handled]
         return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> AuditRecord:
-        """From a decoded Avro record (timestamps may come as datetimes)."""
+        """From a decoded Avro record (timestamps may come as datetimes; a v1 record has
+        no `handled`)."""
         data = {name: record[name] for name in _FIELDS if name in record}
         for name in _ARRAYS:
             if name in data:
                 data[name] = tuple(data[name])
         for name in ("occurred_at", "recorded_at"):
             data[name] = to_millis(data[name])
+        data["handled"] = tuple(HandledCommand.from_record(h) for h in record.get("handled", ()))
         return cls(**data)
 
+    def expand(self) -> list[AuditRecord]:
+        """One record per command this record is about (itself, when about one)."""
+        if not self.handled:
+            return [self]
+        return [
+            replace(
+                self,
+                event_id=h.event_id,
+                event_type=h.event_type,
+                command_id=h.command_id,
+                detail=h.detail,
+                provider_ids=h.provider_ids,
+                cache_status=h.cache_status,
+                keys=h.keys,
+                tags=h.tags,
+                urls=h.urls,
+                occurred_at=h.occurred_at,
+                latency_ms=max(0, self.recorded_at - h.occurred_at),
+                trace_id=h.trace_id,
+                handled=(),
+            )
+            for h in self.handled
+        ]
 
-_FIELDS = tuple(f.name for f in fields(AuditRecord))
+
+_FIELDS = tuple(f.name for f in fields(AuditRecord) if f.name != "handled")
 _ARRAYS = ("provider_ids", "commands", "keys", "tags", "urls")
 
 
 def decode_audit(codec: Codec, value: bytes) -> AuditRecord | None:
-    """The audit record in a message, or None when the message holds none."""
+    """The audit record in a message as written (maybe about several commands), or None
+    when the message holds none."""
     try:
         decoded = codec.decode(value)
     except SerdeError:
@@ -86,19 +183,33 @@ def decode_audit(codec: Codec, value: bytes) -> AuditRecord | None:
     return AuditRecord.from_record(decoded.record)
 
 
+def decode_audits(codec: Codec, value: bytes) -> list[AuditRecord]:
+    """The audit records in a message, one per command (or the mapper's one per event);
+    empty when the message holds none."""
+    record = decode_audit(codec, value)
+    return [] if record is None else record.expand()
+
+
 def current_trace_id() -> str | None:
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
+# A sink's record about one command, gathered until the flush: the command, the sink, what
+# it said, the command's trace id.
+_Handled = tuple[Command, str, Note, str | None]
+
+
 class AuditLog:
-    """Produces audit records; `flush` waits for their acks (called before a commit)."""
+    """Produces audit records; `flush` writes the sinks' records gathered since the last
+    one and waits for every record's ack (called before a commit)."""
 
     def __init__(self, producer: AIOKafkaProducer, topic: str, codec: Codec) -> None:
         self.producer = producer
         self.topic = topic
         self.codec = codec
         self._batch = BatchedSends(producer)
+        self._handled: list[_Handled] = []
 
     async def mapped(
         self,
@@ -123,34 +234,87 @@ class AuditLog:
             )
         )
 
-    async def handled(self, command: Command, *, sink: str, note: Note) -> None:
-        await self._send(
-            AuditRecord(
-                event_id=command.origin_event_id,
-                event_type=command.origin_event_type,
-                stage="sink",
-                command_id=command.command_id,
-                region=command.region,
-                sink=sink,
-                kind=command.kind,
-                outcome=note.outcome,
-                detail=note.detail[:2000],
-                provider_ids=tuple(note.provider_ids),
-                cache_status=dict(note.cache_status),
-                keys=tuple(getattr(command, "keys", ())),
-                tags=tuple(getattr(command, "tags", ())),
-                urls=tuple(command.urls),
-                **_written_now(command.origin_occurred_at),
-            )
-        )
+    async def handled(
+        self, command: Command, *, sink: str, note: Note, trace_id: str | None = None
+    ) -> None:
+        """What `sink` did with `command`, written at the next `flush` with the others of
+        the same outcome. `trace_id`: the command's trace (default: the current span's)."""
+        if trace_id is None:
+            trace_id = current_trace_id()
+        self._handled.append((command, sink, note, trace_id))
 
     async def _send(self, record: AuditRecord) -> None:
         value = self.codec.encode("audit", record.to_record())
         self._batch.add(self.topic, record.event_id.encode(), value, [])
 
     async def flush(self) -> None:
-        """Send the records gathered since the last flush and wait for their acks."""
+        """Write the sinks' records gathered since the last flush, then send every record
+        and wait for the acks."""
+        handled, self._handled = self._handled, []
+        if handled:
+            await self._write_handled(handled)
         await self._batch.send()
+
+    async def _write_handled(self, handled: list[_Handled]) -> None:
+        """One record per (region, sink, kind, outcome, partition of the event id), of at
+        most ENTRIES_PER_RECORD commands and RECORD_BYTES (a command alone may be more)."""
+        partitions = sorted(await self.producer.partitions_for(self.topic))
+        partition_of = self._batch.partitioner
+        groups: dict[tuple[str, str, str, str, int], list[dict[str, Any]]] = {}
+        for command, sink, note, trace_id in handled:
+            where = partition_of(command.origin_event_id.encode(), partitions, partitions)
+            group = (command.region, sink, command.kind, note.outcome, where)
+            groups.setdefault(group, []).append(_entry(command, note, trace_id))
+        now = int(time.time() * 1000)
+        for (region, sink, kind, outcome, _), entries in groups.items():
+            shared = {
+                "stage": "sink",
+                "region": region,
+                "sink": sink,
+                "kind": kind,
+                "outcome": outcome,
+                "commands": [],
+                "recorded_at": now,
+            }
+            for start in range(0, len(entries), ENTRIES_PER_RECORD):
+                self._write_entries(shared, entries[start : start + ENTRIES_PER_RECORD])
+
+    def _write_entries(self, shared: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+        """One record about `entries` (in halves while it is over RECORD_BYTES)."""
+        first = entries[0]
+        # About one command, its own fields say it all (as a v1 record did); about several,
+        # they name the first, and `handled` lists them all.
+        record = {
+            **first,
+            **shared,
+            "latency_ms": max(0, shared["recorded_at"] - first["occurred_at"]),
+            "handled": entries if len(entries) > 1 else [],
+        }
+        value = self.codec.encode("audit", record)
+        if len(value) > RECORD_BYTES and len(entries) > 1:
+            half = len(entries) // 2
+            self._write_entries(shared, entries[:half])
+            self._write_entries(shared, entries[half:])
+            return
+        hdrs = [(headers.AUDIT_BATCH, b"1")] if len(entries) > 1 else []
+        self._batch.add(self.topic, first["event_id"].encode(), value, hdrs)
+
+
+def _entry(command: Command, note: Note, trace_id: str | None) -> dict[str, Any]:
+    """The Avro record of one handled command (`HandledCommand`)."""
+    return {
+        "command_id": command.command_id,
+        "event_id": command.origin_event_id,
+        "event_type": command.origin_event_type,
+        "occurred_at": command.origin_occurred_at,
+        "detail": note.detail[:DETAIL_CHARS],
+        "provider_ids": list(note.provider_ids),
+        "cache_status": note.cache_status,
+        "keys": list(getattr(command, "keys", ())),
+        "tags": list(getattr(command, "tags", ())),
+        "urls": list(command.urls),
+        "trace_id": trace_id,
+    }
 
 
 def _written_now(occurred_at: int) -> dict[str, Any]:

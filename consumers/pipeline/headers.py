@@ -6,7 +6,7 @@ decoding), plus the W3C trace context (`traceparent`, `tracestate`, written by
 `REPLAY_CDN: off`, which CDN sinks obey. The dead-letter topic keeps the record's
 own headers and adds the `dlq.*` ones, which say where it came from and why; a
 re-drive (`cachesync dlq redrive`) sends it back to its topic without them, plus
-`REDRIVE`.
+`REDRIVE`. An audit record about several commands (a sink's flush) carries `AUDIT_BATCH`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ DLQ_TIMESTAMP = "dlq.timestamp"
 # A record too large for the dead-letter topic keeps only a prefix of its value.
 DLQ_TRUNCATED = "dlq.truncated"  # "true": the value is the original's first 64 KiB
 DLQ_ORIGINAL_BYTES = "dlq.original_bytes"  # the original value's size, in bytes
+# On an audit record about several commands, keyed by the first one's event id: `trace`
+# decodes it whatever its key (consumers/pipeline/audit.py).
+AUDIT_BATCH = "cachesync.audit-batch"  # "1"
 # On a record re-sent from the dead-letter topic to its original topic.
 REDRIVE = "cachesync.redrive"  # the dead letter's id: "<partition>:<offset>" on the dlq
 

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer
+from opentelemetry.context import Context
 from opentelemetry.trace import (
     Link,
     Span,
@@ -308,6 +309,17 @@ class MapperRole(_Role):
         return decoded
 
 
+@dataclass(slots=True)
+class _Accepted:
+    """One command of a sink's batch: its record, its span if its trace is sampled, and
+    its trace id (for its audit record)."""
+
+    record: Record
+    command: Command
+    span: Span | None
+    trace_id: str | None
+
+
 class SinkRole(_Role):
     """Consumes one region's command topic and applies it through one sink.
 
@@ -366,22 +378,20 @@ class SinkRole(_Role):
             candidates.append((record, command))
         await self.hold_for_earlier_tiers([c for _, c in candidates])
         self.stats.records += len(records)
-        accepted: dict[str, tuple[Record, Command, Span]] = {}
+        accepted: dict[str, _Accepted] = {}
         for record, command in candidates:
-            # One span per command, in the trace of the event that caused it.
-            span = telemetry.tracer.start_span(
-                f"cachesync.apply {self.sink.kind}",
-                context=telemetry.extract_context(record.headers),
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "cachesync.region": self.sink.region,
-                    "cachesync.sink": self.sink.kind,
-                    "cachesync.command_id": command.command_id,
-                    "cachesync.kind": command.kind,
-                    "cachesync.event_id": command.origin_event_id,
-                },
-            )
-            accepted[command.command_id] = (record, command, span)
+            # A span per command only in a sampled trace (the platform's decision, which
+            # its context carries): the event's trace then shows this sink's apply.
+            carried = telemetry.message_trace(record.headers)
+            span = None
+            trace_id = carried.trace_id
+            if carried.parent is not None:
+                span = self._command_span(command, carried.parent)
+                if span.is_recording():
+                    trace_id = format(span.get_span_context().trace_id, "032x")
+                else:
+                    span = None
+            accepted[command.command_id] = _Accepted(record, command, span, trace_id)
             # Where it was read: a purge sink records its partition's applied offset with
             # the effect, and skips a re-read record it covers (sinks/ledger.py).
             self.sink.read_from(
@@ -390,15 +400,20 @@ class SinkRole(_Role):
             self.sink.add(command)
         if not accepted:
             return
-        spans = [span for _, _, span in accepted.values()]
+        spans = [a.span for a in accepted.values() if a.span is not None]
         # The backend calls of a flush serve every command in it: the flush span is a
-        # child of the first command's span and links to all of them.
+        # child of the first sampled command's span and links to all of them (with none
+        # sampled, it is a root, sampled as such).
         try:
             with telemetry.tracer.start_as_current_span(
                 f"cachesync.flush {self.sink.kind}",
-                context=set_span_in_context(spans[0]),
+                context=set_span_in_context(spans[0]) if spans else None,
                 links=[Link(s.get_span_context()) for s in spans],
-                attributes={"cachesync.region": self.sink.region, "cachesync.batch": len(spans)},
+                attributes={
+                    "cachesync.region": self.sink.region,
+                    "cachesync.batch": len(accepted),
+                    "cachesync.sampled": len(spans),
+                },
             ):
                 result = await self.sink.flush()
         except BaseException as exc:
@@ -408,21 +423,38 @@ class SinkRole(_Role):
             raise
         self.stats.applied += result.applied
         rejected = {r.command.command_id: r.error for r in result.rejected}
-        for command_id, (record, command, span) in accepted.items():
+        applied = Note()
+        for command_id, a in accepted.items():
             if command_id in rejected:
                 note = Note(outcome="rejected", detail=rejected[command_id])
+                await self.dead_letters.send(a.record, PermanentSinkError(rejected[command_id]))
+                self.stats.dead_lettered += 1
             else:
-                note = result.notes.get(command_id, Note())
-            span.set_attribute("cachesync.outcome", note.outcome)
-            if note.provider_ids:
-                span.set_attribute("cachesync.provider_ids", list(note.provider_ids))
-            with use_span(span, end_on_exit=True):
+                note = result.notes.get(command_id, applied)
+            if a.span is not None:
+                a.span.set_attribute("cachesync.outcome", note.outcome)
+                if note.provider_ids:
+                    a.span.set_attribute("cachesync.provider_ids", list(note.provider_ids))
                 if command_id in rejected:
-                    span.set_status(Status(StatusCode.ERROR, "rejected"))
-                    await self.dead_letters.send(record, PermanentSinkError(rejected[command_id]))
-                    self.stats.dead_lettered += 1
-                await self.audit.handled(command, sink=self.sink.kind, note=note)
+                    a.span.set_status(Status(StatusCode.ERROR, "rejected"))
+                a.span.end()
+            await self.audit.handled(a.command, sink=self.sink.kind, note=note, trace_id=a.trace_id)
         await self.audit.flush()
+
+    def _command_span(self, command: Command, parent: Context) -> Span:
+        """The command's own span, in the trace of the event that caused it."""
+        return telemetry.tracer.start_span(
+            f"cachesync.apply {self.sink.kind}",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "cachesync.region": self.sink.region,
+                "cachesync.sink": self.sink.kind,
+                "cachesync.command_id": command.command_id,
+                "cachesync.kind": command.kind,
+                "cachesync.event_id": command.origin_event_id,
+            },
+        )
 
     async def hold_for_earlier_tiers(self, commands: list[Command]) -> None:
         """Tier order: put the batch back (RetryAfter) until the sinks this one follows

@@ -1,7 +1,7 @@
 """What each sink has applied in a region, kept in that region's Redis.
 
-Every purge sink records, with its effect (the Redis sink in its purge script) or after
-the provider acknowledged it (the CDN sinks, through `PurgeLedger`):
+Every purge sink records, with its effect (the Redis sink in its purge script, one call
+per flush) or after the provider acknowledged it (the CDN sinks, through `PurgeLedger`):
 
 - the newest purge version per entity and per URL (`keys.PURGE_VERSION`);
 - per (sink, command topic, partition), the offset of the last record applied, its record

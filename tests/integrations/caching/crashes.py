@@ -17,7 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from cachesync.consumers.commands import PurgeCommand
 from cachesync.consumers.ops.window import TimeWindow
-from cachesync.consumers.pipeline.audit import AuditRecord, decode_audit
+from cachesync.consumers.pipeline.audit import AuditRecord, decode_audits
 from cachesync.consumers.pipeline.kafka import make_producer
 from cachesync.consumers.pipeline.roles import SinkRole
 from cachesync.consumers.settings import Settings
@@ -131,13 +131,12 @@ async def committed_offsets(settings: Settings, group: str, topic: str) -> int:
 
 
 async def audit_records(settings: Settings, since_ms: int) -> list[AuditRecord]:
-    """Every audit record on the (test's own) audit topic since `since_ms`."""
+    """Every audit record on the (test's own) audit topic since `since_ms`, one per command
+    (a sink's record about several commands of a flush is expanded)."""
     codec = SingleObjectCodec(settings.catalog)
     found: list[AuditRecord] = []
     async with TimeWindow(settings, [settings.audit_topic], since_ms=since_ms) as window:
         async for records in window.batches():
             for record in records:
-                audit = decode_audit(codec, record.value or b"")
-                if audit is not None:
-                    found.append(audit)
+                found += decode_audits(codec, record.value or b"")
     return found

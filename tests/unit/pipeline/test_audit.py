@@ -1,15 +1,24 @@
-"""AuditRecord through the real codec, decode_audit on other messages, and the writer's detail cap."""
+"""AuditRecord through the real codec, decode_audit on other messages, the writer's detail cap,
+and the sinks' records per flush (one per outcome and partition, expanded per command)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import pytest
+from aiokafka.partitioner import murmur2
 
 from cachesync.consumers.commands import PurgeCommand
-from cachesync.consumers.pipeline.audit import AuditLog, AuditRecord, decode_audit
+from cachesync.consumers.pipeline import audit
+from cachesync.consumers.pipeline.audit import (
+    AuditLog,
+    AuditRecord,
+    HandledCommand,
+    decode_audit,
+    decode_audits,
+)
 from cachesync.consumers.sinks.base import Note
 from cachesync.schemas import SchemaCatalog, SingleObjectCodec
 from cachesync.schemas.serde import SINGLE_OBJECT_MAGIC
@@ -128,12 +137,14 @@ def test_decode_audit_is_none_for_bytes_that_hold_no_record(value: bytes) -> Non
 
 @dataclass
 class FakeBatch:
-    messages: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    messages: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]] = field(
+        default_factory=list
+    )
 
     def append(
-        self, *, key: bytes | None, value: bytes, timestamp: None, headers: object
+        self, *, key: bytes | None, value: bytes, timestamp: None, headers: list[tuple[str, bytes]]
     ) -> object:
-        self.messages.append((key, value))
+        self.messages.append((key, value, headers))
         return object()
 
 
@@ -142,6 +153,8 @@ class FakeProducer:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, bytes]] = []
+        self.partitions: list[int] = []  # per message sent, the partition it was sent to
+        self.headers: list[list[tuple[str, bytes]]] = []
 
     async def partitions_for(self, topic: str) -> set[int]:
         return {0, 1, 2}
@@ -150,7 +163,9 @@ class FakeProducer:
         return FakeBatch()
 
     async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> object:
-        self.sent += [(topic, key, value) for key, value in batch.messages]
+        self.sent += [(topic, key, value) for key, value, _ in batch.messages]
+        self.partitions += [partition] * len(batch.messages)
+        self.headers += [headers for _, _, headers in batch.messages]
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.set_result(None)
         return future
@@ -180,3 +195,144 @@ async def test_sink_record_detail_is_cut_to_2000_characters() -> None:
         "rejected",
     )
     assert (cut.keys, cut.tags, cut.urls) == (command.keys, command.tags, command.urls)
+
+
+def purges(n: int) -> list[PurgeCommand]:
+    """`n` purges of as many events, in eu-west."""
+    return [
+        purge_command().model_copy(
+            update={
+                "command_id": f"cmd-{i}",
+                "origin_event_id": f"ev-{i}",
+                "keys": (f"wedding:w{i}:gallery",),
+                "tags": (f"wedding:w{i}",),
+                "urls": (f"/weddings/w{i}",),
+            }
+        )
+        for i in range(n)
+    ]
+
+
+async def test_a_flush_writes_one_record_per_outcome_and_partition_keeping_every_command() -> None:
+    """A sink's 30 commands (27 applied, 3 rejected) become one record per (outcome, audit
+    partition), each keyed by an event of its partition and marked when about several, and
+    expand back to 30 records, one per command, with its own event, outcome, detail, keys
+    and trace id."""
+    producer = FakeProducer()
+    log = AuditLog(producer, "test.cache.audit", CODEC)  # type: ignore[arg-type]
+    commands = purges(30)
+    rejected = {"cmd-3", "cmd-10", "cmd-17"}
+    for c in commands:
+        if c.command_id in rejected:
+            note = Note(outcome="rejected", detail=f"refused {c.command_id}")
+        else:
+            note = Note(detail=f"applied {c.command_id}")
+        await log.handled(c, sink="redis", note=note, trace_id=f"{c.command_id:0>32}")
+    await log.flush()
+
+    def partition_of(event_id: str) -> int:
+        return (murmur2(event_id.encode()) & 0x7FFFFFFF) % 3
+
+    groups = {(c.command_id in rejected, partition_of(c.origin_event_id)) for c in commands}
+    assert len(producer.sent) == len(groups) < len(commands)
+    expanded: list[AuditRecord] = []
+    for (_, key, value), partition, hdrs in zip(
+        producer.sent, producer.partitions, producer.headers, strict=True
+    ):
+        assert key is not None and partition == partition_of(key.decode())
+        records = decode_audits(CODEC, value)
+        assert {partition_of(r.event_id) for r in records} == {partition}
+        assert (len(records) > 1) == (hdrs == [("cachesync.audit-batch", b"1")])
+        expanded += records
+    by_command = {r.command_id: r for r in expanded}
+    assert len(expanded) == len(by_command) == 30
+    for c in commands:
+        r = by_command[c.command_id]
+        assert (r.event_id, r.stage, r.sink, r.region, r.kind) == (
+            c.origin_event_id,
+            "sink",
+            "redis",
+            "eu-west",
+            "purge",
+        )
+        if c.command_id in rejected:
+            assert (r.outcome, r.detail) == ("rejected", f"refused {c.command_id}")
+        else:
+            assert (r.outcome, r.detail) == ("applied", f"applied {c.command_id}")
+        assert (r.keys, r.tags, r.urls) == (c.keys, c.tags, c.urls)
+        assert r.trace_id == f"{c.command_id:0>32}"
+        assert r.occurred_at == c.origin_occurred_at
+        assert r.latency_ms == r.recorded_at - c.origin_occurred_at
+
+
+async def test_a_record_over_its_byte_budget_is_cut_without_losing_a_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a small RECORD_BYTES, one group's commands go out in several records, each command
+    in exactly one of them."""
+    monkeypatch.setattr(audit, "RECORD_BYTES", 800)
+    producer = FakeProducer()
+    log = AuditLog(producer, "test.cache.audit", CODEC)  # type: ignore[arg-type]
+    commands = [c.model_copy(update={"origin_event_id": "ev-same"}) for c in purges(20)]
+    for c in commands:
+        await log.handled(c, sink="redis", note=Note(), trace_id=None)
+    await log.flush()
+
+    assert len(producer.sent) > 2
+    assert all(len(value) <= 800 for _, _, value in producer.sent)
+    ids = [r.command_id for _, _, value in producer.sent for r in decode_audits(CODEC, value)]
+    assert sorted(ids) == sorted(c.command_id for c in commands)
+
+
+def test_a_v1_record_decodes_with_the_v2_reader() -> None:
+    """A record written with audit.v1 (before `handled`) decodes as one record about its
+    command, with nothing in `handled`."""
+    record = full_record()
+    v1 = {k: v for k, v in record.to_record().items() if k != "handled"}
+    value = CODEC.encode("audit", v1, version=1)
+    assert CODEC.decode(value).writer_version == 1
+
+    assert decode_audits(CODEC, value) == [record]
+
+
+def test_a_record_about_several_commands_round_trips_and_expands() -> None:
+    """A v2 record with `handled` entries round-trips equal, and expands to one record per
+    entry, taking the entry's fields and the record's shared ones."""
+    entries = tuple(
+        HandledCommand(
+            command_id=f"cmd-{i}",
+            event_id=f"ev-{i}",
+            event_type="photo.updated",
+            occurred_at=1_764_000_000_000 + i,
+            detail="d" if i else "",
+            provider_ids=(f"id-{i}",),
+            cache_status={"/w": "HIT"} if i else {},
+            keys=(f"k{i}",),
+            urls=(f"/u{i}",),
+            trace_id=f"{i:032x}",
+        )
+        for i in range(3)
+    )
+    record = replace(full_record(), handled=entries)
+
+    back = decode_audit(CODEC, CODEC.encode("audit", record.to_record()))
+    assert back == record
+    expanded = record.expand()
+
+    assert [r.command_id for r in expanded] == ["cmd-0", "cmd-1", "cmd-2"]
+    for r, h in zip(expanded, entries, strict=True):
+        assert (r.event_id, r.event_type, r.detail, r.provider_ids, r.cache_status) == (
+            h.event_id,
+            h.event_type,
+            h.detail,
+            h.provider_ids,
+            h.cache_status,
+        )
+        assert (r.keys, r.tags, r.urls, r.trace_id) == (h.keys, h.tags, h.urls, h.trace_id)
+        assert (r.sink, r.region, r.outcome, r.recorded_at) == (
+            record.sink,
+            record.region,
+            record.outcome,
+            record.recorded_at,
+        )
+        assert r.latency_ms == record.recorded_at - h.occurred_at and r.handled == ()

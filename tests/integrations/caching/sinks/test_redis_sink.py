@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from cachesync.consumers import keys
 from cachesync.consumers.commands import PurgeCommand
 from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks import redis as redis_sink
 from cachesync.consumers.sinks.base import FlushResult, Position
 from cachesync.consumers.sinks.redis import RedisSink
 
@@ -282,3 +283,143 @@ async def test_a_copy_at_another_offset_is_skipped_by_its_marker_and_moves_the_o
     assert result.notes[command.command_id].detail == f"redelivered; applied at {stamp[:-6]}Z"
     offsets = keys.applied_offset(RedisSink.kind, topic, 1)
     assert await redis.hmget(offsets, "offset", "record_ts") == [b"42", b"1500"]
+
+
+async def test_a_flush_applies_all_its_commands_in_one_script_call(
+    sink: RedisSink, redis: Redis, run: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty purges in one flush: one EVALSHA, and every key, marker and offset is written."""
+    calls: list[object] = []
+    evalsha = sink.redis.evalsha
+
+    async def counted(*args: object) -> object:
+        calls.append(args[0])
+        return await evalsha(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sink.redis, "evalsha", counted)
+    topic = f"cmds-{run}"
+    commands = [
+        purge(run, n, entity=f"wedding:{run}-{n}", version=n, keys=(f"wedding:{run}-{n}:page",))
+        for n in range(40)
+    ]
+    for command in commands:
+        await redis.set(command.keys[0], "old")
+
+    result = await apply_read(
+        sink, *((c, Position(topic, 0, n, 1_000 + n)) for n, c in enumerate(commands))
+    )
+
+    assert len(calls) == 1
+    assert result.applied == 40
+    assert await redis.exists(*(c.keys[0] for c in commands)) == 0
+    assert await redis.exists(*(keys.applied(RedisSink.kind, c.command_id) for c in commands)) == 40
+    offsets = keys.applied_offset(RedisSink.kind, topic, 0)
+    assert await redis.hmget(offsets, "offset", "record_ts") == [b"39", b"1039"]
+
+
+async def test_a_flush_cut_into_several_calls_applies_them_in_order(
+    sink: RedisSink, redis: Redis, run: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut at a few keys per call: every purge is applied, a copy of a command in a later call
+    is skipped by the marker an earlier call wrote, fences and offsets end at the newest."""
+    monkeypatch.setattr(redis_sink, "MAX_KEYS_PER_CALL", 8)
+    topic = f"cmds-{run}"
+    entity = f"wedding:{run}"
+    commands = [
+        purge(run, n, entity=entity, version=v, keys=(f"wedding:{run}:k{n}",))
+        for n, v in enumerate([500, 700, 600, 300, 650])
+    ]
+    for command in commands:
+        await redis.set(command.keys[0], "old")
+    read = [(c, Position(topic, 2, 100 + n, 5_000 + n)) for n, c in enumerate(commands)]
+    # The first command again, at a later offset (a mirror's duplicate), in the last call.
+    read.append((commands[0], Position(topic, 2, 105, 5_005)))
+    assert len(redis_sink._calls("redis", [c for c, _ in read], {}, 0)) > 2
+
+    result = await apply_read(sink, *read)
+
+    assert result.applied == 5
+    assert await redis.exists(*(c.keys[0] for c in commands)) == 0
+    assert await redis.get(keys.purge_version(RedisSink.kind, entity)) == b"700"
+    offsets = keys.applied_offset(RedisSink.kind, topic, 2)
+    assert await redis.hmget(offsets, "offset", "record_ts") == [b"105", b"5005"]
+
+
+async def test_one_flush_skips_a_covered_record_and_applies_the_next(
+    sink: RedisSink, redis: Redis, run: str
+) -> None:
+    """A flush that re-reads an applied record (markers gone) and reads a new one after it:
+    the first is skipped (what was cached again survives), the second applied."""
+    topic = f"cmds-{run}"
+    old_key, new_key = f"wedding:{run}:old", f"wedding:{run}:new"
+    first = purge(run, 1, entity=f"wedding:{run}", version=1, keys=(old_key,))
+    second = purge(run, 2, entity=f"wedding:{run}", version=2, keys=(new_key,))
+    await apply_read(sink, (first, Position(topic, 4, 30, 3_000)))
+    await redis.delete(keys.applied(RedisSink.kind, first.command_id))
+    await redis.set(old_key, "fresh")
+    await redis.set(new_key, "old")
+
+    result = await apply_read(
+        sink, (first, Position(topic, 4, 30, 3_000)), (second, Position(topic, 4, 31, 3_001))
+    )
+
+    assert (result.applied, result.skipped) == (1, 1)
+    assert await redis.get(old_key) == b"fresh"
+    assert await redis.exists(new_key) == 0
+    assert result.notes[first.command_id].detail.startswith("redelivered; applied at or before ")
+    offsets = keys.applied_offset(RedisSink.kind, topic, 4)
+    assert await redis.hmget(offsets, "offset", "record_ts") == [b"31", b"3001"]
+
+
+async def test_a_copy_later_in_the_same_flush_does_not_cover_the_records_between(
+    sink: RedisSink, redis: Redis, run: str
+) -> None:
+    """A command read again further on in its own batch (a mirror's duplicate) is applied once,
+    and the records between its two copies are applied too, not taken as covered by the
+    copy's later offset."""
+    topic = f"cmds-{run}"
+    twice, a, b = (
+        purge(run, n, entity=f"wedding:{run}-{n}", version=n, keys=(f"wedding:{run}:k{n}",))
+        for n in (1, 2, 3)
+    )
+    for command in (twice, a, b):
+        await redis.set(command.keys[0], "old")
+
+    result = await apply_read(
+        sink,
+        (twice, Position(topic, 0, 10, 1_000)),
+        (a, Position(topic, 0, 11, 1_001)),
+        (b, Position(topic, 0, 12, 1_002)),
+        (twice, Position(topic, 0, 13, 1_003)),
+    )
+
+    assert result.applied == 3
+    assert await redis.exists(twice.keys[0], a.keys[0], b.keys[0]) == 0
+    offsets = keys.applied_offset(RedisSink.kind, topic, 0)
+    assert await redis.hmget(offsets, "offset", "record_ts") == [b"13", b"1003"]
+
+
+async def test_a_batch_holding_a_copy_read_again_without_markers_is_skipped_whole(
+    sink: RedisSink, redis: Redis, run: str
+) -> None:
+    """The same batch (a command, another, the first's copy) read again once the markers are
+    gone: the partition's offset covers all of it, so nothing cached since is deleted."""
+    topic = f"cmds-{run}"
+    twice, other = (
+        purge(run, n, entity=f"wedding:{run}-{n}", version=n, keys=(f"wedding:{run}:k{n}",))
+        for n in (1, 2)
+    )
+    read = [
+        (twice, Position(topic, 5, 20, 2_000)),
+        (other, Position(topic, 5, 21, 2_001)),
+        (twice, Position(topic, 5, 22, 2_002)),
+    ]
+    await apply_read(sink, *read)
+    await redis.delete(*(keys.applied(RedisSink.kind, c.command_id) for c in (twice, other)))
+    await redis.set(twice.keys[0], "fresh")
+    await redis.set(other.keys[0], "fresh")
+
+    result = await apply_read(sink, *read)
+
+    assert result.applied == 0
+    assert await redis.mget(twice.keys[0], other.keys[0]) == [b"fresh", b"fresh"]
