@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PYTHON := $(abspath $(BIN)/python)
 
-.PHONY: setup stack topics run test lint unit integration bench down wipe
+.PHONY: setup stack topics run test lint unit integration bench chaos down wipe
 
 setup:
 	@bash deploy/local/install.sh
@@ -35,6 +35,12 @@ test: lint stack
 # Throughput, latency and memory against ceilings measured in the same run (bench/).
 bench: stack
 	@$(BIN)/python -m bench
+
+# One fault at a time through the real pipeline, checked in the caches (bench/chaos/), on a
+# stack of its own (.stack-chaos/, ports +1000): the shared stack is never touched.
+# CHAOS_ARGS=--quick for a shorter run.
+chaos: setup
+	@$(BIN)/python -m bench.chaos $${CHAOS_ARGS:-}
 
 unit: setup
 	@$(BIN)/pytest -q tests/unit
