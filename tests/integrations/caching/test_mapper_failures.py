@@ -288,6 +288,7 @@ async def test_a_dead_letter_topic_down_for_30s_holds_its_batch_and_loses_nothin
         r
         for r in await _records(settings, [settings.dead_letter_topic])
         if headers.header(r, headers.DLQ_OFFSET) == str(meta.offset).encode()
+        and headers.header(r, headers.DLQ_PARTITION) == str(meta.partition).encode()
         and headers.header(r, headers.DLQ_TOPIC) == topic.encode()
     ]
     assert len(letters) == 1, f"dead-lettered {len(letters)} times"
@@ -379,7 +380,10 @@ async def test_an_event_near_the_broker_limit_is_dead_lettered_truncated_and_the
     letters = [
         r
         for r in await _records(settings, [settings.dead_letter_topic])
+        # A record's origin is topic, partition and offset: other tests of the session
+        # dead-letter records of the same topic, at the same offset of another partition.
         if headers.header(r, headers.DLQ_TOPIC) == topic.encode()
+        and headers.header(r, headers.DLQ_PARTITION) == str(meta.partition).encode()
         and headers.header(r, headers.DLQ_OFFSET) == str(meta.offset).encode()
     ]
     assert len(letters) == 1
