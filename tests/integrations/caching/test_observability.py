@@ -18,6 +18,7 @@ from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.redis import RedisSink
 from cachesync.consumers.telemetry import inject_context
+from cachesync.topology.admin import apply_topics
 from tests.helpers import eventually
 
 
@@ -54,6 +55,16 @@ async def test_one_trace_from_event_to_every_regions_redis(
     telemetry: Any,
 ) -> None:
     wedding = f"w-{uuid.uuid4().hex[:8]}"
+    # Topics and groups of its own: a command another test left in the session's topics
+    # would share the flush, and the flush span has one parent.
+    run = uuid.uuid4().hex[:8]
+    settings = settings.model_copy(
+        update={
+            "group_prefix": f"{settings.group_prefix}-trace-{run}",
+            "topic_prefix": f"{settings.topic_prefix}trace-{run}.",
+        }
+    )
+    await apply_topics(settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix)
     for redis in region_redis.values():
         await cache_put(redis, f"wedding:{wedding}:gallery", b"stale")
     sinks = [SinkRole(settings, RedisSink(r, u)) for r, u in settings.region_redis_urls.items()]
