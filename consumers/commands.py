@@ -68,6 +68,10 @@ class PurgeCommand(_Command):
     tags: tuple[str, ...] = ()
     urls: tuple[str, ...] = ()
     prefixes: tuple[str, ...] = ()
+    # A purge too large for one message is split into parts (mapping/mapper.py); this says
+    # how many parts follow in the same partition. The event's applied marker, which the
+    # later tiers wait for, is set only at the last part (0).
+    parts_after: int = 0
 
     def to_record(self) -> dict[str, Any]:
         record = self.model_dump()

@@ -137,6 +137,7 @@ class Mapper:
                 tags=tuple(part.tags),
                 urls=tuple(part.urls),
                 prefixes=tuple(part.prefixes),
+                parts_after=len(parts) - 1 - n,
                 **common,
             )
             for region in self.regions

@@ -22,6 +22,10 @@ and not sent:
   with this release's schemas and rules through a batch view of the relationship index
   that is never flushed, so nothing is written; a command is decoded. What only a
   provider can refuse (a sink's 4xx) cannot be checked here: such a command is sent;
+- `truncated`: too large for the dead-letter topic, it was kept as its origin and its
+  value's first 64 KiB (`dlq.truncated`): sending a prefix would only fail again, or
+  worse, decode into something else. Always refused, `force` or not: re-publish the
+  original from its source (the origin the listing gives, while its topic retains it);
 - `already re-driven`: refused unless `force`.
 
 Which dead letters were re-driven is remembered in the state Redis, one hash per
@@ -77,6 +81,7 @@ WOULD_SEND = "would send"  # a dry run
 ALREADY = "already re-driven"
 MISSING_TOPIC = "topic missing"
 WOULD_FAIL = "would fail"
+TRUNCATED = "truncated"
 
 _ID = re.compile(r"(\d+):(\d+)")
 
@@ -114,6 +119,9 @@ class DeadLetter:
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...]  # the record's own, without the dlq.* ones
+    # Too large to dead-letter whole: `value` is only the original's first bytes.
+    truncated: bool = False
+    original_bytes: int | None = None
     # From the payload, when it decodes: "event", "purge" or "warm", and the event.
     kind: str | None = None
     event_type: str | None = None
@@ -152,6 +160,8 @@ class DeadLetter:
             timestamp=number(headers.DLQ_TIMESTAMP),
             key=record.key,
             value=record.value,
+            truncated=text(headers.DLQ_TRUNCATED) == "true",
+            original_bytes=number(headers.DLQ_ORIGINAL_BYTES),
             headers=tuple(
                 (k, bytes(v))
                 for k, v in record.headers or ()
@@ -169,7 +179,7 @@ class DeadLetter:
 @dataclass
 class RedriveOutcome:
     letter: DeadLetter
-    outcome: str  # SENT, WOULD_SEND, ALREADY, MISSING_TOPIC or WOULD_FAIL
+    outcome: str  # SENT, WOULD_SEND, ALREADY, MISSING_TOPIC, WOULD_FAIL or TRUNCATED
     detail: str = ""
 
     @property
@@ -310,6 +320,14 @@ class _DeadLetterTopic(ToolClients):
         self, letter: DeadLetter, existing: set[str], *, dry_run: bool, force: bool
     ) -> RedriveOutcome:
         """One dead letter checked and, unless a check fails or this is a dry run, sent."""
+        if letter.truncated:
+            size = "?" if letter.original_bytes is None else f"{letter.original_bytes:,}"
+            return RedriveOutcome(
+                letter,
+                TRUNCATED,
+                f"only the first {len(letter.value or b''):,} of {size} bytes were kept:"
+                f" re-publish the original from {letter.origin}",
+            )
         if letter.topic not in existing:
             return RedriveOutcome(letter, MISSING_TOPIC, f"no topic {letter.topic!r}")
         failure = await self.check.failure(letter)

@@ -201,7 +201,10 @@ class PurgeLedger:
                 target = keys.url_target(url)
                 newest[target] = max(newest.get(target, -1), cmd.version)
             pipe.set(keys.applied(self.sink, cmd.command_id), now, ex=keys.APPLIED_TTL_S)
-            pipe.set(keys.applied_event(self.sink, cmd.origin_event_id), now, ex=keys.APPLIED_TTL_S)
+            if cmd.parts_after == 0:  # the event's last part: later tiers may go
+                pipe.set(
+                    keys.applied_event(self.sink, cmd.origin_event_id), now, ex=keys.APPLIED_TTL_S
+                )
         for entity, version in newest.items():
             await self._max_version(
                 keys=[keys.purge_version(self.sink, entity)],

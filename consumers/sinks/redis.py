@@ -29,7 +29,7 @@ from cachesync.consumers.sinks.ledger import Applied, applied_at, redelivered
 #   offset's (at the latest);
 # - the keys are deleted, and for each tag index set its members and the set itself,
 #   so a key added to a tag mid-purge is either deleted now or survives, newer;
-# - the applied markers (per command, per event) are set to the time: the edges and the
+# - the applied markers (per command; per event at its last part) are set to the time: the edges and the
 #   warmer wait for them (tier order). The other purge sinks write the same keys through
 #   sinks/ledger.py after their effect; here it is in the script, to be atomic with it;
 # - the partition's applied offset moves to this record (also when it is skipped for its
@@ -44,7 +44,8 @@ from cachesync.consumers.sinks.ledger import Applied, applied_at, redelivered
 # ARGV: how many offset keys, marker TTL, fence TTL, now (ms), offset TTL, then per
 #       command: how many keys, tag sets and fences, version, which offset key (0: read
 #       from nowhere known, never read nor written; negative: read, not moved), the
-#       record's offset and record time.
+#       record's offset and record time, 1 if it is its event's last part (only then is
+#       the event's marker set: a split purge's later tiers wait for all of its parts).
 # Reply: per command, three numbers: keys deleted (-1 when skipped), when it was applied
 #        (ms), 1 if exactly then (0: at the latest).
 _PURGE_SCRIPT = """
@@ -68,8 +69,8 @@ local a = 6
 while a <= #ARGV do
   local nk, nt, nf = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local version, at = ARGV[a + 3], tonumber(ARGV[a + 4])
-  local offset, record_ts = ARGV[a + 5], ARGV[a + 6]
-  a = a + 7
+  local offset, record_ts, last_part = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  a = a + 8
   local marker_key, event_key = KEYS[k], KEYS[k + 1]
   local first_key = k + 2
   k = first_key + nk + nt + nf
@@ -103,7 +104,9 @@ while a <= #ARGV do
         redis.call('DEL', KEYS[i])
       end
       redis.call('SET', marker_key, now, 'EX', marker_ttl)
-      redis.call('SET', event_key, now, 'EX', marker_ttl)
+      if last_part == '1' then
+        redis.call('SET', event_key, now, 'EX', marker_ttl)
+      end
       for i = first_key + nk + nt, first_key + nk + nt + nf - 1 do
         local f = fences[KEYS[i]]
         if f == nil then
@@ -205,6 +208,7 @@ def _calls(
             index,
             at.offset if at is not None else -1,
             at.timestamp if at is not None else -1,
+            1 if cmd.parts_after == 0 else 0,
         ]
     close()
     return calls

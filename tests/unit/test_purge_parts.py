@@ -62,6 +62,8 @@ async def test_a_large_purge_is_split_within_the_budget_keeping_every_item_once(
         assert len(urls) == len(set(urls)) == 5_000 + 1
         assert {"wedding:w04999:vendors", "vendor:v1", "vendor:v1:profile"} <= set(keys)
         assert [pre for p in parts for pre in p.prefixes] == ["/vendors/v1/assets/"]
+        # Later tiers wait for the event until its last part: they count down to it.
+        assert [p.parts_after for p in parts] == list(range(len(parts) - 1, -1, -1))
 
 
 async def test_splitting_is_the_same_on_every_mapping_of_the_event() -> None:

@@ -23,6 +23,7 @@ from cachesync.consumers.ops.dlq import (
     ALREADY,
     MISSING_TOPIC,
     SENT,
+    TRUNCATED,
     WOULD_FAIL,
     WOULD_SEND,
     find_dead_letter,
@@ -300,8 +301,9 @@ async def test_redrive_after_the_fix_dry_run_real_refused_forced(
 async def test_what_cannot_be_redriven_is_reported_not_sent(
     dlq_settings: Settings, poisoned: Poisoned
 ) -> None:
-    """Bytes that still do not decode, a dead letter whose topic is gone and an unknown id
-    are each reported with why; nothing is sent."""
+    """Bytes that still do not decode, a dead letter whose topic is gone, one kept truncated
+    (refused even when forced: its origin topic exists and its prefix is a valid event) and
+    an unknown id are each reported with why; nothing is sent."""
     s = dlq_settings
     gone = f"{s.topic_prefix}content.gone-{poisoned.run}"
     producer = make_producer(s.kafka_bootstrap_servers, client_id="test-dlq")
@@ -323,11 +325,35 @@ async def test_what_cannot_be_redriven_is_reported_not_sent(
                 ],
             )
         )
+        # A valid event as the prefix: only the truncation mark can refuse it.
+        sent_truncated = await (
+            await producer.send(
+                s.dead_letter_topic,
+                poisoned.rule_error_value,
+                key=b"k",
+                headers=[
+                    (headers.DLQ_REASON, b"oversized"),
+                    (headers.DLQ_ERROR, b"1,048,000 bytes"),
+                    (headers.DLQ_CONSUMER, b"mapper"),
+                    (headers.DLQ_TOPIC, poisoned.photos_topic.encode()),
+                    (headers.DLQ_PARTITION, b"0"),
+                    (headers.DLQ_OFFSET, b"3"),
+                    (headers.DLQ_TIMESTAMP, b"0"),
+                    (headers.DLQ_TRUNCATED, b"true"),
+                    (headers.DLQ_ORIGINAL_BYTES, b"1048000"),
+                ],
+            )
+        )
     finally:
         await producer.stop()
     orphan = f"{sent.partition}:{sent.offset}"
+    truncated = f"{sent_truncated.partition}:{sent_truncated.offset}"
     start = await _ends(s, poisoned.photos_topic)
 
+    forced = await redrive(s, ids=[truncated], force=True)
+    assert [o.outcome for o in forced.outcomes] == [TRUNCATED]
+    assert "1,048,000 bytes" in forced.outcomes[0].detail
+    assert f"{poisoned.photos_topic}[0]@3" in forced.outcomes[0].detail
     report = await redrive(s, ids=[poisoned.undecodable_id, orphan, "0:999999"])
     outcomes = {o.letter.id: o for o in report.outcomes}
     assert outcomes[poisoned.undecodable_id].outcome == WOULD_FAIL

@@ -423,3 +423,33 @@ async def test_a_batch_holding_a_copy_read_again_without_markers_is_skipped_whol
 
     assert result.applied == 0
     assert await redis.mget(twice.keys[0], other.keys[0]) == [b"fresh", b"fresh"]
+
+
+@pytest.mark.parametrize("flushes", ["one flush per part", "all parts in one flush"])
+async def test_a_split_purge_counts_as_applied_for_later_tiers_only_at_its_last_part(
+    sink: RedisSink, redis: Redis, run: str, flushes: str
+) -> None:
+    """The edges and the warmer wait for the event's marker: with the parts of one event in
+    separate flushes, it appears only when the last part's keys are gone, never between."""
+    event = f"ev-{run}-split"
+    parts = [
+        purge(run, n, entity=f"vendor:{run}", version=100, keys=(f"wedding:{run}-{n}:vendors",))
+        for n in range(3)
+    ]
+    parts = [
+        p.model_copy(update={"origin_event_id": event, "parts_after": 2 - n})
+        for n, p in enumerate(parts)
+    ]
+    for p in parts:
+        await redis.set(p.keys[0], "stale")
+    marker = keys.applied_event("redis", event)
+
+    if flushes == "one flush per part":
+        for n, p in enumerate(parts):
+            await apply(sink, p)
+            assert await redis.exists(p.keys[0]) == 0
+            assert (await redis.exists(marker) == 1) == (n == 2), f"after part {n}"
+    else:
+        await apply(sink, *parts)
+        assert await redis.exists(*(p.keys[0] for p in parts)) == 0
+        assert await redis.exists(marker) == 1
