@@ -53,6 +53,7 @@ from bench.common import (
     now_ms,
     one_command_app,
     percentile,
+    platform_trace,
     produce_all,
     stack_env,
 )
@@ -537,7 +538,9 @@ async def _produce_steadily(
             if i >= warmup_n:
                 load.occurred[str(record["event_id"])] = record["occurred_at"]
             ((topic, key, value),) = encode_events(settings, [(event_type, record)], codec=codec)
-            pending.append(await producer.send(topic, value=value, key=key))
+            pending.append(
+                await producer.send(topic, value=value, key=key, headers=platform_trace())
+            )
             if len(pending) >= 1000:
                 await asyncio.gather(*pending)
                 pending = []

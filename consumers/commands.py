@@ -48,7 +48,9 @@ class _Command(BaseModel):
     replay: bool = False
 
     def to_record(self) -> dict[str, Any]:
-        return self.model_dump()
+        # The fields as they are (a shallow copy): model_dump's serializer cost several
+        # times as much, per command, for plain strings and numbers.
+        return dict(self.__dict__)
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Any:
@@ -74,7 +76,7 @@ class PurgeCommand(_Command):
     parts_after: int = 0
 
     def to_record(self) -> dict[str, Any]:
-        record = self.model_dump()
+        record = dict(self.__dict__)
         for name in ("keys", "tags", "urls", "prefixes"):
             record[name] = list(record[name])
         return record
@@ -92,7 +94,7 @@ class WarmCommand(_Command):
     deadline: int
 
     def to_record(self) -> dict[str, Any]:
-        record = self.model_dump()
+        record = dict(self.__dict__)
         for name in ("photo_urls", "vendor_asset_urls", "guest_portal_urls"):
             record[name] = list(record[name])
         return record

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.sdk.metrics import MeterProvider
@@ -235,6 +237,25 @@ def inject_context(headers: list[tuple[str, bytes]]) -> None:
     Done by hand, not left to the aiokafka instrumentation: commands go out in
     batches (`BatchedSends`), which it does not see."""
     propagate.inject(headers, setter=KAFKA_HEADERS)
+
+
+# The W3C trace context headers, as the tracecontext propagator writes them.
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+
+
+def trace_headers(headers: Sequence[tuple[str, bytes]] | None) -> list[tuple[str, bytes]]:
+    """A message's own trace context headers, to pass on as they came (an unsampled trace:
+    no span of ours in between, so the next stage sees the platform's decision)."""
+    return [(k, bytes(v)) for k, v in headers or () if k in _TRACE_HEADERS]
+
+
+def untraced() -> AbstractContextManager[object]:
+    """No library instrumentation spans inside: for a batch's own calls (the relationship
+    index read and written once per batch), which belong to no event. Outside any event's
+    span each would start a root trace, sampled as such, with every command of a
+    500-command pipeline formatted into its statement first (the Redis instrumentation
+    does that before it asks the sampler): 15 ms per batch in the mapper's profile."""
+    return suppress_instrumentation()
 
 
 # The W3C traceparent, as the tracecontext propagator reads it (version 00, no extra field).

@@ -14,6 +14,9 @@ from functools import lru_cache
 from typing import Any
 
 _FORMATTER = string.Formatter()
+# Field values a template does not format as they are: None drops the item, a list or
+# tuple expands it.
+_NOT_SCALAR = (type(None), list, tuple)
 
 
 class MissingField(KeyError):
@@ -45,6 +48,12 @@ def fields_of(template: str) -> tuple[str, ...]:
 def render(template: str, fields: Mapping[str, Any]) -> list[str]:
     """Every string the template yields for these fields (zero, one or many)."""
     names = fields_of(template)
+    # The common case, every field a present scalar: one format call, no product.
+    try:
+        if all(not isinstance(fields[n], _NOT_SCALAR) for n in names):
+            return [template.format_map(fields)]
+    except KeyError:
+        pass  # named below, with the template
     choices: list[list[str]] = []
     for name in names:
         if name not in fields:

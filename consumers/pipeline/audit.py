@@ -169,6 +169,10 @@ class AuditRecord:
 
 _FIELDS = tuple(f.name for f in fields(AuditRecord) if f.name != "handled")
 _ARRAYS = ("provider_ids", "commands", "keys", "tags", "urls")
+# Every field of a record at its default: what the mapper's records start from.
+_EMPTY_RECORD = AuditRecord(
+    event_id="", event_type="", stage="", kind="", outcome="", occurred_at=0, recorded_at=0
+).to_record()
 
 
 def decode_audit(codec: Codec, value: bytes) -> AuditRecord | None:
@@ -221,18 +225,25 @@ class AuditLog:
         outcome: str = "mapped",
         detail: str = "",
     ) -> None:
-        await self._send(
-            AuditRecord(
-                event_id=event_id,
-                event_type=event_type,
-                stage="mapper",
-                kind="event",
-                outcome=outcome,
-                detail=detail,
-                commands=tuple(f"{c.region}/{c.kind}/{c.command_id}" for c in commands),
-                **_written_now(occurred_at),
-            )
-        )
+        # The Avro record built directly: through an AuditRecord and `to_record` it cost
+        # as much as encoding it, once per event.
+        now = int(time.time() * 1000)
+        record = {
+            **_EMPTY_RECORD,
+            "event_id": event_id,
+            "event_type": event_type,
+            "stage": "mapper",
+            "kind": "event",
+            "outcome": outcome,
+            "detail": detail,
+            "commands": [f"{c.region}/{c.kind}/{c.command_id}" for c in commands],
+            "occurred_at": occurred_at,
+            "recorded_at": now,
+            "latency_ms": max(0, now - int(occurred_at)),
+            "trace_id": current_trace_id(),
+        }
+        value = self.codec.encode("audit", record)
+        self._batch.add(self.topic, event_id.encode(), value, [])
 
     async def handled(
         self, command: Command, *, sink: str, note: Note, trace_id: str | None = None
@@ -242,10 +253,6 @@ class AuditLog:
         if trace_id is None:
             trace_id = current_trace_id()
         self._handled.append((command, sink, note, trace_id))
-
-    async def _send(self, record: AuditRecord) -> None:
-        value = self.codec.encode("audit", record.to_record())
-        self._batch.add(self.topic, record.event_id.encode(), value, [])
 
     async def flush(self) -> None:
         """Write the sinks' records gathered since the last flush, then send every record
@@ -314,15 +321,4 @@ def _entry(command: Command, note: Note, trace_id: str | None) -> dict[str, Any]
         "tags": list(getattr(command, "tags", ())),
         "urls": list(command.urls),
         "trace_id": trace_id,
-    }
-
-
-def _written_now(occurred_at: int) -> dict[str, Any]:
-    """The fields a record gets as it is written: its times and the current trace."""
-    now = int(time.time() * 1000)
-    return {
-        "occurred_at": occurred_at,
-        "recorded_at": now,
-        "latency_ms": max(0, now - int(occurred_at)),
-        "trace_id": current_trace_id(),
     }

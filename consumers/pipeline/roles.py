@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer
@@ -148,7 +149,7 @@ class _Mapped:
     record: Record
     item: Decoded
     commands: list[Command]
-    span: Span
+    span: Span | None  # None when its trace is not sampled
 
 
 class MapperRole(_Role):
@@ -185,17 +186,24 @@ class MapperRole(_Role):
         # Decode the whole batch first, so that the relationship index is read for all of
         # it in one round trip and written in one (index.flush) instead of per event.
         decoded: list[Decoded | BadInput] = []
+        events_in: Counter[str] = Counter()
         for record in records:
             try:
-                decoded.append(await self._decode(record))
+                event = await self._decode(record)
             except BadInput as exc:
                 decoded.append(exc)
+            else:
+                decoded.append(event)
+                events_in[event.type_name] += 1
+        for event_type, n in events_in.items():
+            telemetry.events_in.add(n, {"event_type": event_type})
         index = self.mapper.index.batch()
-        await index.prefetch(
-            *self.mapper.index_ids(
-                (d.type_name, d.record) for d in decoded if isinstance(d, Decoded)
+        with telemetry.untraced():
+            await index.prefetch(
+                *self.mapper.index_ids(
+                    (d.type_name, d.record) for d in decoded if isinstance(d, Decoded)
+                )
             )
-        )
         writer = CommandWriter(
             self.producer, self.codec, self.settings.commands_topic, renew=self._renew_producer
         )
@@ -204,19 +212,28 @@ class MapperRole(_Role):
         try:
             for position, (record, item) in enumerate(zip(records, decoded, strict=True)):
                 self.stats.records += 1
-                # A new trace when the platform sent no context; its child otherwise. Every
-                # command is added inside this span, so each region's command carries it on.
-                span = telemetry.tracer.start_span(
-                    "cachesync.map",
-                    context=telemetry.extract_context(record.headers),
-                    kind=SpanKind.CONSUMER,
-                    attributes={
-                        "messaging.source.name": record.topic,
-                        "messaging.kafka.offset": record.offset,
-                    },
-                )
-                spans.append(span)
-                with use_span(span):
+                # Spans follow the platform's sampling decision (parent-based): a sampled
+                # event gets one, a child of the platform's; an event without a context
+                # starts a trace, sampled as the sampler decides for a root; an unsampled
+                # one gets none, and its commands carry the platform's context on as it
+                # came, so every later stage makes the same decision for the same trace.
+                trace = telemetry.message_trace(record.headers)
+                span: Span | None = None
+                passed_on: headers.Headers | None = None
+                if trace.parent is None:
+                    passed_on = telemetry.trace_headers(record.headers)
+                else:
+                    span = telemetry.tracer.start_span(
+                        "cachesync.map",
+                        context=trace.parent,
+                        kind=SpanKind.CONSUMER,
+                        attributes={
+                            "messaging.source.name": record.topic,
+                            "messaging.kafka.offset": record.offset,
+                        },
+                    )
+                    spans.append(span)
+                with use_span(span) if span is not None else nullcontext():
                     try:
                         if isinstance(item, BadInput):
                             raise item
@@ -225,34 +242,38 @@ class MapperRole(_Role):
                             item.type_name, item.record, index=index
                         )
                     except BadInput as exc:
-                        span.set_status(Status(StatusCode.ERROR, exc.reason))
+                        if span is not None:
+                            span.set_status(Status(StatusCode.ERROR, exc.reason))
                         await self._dead_letter(record, exc)
                         continue
-                    span.set_attributes(
-                        {
-                            "cachesync.event_type": item.type_name,
-                            "cachesync.event_id": str(item.record["event_id"]),
-                            "cachesync.commands": len(commands),
-                        }
-                    )
-                    writer.add(commands, origin=position)
+                    if span is not None:
+                        span.set_attributes(
+                            {
+                                "cachesync.event_type": item.type_name,
+                                "cachesync.event_id": str(item.record["event_id"]),
+                                "cachesync.commands": len(commands),
+                            }
+                        )
+                    writer.add(commands, origin=position, trace=passed_on)
                     mapped.append(_Mapped(position, record, item, commands, span))
             refused = await self._send(writer)
             out: Counter[tuple[str, str]] = Counter()
             for m in mapped:
-                with use_span(m.span):
+                with use_span(m.span) if m.span is not None else nullcontext():
                     if m.position in refused:
-                        m.span.set_status(Status(StatusCode.ERROR, CommandRefused.reason))
+                        if m.span is not None:
+                            m.span.set_status(Status(StatusCode.ERROR, CommandRefused.reason))
                         await self._dead_letter(m.record, CommandRefused(refused[m.position]))
                         continue
                     for command in m.commands:
-                        self.stats.produced[command.region] += 1
                         out[command.kind, command.region] += 1
                     await self._audit_mapped(m)
             for (kind, region), n in out.items():
+                self.stats.produced[region] += n
                 telemetry.commands_out.add(n, {"kind": kind, "region": region})
             await self.audit.flush()
-            await index.flush(skip=refused)
+            with telemetry.untraced():
+                await index.flush(skip=refused)
         finally:
             for span in spans:
                 span.end()
@@ -302,11 +323,9 @@ class MapperRole(_Role):
         return self.producer
 
     async def _decode(self, record: Record) -> Decoded:
-        decoded = await decode_event(
+        return await decode_event(
             self.codec, record.value or b"", max_bytes=self.settings.max_event_bytes
         )
-        telemetry.events_in.add(1, {"event_type": decoded.type_name})
-        return decoded
 
 
 @dataclass(slots=True)

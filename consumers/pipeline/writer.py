@@ -43,18 +43,34 @@ class CommandWriter:
         self._sends = BatchedSends(producer, renew=renew)
         self._origins: list[int] = []  # per message added: the origin it was added with
         self._marks: headers.Headers = []
+        self._topics: dict[str, str] = {}  # region -> its command topic
         if replay_id is not None:
             self._marks.append((headers.REPLAY, replay_id.encode()))
         if not cdn:
             self._marks.append((headers.REPLAY_CDN, b"off"))
 
-    def add(self, commands: Iterable[Command], *, origin: int = -1) -> None:
-        """One event's commands, in the trace of the current span (if any)."""
-        context: headers.Headers = []
-        telemetry.inject_context(context)
+    def add(
+        self,
+        commands: Iterable[Command],
+        *,
+        origin: int = -1,
+        trace: headers.Headers | None = None,
+    ) -> None:
+        """One event's commands, in the trace of the current span, or in `trace` (trace
+        context headers to pass on as they are) when given."""
+        context: headers.Headers
+        if trace is None:
+            context = []
+            telemetry.inject_context(context)
+        else:
+            context = trace
+        topics = self._topics
         for command in commands:
+            topic = topics.get(command.region)
+            if topic is None:
+                topic = topics[command.region] = self.topic_for(command.region)
             self._sends.add(
-                self.topic_for(command.region),
+                topic,
                 command.entity.encode(),
                 self.codec.encode(command.schema_type, command.to_record()),
                 [
