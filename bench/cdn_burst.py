@@ -4,16 +4,24 @@ Real Kafka, Redis and Varnish from the local stack; the Cloudflare API stub (who
 zones allow fewer calls per second than the sinks' configured plan, so 429s happen)
 and moto for CloudFront. Prints, per provider and region: API calls against the
 minimum the providers' batch limits allow for the distinct items of the burst, 429s
-seen, whether every purge was applied (each expected item covered by what the
-provider received), and the purge latency from event time to the provider's
-acknowledgement (p50/p99). No pass/fail: it prints figures.
+seen, the collateral (pages of the origin that what the provider received purges and
+no command asked for), the items escalated and the limit that forced it, whether every
+purge was applied (each expected item covered by what the provider received), and the
+purge latency from event time to the provider's acknowledgement (p50/p99). No
+pass/fail: it prints figures.
 
-    .venv/bin/python -m bench.cdn_burst [--events 10000] [--weddings 500]
+The origin's pages are those of `--catalog` weddings (each: its pages, gallery,
+vendors, three albums, ten photos, its guest portal and one portal page), of which the
+burst touches `--weddings`, chosen at random: collateral is counted against all of them,
+as a purge wider than asked would drop the untouched weddings' pages too.
+
+    .venv/bin/python -m bench.cdn_burst [--events 10000] [--weddings 500] [--catalog 2000]
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import os
 import random
@@ -23,8 +31,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Iterator
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Set
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +48,7 @@ from cachesync.consumers.ops.publish import EventPublisher, new_event
 from cachesync.consumers.pipeline.roles import Role, SinkRole, run_roles
 from cachesync.consumers.settings import Settings, load_settings
 from cachesync.consumers.sinks.base import Sink
+from cachesync.consumers.sinks.cdn import CdnPurgeSink
 from cachesync.consumers.sinks.cloudflare import CloudflareSink
 from cachesync.consumers.sinks.cloudfront import CloudFrontSink
 from cachesync.consumers.sinks.http_purge import HttpPurgeSink
@@ -50,6 +59,7 @@ from cachesync.topology.admin import apply_topics
 from cachesync.topology.model import CdnPolicy, CloudflarePolicy, Topology
 from deploy.local.standins.aws import create_distribution, moto_server
 from deploy.local.standins.cloudflare import CloudflareStub
+from deploy.local.standins.origin import surrogate_keys
 from deploy.local.standins.serve import serve
 
 TOKEN = "bench-token"
@@ -70,19 +80,26 @@ Events = list[tuple[str, dict[str, Any]]]
 class Options:
     events: int
     weddings: int
+    catalog: int
     window_ms: int
     plan_rate: float  # the sinks' configured Cloudflare rate, per zone
     zone_rate: float  # what the stub's zones allow
     timeout: float
 
 
-def make_events(n: int, weddings: int, seed: int = 7) -> Events:
+def catalog_weddings(run: str, n: int) -> list[str]:
+    return [f"w{run}-{i:04d}" for i in range(n)]
+
+
+def make_events(weddings: list[str], n: int, touched: int, seed: int = 7) -> Events:
+    """`n` events on `touched` of `weddings`, chosen at random (so untouched weddings sit
+    between them, as they would on the platform)."""
     rng = random.Random(seed)
-    run = uuid.uuid4().hex[:6]
+    burst = rng.sample(weddings, touched)
     out: Events = []
     for _ in range(n):
         event_type = rng.choices(list(MIX), weights=list(MIX.values()))[0]
-        w = f"w{run}-{rng.randrange(weddings):04d}"
+        w = rng.choice(burst)
         album = f"a-{w}-{rng.randrange(3)}"
         photo = f"p-{w}-{rng.randrange(10)}"
         path = f"/weddings/{w}/photos/{photo}.jpg"
@@ -113,6 +130,54 @@ def make_events(n: int, weddings: int, seed: int = 7) -> Events:
             )
         out.append((event_type, new_event(event_type, **fields)))
     return out
+
+
+def origin_pages(weddings: list[str]) -> list[str]:
+    """Every page the origin serves for these weddings, sorted (prefixes find theirs by
+    bisection): what the rules name, per wedding, as make_events makes its ids."""
+    pages: list[str] = []
+    for w in weddings:
+        pages += [f"/weddings/{w}", f"/weddings/{w}/gallery", f"/weddings/{w}/vendors"]
+        pages += [f"/weddings/{w}/albums/a-{w}-{k}" for k in range(3)]
+        pages += [f"/weddings/{w}/photos/p-{w}-{k}.jpg" for k in range(10)]
+        pages += [f"/w/{w}", f"/w/{w}/schedule"]
+    return sorted(pages)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The origin's pages, and the surrogate keys (cache tags) each carries."""
+
+    pages: list[str]
+    tagged: dict[str, set[str]]  # tag -> pages
+
+    @classmethod
+    def of(cls, weddings: list[str]) -> Catalog:
+        pages = origin_pages(weddings)
+        tagged: dict[str, set[str]] = defaultdict(set)
+        for page in pages:
+            for tag in surrogate_keys(page):
+                tagged[tag].add(page)
+        return cls(pages, dict(tagged))
+
+    def covered(
+        self, *, urls: Set[str], prefixes: Set[str], tags: Set[str] = frozenset()
+    ) -> set[str]:
+        """The pages these items purge: a URL itself, everything under a prefix (or
+        wildcard), every page carrying a tag."""
+        out = {u for u in urls if self._has(u)}
+        for prefix in prefixes:
+            i = bisect.bisect_left(self.pages, prefix)
+            while i < len(self.pages) and self.pages[i].startswith(prefix):
+                out.add(self.pages[i])
+                i += 1
+        for tag in tags:
+            out |= self.tagged.get(tag, set())
+        return out
+
+    def _has(self, page: str) -> bool:
+        i = bisect.bisect_left(self.pages, page)
+        return i < len(self.pages) and self.pages[i] == page
 
 
 def expected_items(topology: Topology, events: Events) -> dict[str, set[str]]:
@@ -179,6 +244,7 @@ class Burst:
     moto_url: str
     distributions: dict[str, str]  # region -> CloudFront distribution id
     acks: Acks
+    catalog: Catalog
 
     @property
     def regions(self) -> list[str]:
@@ -327,7 +393,8 @@ async def _until_acknowledged(
 
 @dataclass(frozen=True)
 class Row:
-    """One provider in one region: calls against the minimum, and whether all was applied."""
+    """One provider in one region: calls against the minimum, the collateral, the
+    escalations by cause, and whether all was applied."""
 
     provider: str
     region: str
@@ -337,19 +404,49 @@ class Row:
     acked: int
     wanted: int
     verdict: str
+    collateral: int | str = "-"  # pages purged beyond those commanded; "-": not observable
+    escalated: str = "none"  # items escalated, by the limit that forced it
 
     def line(self) -> str:
         return (
             f"{self.provider:<11} {self.region:<13} {self.calls:>6} {self.minimum:>8} "
-            f"{self.calls / self.minimum:>6.2f} {self.throttled:>5} "
-            f"{self.acked:>5}/{self.wanted:<6} {self.verdict:>11}"
+            f"{self.calls / self.minimum:>6.2f} {self.throttled:>5} {self.collateral:>10} "
+            f"{self.acked:>5}/{self.wanted:<6} {self.verdict:>11}  {self.escalated}"
         )
 
 
+# What forced an escalation (budget.Escalation.reason), as the table says it.
+CAUSES = {
+    "per_root": "policy (escalate_urls_over)",
+    "max_items": "cost budget (max_paths_per_flush)",
+    "max_prefixes": "provider limit (wildcards in progress)",
+    "max_requests": "cost budget (max_requests_per_flush)",
+}
+
+
+def _escalated(sinks: list[Sink], kind: type[Sink], region: str) -> str:
+    counts: Counter[str] = Counter()
+    for sink in sinks:
+        if isinstance(sink, kind) and isinstance(sink, CdnPurgeSink) and sink.region == region:
+            counts.update(sink.escalations)
+    return ", ".join(f"{n} items: {CAUSES.get(r, r)}" for r, n in sorted(counts.items())) or "none"
+
+
+def _commanded(catalog: Catalog, items: dict[str, set[str]], *, tags: bool) -> set[str]:
+    return catalog.covered(
+        urls=items["urls"], prefixes=items["prefixes"], tags=items["tags"] if tags else set()
+    )
+
+
 def _cloudflare_rows(
-    burst: Burst, items: dict[str, set[str]], best: dict[str, set[str]], want: dict[str, set[str]]
+    burst: Burst,
+    sinks: list[Sink],
+    items: dict[str, set[str]],
+    best: dict[str, set[str]],
+    want: dict[str, set[str]],
 ) -> list[Row]:
     stub = burst.stub
+    commanded = _commanded(burst.catalog, items, tags=True)
     rows = []
     for region in burst.regions:
         zone = burst.zone(region)
@@ -367,6 +464,11 @@ def _cloudflare_rows(
         )
         got = len(want[region] & burst.acks.commands[("cloudflare", region)])
         verdict = "yes" if ok else "NO"
+        purged = burst.catalog.covered(
+            urls=files,
+            prefixes=prefixes,
+            tags=stub.purged("tags", zone),
+        )
         rows.append(
             Row(
                 "cloudflare",
@@ -377,14 +479,21 @@ def _cloudflare_rows(
                 got,
                 len(want[region]),
                 verdict,
+                collateral=len(purged - commanded),
+                escalated=_escalated(sinks, CloudflareSink, region),
             )
         )
     return rows
 
 
 async def _cloudfront_rows(
-    burst: Burst, items: dict[str, set[str]], best: dict[str, set[str]], want: dict[str, set[str]]
+    burst: Burst,
+    sinks: list[Sink],
+    items: dict[str, set[str]],
+    best: dict[str, set[str]],
+    want: dict[str, set[str]],
 ) -> list[Row]:
+    commanded = _commanded(burst.catalog, items, tags=False)
     rows = []
     for region in burst.regions:
         batches = await invalidation_paths(burst.moto_url, burst.distributions[region])
@@ -398,8 +507,20 @@ async def _cloudfront_rows(
         )
         got = len(want[region] & burst.acks.commands[("cloudfront", region)])
         verdict = "yes" if ok else "NO"
+        purged = burst.catalog.covered(urls=exact, prefixes=wild)
         rows.append(
-            Row("cloudfront", region, len(batches), minimum, 0, got, len(want[region]), verdict)
+            Row(
+                "cloudfront",
+                region,
+                len(batches),
+                minimum,
+                0,
+                got,
+                len(want[region]),
+                verdict,
+                collateral=len(purged - commanded),
+                escalated=_escalated(sinks, CloudFrontSink, region),
+            )
         )
     return rows
 
@@ -415,8 +536,19 @@ def _http_purge_rows(
             wanted = len(want[sink.region])
             got = len(want[sink.region] & burst.acks.commands[("http_purge", sink.region)])
             verdict = "acked" if got == wanted else "NO"
+            # Varnish keeps no ledger to read back; the sink escalates nothing (no limits).
             rows.append(
-                Row("http_purge", sink.region, sink.calls, minimum, "-", got, wanted, verdict)
+                Row(
+                    "http_purge",
+                    sink.region,
+                    sink.calls,
+                    minimum,
+                    "-",
+                    got,
+                    wanted,
+                    verdict,
+                    escalated=_escalated(sinks, HttpPurgeSink, sink.region),
+                )
             )
     return rows
 
@@ -431,33 +563,45 @@ def _header(
 ) -> list[str]:
     opts, policy = burst.options, burst.policy
     weddings = {rec["wedding_id"] for _, rec in events}
+    cf = policy.cloudfront
+    no_collateral = max(
+        math.ceil((len(best["urls"]) + len(best["prefixes"])) / cf.max_paths_in_progress),
+        math.ceil(len(best["prefixes"]) / cf.max_wildcards_in_progress),
+    )
     return [
-        f"cdn_burst: {len(events)} events, {len(weddings)} weddings, {len(burst.regions)} regions",
+        f"cdn_burst: {len(events)} events, {len(weddings)} weddings of {opts.catalog} "
+        f"({len(burst.catalog.pages):,} origin pages), {len(burst.regions)} regions",
         f"  published in {published_s:.1f}s; every provider acknowledged every purge after {done_s:.1f}s",
-        f"  coalescing window {policy.window_ms} ms (CloudFront {policy.cloudfront.window_ms} ms); "
-        f"Cloudflare plan {opts.plan_rate:g} req/s per zone, "
-        f"stub zones allow {opts.zone_rate:g} req/s (so 429s happen)",
+        f"  adaptive coalescing: at once when the budget allows, within {policy.window_ms} ms "
+        f"(CloudFront {cf.window_ms} ms, {cf.rate_per_s:g} calls/s); a burst (over "
+        f"{policy.burst_records_per_s:g} commands/s) gathers until it pauses; Cloudflare plan "
+        f"{opts.plan_rate:g} req/s per zone, stub zones allow {opts.zone_rate:g} req/s (so 429s happen)",
         f"  distinct items: {len(items['tags'])} tags, {len(items['urls'])} URLs, {len(items['prefixes'])} prefixes "
         f"({len(best['urls'])} URLs not under a purged prefix)",
+        f"  CloudFront without collateral would need {no_collateral} invalidations per distribution: "
+        f"{len(best['prefixes'])} prefixes, {cf.max_wildcards_in_progress} wildcards in progress",
         "",
         "calls: purge calls the provider applied (429 answers counted apart); minimum: the fewest",
         "calls the batch limits allow for the burst's distinct items (100 per Cloudflare call, one",
         "kind per call; 3,000 paths per CloudFront invalidation; one PURGE per URL, 256 xkeys per call)",
+        "collateral: origin pages that what the provider received purges and no command asked for",
+        "(Varnish keeps no ledger: not observable there); escalated: items replaced by a wider one, by cause",
         "",
         f"{'provider':<11} {'region':<13} {'calls':>6} {'minimum':>8} {'ratio':>6} {'429s':>5} "
-        f"{'acked':>12} {'all applied':>11}",
+        f"{'collateral':>10} {'acked':>12} {'all applied':>11}  escalated",
     ]
 
 
 def _totals(rows: list[Row]) -> list[str]:
-    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for row in rows:
         totals[row.provider][0] += row.calls
         totals[row.provider][1] += row.minimum
+        totals[row.provider][2] += row.collateral if isinstance(row.collateral, int) else 0
     return [
         f"total {provider:<11} {calls:>6} calls, minimum {minimum:>6}: "
-        f"{(calls / minimum - 1) * 100:+.1f}% over the minimum"
-        for provider, (calls, minimum) in totals.items()
+        f"{(calls / minimum - 1) * 100:+.1f}% over the minimum; collateral {collateral} pages"
+        for provider, (calls, minimum, collateral) in totals.items()
     ]
 
 
@@ -470,7 +614,17 @@ def _wildcards(sinks: list[Sink]) -> str:
         for e in rec.paths
         if e.endswith("*")
     ]
-    return f"CloudFront wildcards used (escalations to fit 3,000 paths / 15 wildcards): {sorted(set(escalated))}"
+    sizes = {
+        s.region: [len(r.paths) for r in s.invalidations if not r.deduplicated]
+        for s in sinks
+        if isinstance(s, CloudFrontSink)
+    }
+    shown = sorted(set(escalated))
+    more = f" and {len(shown) - 20} more" if len(shown) > 20 else ""
+    return (
+        f"CloudFront invalidations, paths in each: {sizes}\n"
+        f"CloudFront wildcards used (escalations to fit 15 wildcards in progress): {shown[:20]}{more}"
+    )
 
 
 def _latencies(acks: Acks) -> list[str]:
@@ -497,8 +651,8 @@ async def report(
     items = expected_items(burst.settings.topology, events)
     best = minimal(items)
     rows = [
-        *_cloudflare_rows(burst, items, best, want),
-        *await _cloudfront_rows(burst, items, best, want),
+        *_cloudflare_rows(burst, sinks, items, best, want),
+        *await _cloudfront_rows(burst, sinks, items, best, want),
         *_http_purge_rows(burst, sinks, best, want),
     ]
     lines = [
@@ -532,12 +686,24 @@ async def run_burst(opts: Options) -> str:
             r: create_distribution(moto_url, comment=f"bench {r}")
             for r in settings.topology.regions
         }
-        burst = Burst(opts, run, settings, policy, stub, cf_url, moto_url, distributions, Acks())
+        weddings = catalog_weddings(run, opts.catalog)
+        burst = Burst(
+            opts,
+            run,
+            settings,
+            policy,
+            stub,
+            cf_url,
+            moto_url,
+            distributions,
+            Acks(),
+            Catalog.of(weddings),
+        )
         sinks = _sinks(burst)
         with mapper_process(settings) as mapper:
             stop = asyncio.Event()
             task = await _start_sinks(settings, sinks, stop)
-            events = make_events(opts.events, opts.weddings)
+            events = make_events(weddings, opts.events, opts.weddings)
             t0 = time.monotonic()
             await _publish(settings, events)
             published_s = time.monotonic() - t0
@@ -557,12 +723,15 @@ app = one_command_app()
 def main(
     events: int = 10_000,
     weddings: int = 500,
+    catalog: Annotated[int, typer.Option(help="weddings the origin serves")] = 2_000,
     window_ms: int = 2000,
     plan_rate: Annotated[float, typer.Option(help="the sinks' configured rate")] = 10.0,
     zone_rate: Annotated[float, typer.Option(help="what the stub zones allow")] = 4.0,
     timeout: float = 300.0,
 ) -> None:
-    opts = Options(events, weddings, window_ms, plan_rate, zone_rate, timeout)
+    opts = Options(
+        events, weddings, max(catalog, weddings), window_ms, plan_rate, zone_rate, timeout
+    )
     print(asyncio.run(run_burst(opts)))
 
 

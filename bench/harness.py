@@ -3,6 +3,8 @@
     .venv/bin/python -m bench            # the full run (`make bench`), a few minutes
     .venv/bin/python -m bench --smoke    # everything small, under a minute (`make test`)
     .venv/bin/python -m bench --only throughput   # figures 1 and 3 alone, to a temp file
+    .venv/bin/python -m bench --only scale        # 1 vs 2 processes per group (scale_out.py)
+    .venv/bin/python -m bench --only consistency  # the long mode (consistency_at_scale.py)
 
 1. mapper throughput on one core vs a bare aiokafka consume -> produce -> commit loop
    sending, per event, the very messages the mapper sent, batched per partition with
@@ -138,8 +140,9 @@ class Worker:
 
     live: ClassVar[set[Worker]] = set()
 
-    def __init__(self, name: str, *args: object) -> None:
+    def __init__(self, name: str, *args: object, module: str = "bench.worker") -> None:
         self.name = name
+        self.module = module  # the script it runs (`python -m <module> <args>`)
         self.args = [str(a) for a in args]
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = asyncio.Event()
@@ -153,7 +156,7 @@ class Worker:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bench.worker",
+            self.module,
             *self.args,
             cwd=REPO,
             stdout=asyncio.subprocess.PIPE,
@@ -238,8 +241,10 @@ class Worker:
         return "\n".join(text[-lines:])
 
 
-async def run_worker(name: str, *args: object, wait_s: float = 600) -> dict[str, Any]:
-    worker = await Worker(name, *args).start()
+async def run_worker(
+    name: str, *args: object, wait_s: float = 600, module: str = "bench.worker"
+) -> dict[str, Any]:
+    worker = await Worker(name, *args, module=module).start()
     await worker.wait_ready()
     return await worker.finish(wait_s=wait_s)
 
@@ -725,8 +730,12 @@ async def bench_cdn(plan: Plan) -> dict[str, Any]:
         tail = "\n".join(err.decode(errors="replace").splitlines()[-15:])
         return {"status": "error", "detail": f"exit {proc.returncode}:\n{tail}", "output": text}
     totals = {
-        m[1]: {"calls": int(m[2]), "minimum": int(m[3])}
-        for m in re.finditer(r"^total (\S+)\s+(\d+) calls, minimum\s+(\d+)", text, re.M)
+        m[1]: {"calls": int(m[2]), "minimum": int(m[3]), "collateral": int(m[4] or 0)}
+        for m in re.finditer(
+            r"^total (\S+)\s+(\d+) calls, minimum\s+(\d+).*?(?:collateral (\d+) pages)?$",
+            text,
+            re.M,
+        )
     }
     if not totals:
         return {
@@ -889,6 +898,15 @@ async def run_all(plan: Plan, smoke: bool) -> dict[str, Any]:
         say("CDN burst (bench/cdn_burst.py)")
         out["cdn"] = await bench_cdn(plan)
         say(f"  {out['cdn']['status']}")
+        say(f"latency per tier at {plan.latency_low_rate}/s (bench/tier_latency.py)")
+        from bench.tier_latency import bench_tiers
+
+        out["tiers"] = await bench_tiers(plan.latency_low_rate)
+        say(f"  {out['tiers']['status']}")
+        say("HTTP purge sink and warmer against Varnish (bench/http_purge.py)")
+        from bench.http_purge import bench_http_purge
+
+        out["http_purge"] = await bench_http_purge(topics, run, smoke=smoke, reps=plan.reps)
         out["summary"] = summarize(out)
         if plan.profile:
             out["profile"] = await _profile(plan, run, topics, say, out["summary"])
@@ -961,6 +979,9 @@ class Only(StrEnum):
     """A part of the run that can be run alone (`--only`)."""
 
     THROUGHPUT = "throughput"
+    # Modes of their own, not part of the full run, each writing its own results file:
+    SCALE = "scale"  # bench/scale_out.py: groups of 1 and 2 processes, a rebalance under load
+    CONSISTENCY = "consistency"  # bench/consistency_at_scale.py, the long mode (make bench-long)
 
 
 async def run_only(plan: Plan, smoke: bool, part: Only) -> dict[str, Any]:
@@ -1007,12 +1028,29 @@ def main(
     backlog: Annotated[str | None, typer.Option(help="two sizes, e.g. 10000,100000")] = None,
     only: Annotated[
         Only | None,
-        typer.Option(help="run this part alone; its JSON goes to a temp file, not results/"),
+        typer.Option(
+            help="run this part alone (throughput: its JSON to a temp file, not results/; "
+            "scale and consistency: modes of their own, with their own results files)"
+        ),
+    ] = None,
+    purges: Annotated[
+        int | None, typer.Option(help="--only consistency: purges to judge (default 1,000,000)")
     ] = None,
 ) -> None:
     # A new topic's leaders take a moment: aiokafka retries and says so; that is not news.
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     plan = _plan(smoke, latency_seconds, reps, backlog)
+    if only in (Only.SCALE, Only.CONSISTENCY):
+        from bench.consistency_at_scale import cli as consistency_cli
+        from bench.scale_out import cli as scale_cli
+
+        if only is Only.SCALE:
+            ok = scale_cli(smoke=smoke, reps=reps)
+        else:
+            ok = consistency_cli(smoke=smoke, purges=purges)
+        if not ok:
+            raise typer.Exit(1)
+        return
     try:
         if only is not None:
             _write_only(asyncio.run(run_only(plan, smoke, only)))

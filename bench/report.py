@@ -141,7 +141,8 @@ def _cdn_rows(cdn: dict[str, Any], plan: dict[str, Any]) -> list[Row]:
         rows.append(
             _row(
                 f"CDN API calls, {provider} (burst of {plan['cdn_events']:,} events, "
-                f"{plan['cdn_weddings']:,} weddings)",
+                f"{plan['cdn_weddings']:,} weddings; collateral {t.get('collateral', 0):,} "
+                "pages, see cdn_burst.txt)",
                 _num(t["calls"]),
                 ceiling=f"{_num(t['minimum'])} (minimum the batch limits allow)",
                 ratio=_num(ratio, 2),
@@ -152,12 +153,59 @@ def _cdn_rows(cdn: dict[str, Any], plan: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _tier_rows(tiers: dict[str, Any]) -> list[Row]:
+    """Event -> acknowledged per tier at 100 events/s, seen from outside (bench/tier_latency.py)."""
+    if tiers.get("status") != "ok":
+        status = " ".join(
+            [tiers.get("status", "missing"), *tiers.get("detail", "").splitlines()[:1]]
+        )
+        return [_row("Latency per tier (bench/tier_latency.py)", status)]
+    rows: list[Row] = []
+    where = f"{tiers['rate']:.0f} events/s for {tiers['seconds']:.0f} s, {tiers['region']}"
+    for t in tiers["tiers"].values():
+        missed = t["events"] - t["observed"]
+        note = f"; {missed:,} of {t['events']:,} not seen" if missed else ""
+        for q in ("p50", "p99"):
+            target = t[f"target_{q}"]
+            value = t[q]
+            met = value is not None and value == value and value < target and not missed
+            rows.append(
+                _row(
+                    f"Latency {q}, {t['label']} (ms; event → acknowledged, {where}{note})",
+                    _num(value),
+                    target=f"< {target:,.0f}",
+                    met=_met(met),
+                )
+            )
+    w = tiers["warm"]
+    rows.append(
+        _row(
+            f"Warmed pages HIT at the edge ({where})",
+            f"{w['hit_share']:.1%}",
+            target="≥ 95 %",
+            met=_met(w["hit_share"] >= 0.95),
+        )
+    )
+    rows.append(
+        _row(
+            f"Warm after its region's Varnish purge, p99 (ms; {where})",
+            _num(w["after_varnish_p99"]),
+            target="≤ 2,000",
+            met=_met(w["after_varnish_p99"] <= 2000),
+        )
+    )
+    return rows
+
+
 def table(out: dict[str, Any]) -> list[Row]:
     return [
         *_throughput_rows(out["summary"]),
         *_latency_rows(out),
         *_backlog_rows(out["summary"]["backlog"]),
         *_cdn_rows(out.get("cdn", {}), out["plan"]),
+        *_tier_rows(out.get("tiers", {"status": "skipped"})),
+        # bench/http_purge.py's figures come with their rows.
+        *out.get("http_purge", {}).get("rows", []),
     ]
 
 

@@ -48,7 +48,10 @@ Backend errors become these, re-raised `from` the original, in one place per bac
   for the vendor API cache: `vendor_api/client.py` `_upstream` (the vendor's answer
   decides between serving stale and failing, so it maps to the VendorApiError branch);
 - botocore: `sinks/cloudfront.py` (ClientError codes; network errors go through
-  `sinks/retry.py` like httpx's).
+  `sinks/retry.py` like httpx's);
+- aiokafka's login: `pipeline/kafka.py` `check_login` (a SASL refusal, an untrusted
+  certificate, a TLS handshake the broker breaks off) becomes a `ConfigError` naming the
+  `KAFKA_*` variables, before any client starts.
 
 What is the sink's fault and what the command's is decided by each provider module:
 Cloudflare's and an edge's 401/403 and CloudFront's credential codes are

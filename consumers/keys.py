@@ -48,6 +48,11 @@ APPLIED_OFFSET_TTL_S = 7 * 24 * 3600
 APPLIED = "cachesync:applied:{sink}:{command_id}"
 APPLIED_EVENT = "event:{event_id}"
 APPLIED_TTL_S = 10 * 60
+# Sink side: a Pub/Sub channel of each region's Redis per purge sink. After each flush,
+# the sink's runner publishes there the ids of the events it applied (newline-separated),
+# so the runners of the tiers after it learn at once that their markers are set, without
+# polling them (pipeline/tiers.py). A wake-up call only: the markers stay the truth.
+TIER_APPLIED = "cachesync:tier:{region}:{sink}"
 # CloudFront sink: one invalidation per CallerReference (derived from its command ids);
 # remembered here because a retried batch must never be a second invalidation, and
 # neither moto nor a restarted process would know. Value: the invalidation id. Kept, like
@@ -101,6 +106,18 @@ def url_target(url: str) -> str:
     return f"url:{url}"
 
 
+# The edge's surrogate key for one URL: deploy/varnish/default.vcl tags every object with
+# it (besides the origin's keys), so the HTTP-purge sink drops many URLs in one xkey-purge
+# request. The URL is taken as it goes on the wire (percent-encoded) with "%" and ","
+# escaped, as the VCL escapes the request's URL: xkey splits keys on whitespace and commas.
+URL_XKEY = "url:{url}"
+
+
+def url_xkey(wire_url: str) -> str:
+    """The edge's surrogate key of a URL as sent on the wire (`edge_http.wire_target`)."""
+    return URL_XKEY.format(url=wire_url.replace("%", "%25").replace(",", "%2C"))
+
+
 def purge_version(sink: str, entity: str) -> str:
     return PURGE_VERSION.format(sink=sink, entity=entity)
 
@@ -111,6 +128,10 @@ def applied(sink: str, command_id: str) -> str:
 
 def applied_event(sink: str, event_id: str) -> str:
     return applied(sink, APPLIED_EVENT.format(event_id=event_id))
+
+
+def tier_applied(region: str, sink: str) -> str:
+    return TIER_APPLIED.format(region=region, sink=sink)
 
 
 def applied_offset(sink: str, topic: str, partition: int) -> str:
@@ -155,3 +176,14 @@ WRITTEN_AT = "cachesync:written:{key}"
 
 def written_at(key: str) -> str:
     return WRITTEN_AT.format(key=key)
+
+
+# State Redis: what the cache effectiveness recorder read (consumers/ops/effectiveness/),
+# one stream per group prefix (a test session's own, or the deployment's): each tier's hit
+# and miss counts per interval, the edges' and Redis' per-request outcomes, the consistency
+# checker's tallies. Entry ids are their times; entries older than the retention are trimmed.
+EFFECTIVENESS = "cachesync:effectiveness:{group_prefix}"
+
+
+def effectiveness(group_prefix: str) -> str:
+    return EFFECTIVENESS.format(group_prefix=group_prefix)

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import threading
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
@@ -25,7 +29,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 
+from cachesync.consumers.health import health, health_app
+
 meter = metrics.get_meter("cachesync")
+
+# At most this many purge latencies are recorded per flush (see record_purge_latencies).
+LATENCY_SAMPLES_PER_FLUSH = 64
 tracer = trace.get_tracer("cachesync")
 
 events_in = meter.create_counter(
@@ -57,8 +66,31 @@ redis_keys_deleted = meter.create_counter(
 purge_latency = meter.create_histogram(
     "cachesync.purge.latency",
     unit="ms",
-    description="Event time to effect applied, by region and sink",
+    description="Event time to effect applied, by region and sink (a flush of more than "
+    f"{LATENCY_SAMPLES_PER_FLUSH} commands records {LATENCY_SAMPLES_PER_FLUSH} of them, "
+    "spread over its range, its slowest included; counts are in commands.applied)",
 )
+
+
+def record_purge_latencies(latencies_ms: Sequence[float], attrs: dict[str, Any]) -> None:
+    """One flush's purge latencies, into `purge_latency`.
+
+    Recording one value costs the SDK some 20 us (its attribute and view bookkeeping),
+    which at the Redis sink's rates was a sixth of its CPU. A flush of more commands
+    than LATENCY_SAMPLES_PER_FLUSH records that many, taken at even steps of its sorted
+    latencies with the slowest always among them: each flush's spread and tail stay in
+    the histogram, and a large flush weighs as that many commands.
+    """
+    values = list(latencies_ms)
+    n = LATENCY_SAMPLES_PER_FLUSH
+    if len(values) > n:
+        values.sort()
+        step = (len(values) - 1) / (n - 1)
+        values = [values[round(i * step)] for i in range(n)]
+    for value in values:
+        purge_latency.record(value, attrs)
+
+
 retries = meter.create_counter(
     "cachesync.retries",
     unit="{batch}",
@@ -231,14 +263,6 @@ def extract_context(headers: Sequence[tuple[str, bytes]] | None) -> Context:
     return propagate.extract(list(headers or ()), getter=KAFKA_HEADERS)
 
 
-def inject_context(headers: list[tuple[str, bytes]]) -> None:
-    """Put the current span's context in outgoing headers (W3C traceparent/tracestate).
-
-    Done by hand, not left to the aiokafka instrumentation: commands go out in
-    batches (`BatchedSends`), which it does not see."""
-    propagate.inject(headers, setter=KAFKA_HEADERS)
-
-
 # The W3C trace context headers, as the tracecontext propagator writes them.
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
@@ -256,6 +280,14 @@ def untraced() -> AbstractContextManager[object]:
     500-command pipeline formatted into its statement first (the Redis instrumentation
     does that before it asks the sampler): 15 ms per batch in the mapper's profile."""
     return suppress_instrumentation()
+
+
+def inject_context(headers: list[tuple[str, bytes]]) -> None:
+    """Put the current span's context in outgoing headers (W3C traceparent/tracestate).
+
+    Done by hand, not left to the aiokafka instrumentation: commands go out in
+    batches (`BatchedSends`), which it does not see."""
+    propagate.inject(headers, setter=KAFKA_HEADERS)
 
 
 # The W3C traceparent, as the tracecontext propagator reads it (version 00, no extra field).
@@ -369,6 +401,38 @@ consistency_converged = meter.create_observable_gauge(
     description="Share of sampled purges with no stale copy at the first read-back, by region and sink",
 )
 
+# Cache effectiveness read from each tier's own counters (consumers/ops/effectiveness/):
+# Redis INFO, varnishstat, Cloudflare's analytics, CloudWatch; by region and tier.
+cache_hits = meter.create_counter(
+    "cachesync.cache.hits",
+    unit="{request}",
+    description="Hits a cache tier counted itself while cachesync read it, by region and tier",
+)
+cache_misses = meter.create_counter(
+    "cachesync.cache.misses",
+    unit="{request}",
+    description="Misses a cache tier counted itself while cachesync read it, by region and tier",
+)
+_hit_ratio: dict[tuple[str, str], float] = {}
+
+
+def record_hit_ratio(region: str, tier: str, ratio: float) -> None:
+    _hit_ratio[(region, tier)] = ratio
+
+
+def _observe_hit_ratio(_options: CallbackOptions) -> Iterable[Observation]:
+    for (region, tier), ratio in list(_hit_ratio.items()):
+        yield Observation(ratio, {"region": region, "tier": tier})
+
+
+cache_hit_ratio = meter.create_observable_gauge(
+    "cachesync.cache.hit_ratio",
+    callbacks=[_observe_hit_ratio],
+    unit="1",
+    description="Hit ratio of a cache tier over the last reading interval, from its own "
+    "counters, by region and tier",
+)
+
 
 @dataclass
 class Telemetry:
@@ -379,10 +443,45 @@ class Telemetry:
     metrics_port: int | None = None
     span_exporter: SpanExporter | None = None
     metric_readers: list[MetricReader] = field(default_factory=list)
+    metrics_server: WSGIServer | None = None
 
     def shutdown(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """One thread per request: a slow /readyz probe never holds up a scrape of /metrics."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape and probe (every few seconds, forever)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def serve_metrics(host: str, port: int) -> WSGIServer:
+    """/metrics (Prometheus), /healthz and /readyz (consumers/health.py) on `host`:`port`,
+    in a daemon thread. `host` may be an IPv6 address (`::` binds both families where the
+    system allows). OSError when the port is taken."""
+    from prometheus_client import make_wsgi_app
+
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(_ThreadingServer):
+        address_family = family
+
+    server = make_server(
+        host, port, health_app(health, make_wsgi_app()), Server, handler_class=_QuietHandler
+    )
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
+    return server
 
 
 def setup_telemetry(
@@ -392,6 +491,7 @@ def setup_telemetry(
     span_exporter: SpanExporter | None = None,
     metric_readers: list[MetricReader] | None = None,
     instrument: bool = True,
+    metrics_host: str | None = None,
 ) -> Telemetry:
     """Install the global tracer and meter providers and the library instrumentations.
 
@@ -399,8 +499,8 @@ def setup_telemetry(
     Exporters follow the standard OTEL_* variables: OTLP over HTTP when
     OTEL_EXPORTER_OTLP_ENDPOINT (or the per-signal variable) is set, nothing when
     not; OTEL_SDK_DISABLED=true turns everything off. `metrics_port` serves
-    Prometheus' /metrics on 127.0.0.1 (CACHESYNC_METRICS_HOST to change). Tests pass
-    in-memory exporters and readers.
+    Prometheus' /metrics, with /healthz and /readyz, on `metrics_host` (else
+    CACHESYNC_METRICS_HOST, else 127.0.0.1). Tests pass in-memory exporters and readers.
     """
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
     tracer_provider = TracerProvider(resource=resource, sampler=trace_sampler())
@@ -417,18 +517,19 @@ def setup_telemetry(
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
     if span_exporter is not None:
         tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    server = None
     if metrics_port is not None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import start_http_server
 
+        host = metrics_host or os.environ.get("CACHESYNC_METRICS_HOST") or "127.0.0.1"
+        server = serve_metrics(host, metrics_port)
         readers.append(PrometheusMetricReader())
-        start_http_server(metrics_port, addr=os.environ.get("CACHESYNC_METRICS_HOST", "127.0.0.1"))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
     if instrument:
         _instrument_libraries()
-    return Telemetry(tracer_provider, meter_provider, metrics_port, span_exporter, readers)
+    return Telemetry(tracer_provider, meter_provider, metrics_port, span_exporter, readers, server)
 
 
 def _instrument_libraries() -> None:

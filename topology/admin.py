@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -17,13 +19,17 @@ class TopicChange:
     action: str  # "created" | "partitions N->M" | "config" | "unchanged"
 
 
-def desired_topics(topology: Topology, prefix: str = "") -> dict[str, TopicSpec]:
-    """Every topic the topology declares, by its full name."""
+def desired_topics(
+    topology: Topology, prefix: str = "", *, region: str | None = None
+) -> dict[str, TopicSpec]:
+    """Every topic the topology declares, by its full name; with `region`, those a region's
+    own cluster holds: its command topic (mirrored from home) and the audit and
+    dead-letter topics its sinks write (mirrored back home)."""
     topics: dict[str, TopicSpec] = {}
-    for content in topology.topics.content:
+    for content in topology.topics.content if region is None else ():
         topics[prefix + content.name] = content
-    for region in topology.regions:
-        topics[topology.commands_topic(region, prefix)] = topology.topics.commands
+    for name in topology.regions if region is None else (region,):
+        topics[topology.commands_topic(name, prefix)] = topology.topics.commands
     topics[prefix + topology.topics.dead_letter.name] = topology.topics.dead_letter
     topics[prefix + topology.topics.audit.name] = topology.topics.audit
     return topics
@@ -37,13 +43,23 @@ def _configs(spec: TopicSpec) -> dict[str, str]:
 
 
 async def apply_topics(
-    bootstrap_servers: str, topology: Topology, prefix: str = ""
+    cluster: str | Mapping[str, Any],
+    topology: Topology,
+    prefix: str = "",
+    *,
+    region: str | None = None,
 ) -> list[TopicChange]:
-    """Create missing topics, grow partition counts, and set retention/compaction."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="cachesync-admin")
+    """Create missing topics, grow partition counts, and set retention/compaction.
+
+    `cluster` is a broker list (PLAINTEXT) or a Kafka client's options, address and login
+    (`KafkaConnection.client_options()`); `region` narrows the topics to those of a
+    region's own cluster (`desired_topics`)."""
+    options = {"bootstrap_servers": cluster} if isinstance(cluster, str) else dict(cluster)
+    admin = AIOKafkaAdminClient(**options, client_id="cachesync-admin")
     await admin.start()
     try:
-        wanted = desired_topics(topology, prefix)
+        wanted = desired_topics(topology, prefix, region=region)
+
         existing = set(await admin.list_topics())
         missing = [
             NewTopic(

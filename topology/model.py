@@ -61,11 +61,22 @@ class RegionSpec(_Strict):
     # The region's HTTP edge (Varnish/Fastly style): the HTTP-purge sink sends PURGE/BAN
     # here and the warmer GETs through it. EDGE_URL_<REGION> overrides.
     edge_url: str | None = None
+    # How the HTTP-purge sink purges URLs at that edge: "xkey", many URLs per request by
+    # the surrogate key the edge gives each object for its URL (deploy/varnish/default.vcl
+    # does; keys.url_xkey), or "purge", one PURGE per URL, for an edge without that key.
+    # Switch an edge to "xkey" once the objects it cached before it tagged URLs are gone
+    # (their TTL and grace, or a ban): an object without its URL key is not purged by it.
+    edge_purge: Literal["xkey", "purge"] = "purge"
     # The site as the CDN caches it: Cloudflare purges files by full URL and prefixes
     # by host/path, so paths from the rules are joined to this.
     public_url: str | None = None
     # The zone's plan rate for purge_cache, if it differs from cdn.cloudflare.rate_per_s.
     cloudflare_rate_per_s: float | None = Field(default=None, gt=0)
+    # The tier whose cache serves the region's public URLs to guests: http_purge (the HTTP
+    # edge at edge_url), cloudflare or cloudfront (public_url). The warmer warms through it
+    # and waits only for that tier's purge of the same event (for CloudFront, until the
+    # invalidation completes). None: the HTTP edge.
+    front: Literal["http_purge", "cloudflare", "cloudfront"] | None = None
 
 
 class CloudflarePolicy(_Strict):
@@ -89,14 +100,23 @@ class CloudFrontPolicy(_Strict):
     max_paths_in_progress: int = Field(default=3000, ge=1)
     max_wildcards_in_progress: int = Field(default=15, ge=1)
     # Cost budget: paths per flush (each path or wildcard is billed once); beyond it,
-    # the entity roots with the most paths become wildcards.
-    max_paths_per_flush: int = Field(default=3000, ge=1)
+    # the entity roots with the most paths become wildcards, invalidating pages nobody
+    # asked for. None: no such budget; a flush with more paths than the in-progress limit
+    # leaves free is sent as several invalidations, one after another.
+    max_paths_per_flush: int | None = Field(default=None, ge=1)
     escalate_paths_over: int = Field(default=30, ge=1)
     # How long to wait (partition paused) when the in-progress limits are full.
     busy_retry_s: float = Field(default=30.0, gt=0)
-    # Its own, longer coalescing window: an invalidation takes minutes and is billed
-    # per path, so gathering longer costs little and saves calls and paths.
+    # Its own, longer upper bound on coalescing: an invalidation takes minutes and is billed
+    # per path, so gathering longer (in a burst) costs little and saves calls and paths.
     window_ms: int = Field(default=10000, ge=0)
+    # CreateInvalidation calls per second and their bucket: a purge goes out at once when
+    # a token is free; purges gather while it is empty (the API throttles faster callers).
+    rate_per_s: float = Field(default=2.0, gt=0)
+    burst: int = Field(default=5, ge=1)
+    # A warm through CloudFront waits for its invalidation to complete; GetInvalidation is
+    # asked at most this often per distribution (the API's rate is low).
+    completion_poll_s: float = Field(default=1.0, gt=0)
     timeout_s: float = Field(default=20.0, gt=0)
     attempts: int = Field(default=4, ge=1)
 
@@ -105,6 +125,10 @@ class HttpPurgePolicy(_Strict):
     """Varnish/Fastly-style edge: PURGE by URL, xkey surrogate keys, BAN by prefix."""
 
     max_keys_per_request: int = Field(default=256, ge=1)
+    # The longest xkey header value sent: Varnish refuses (400) a request header line
+    # over its http_req_hdr_len (8 KiB by default), so a request takes fewer keys than
+    # max_keys_per_request when they are long.
+    max_header_bytes: int = Field(default=8000, ge=256)
     soft: bool = False  # xkey-softpurge: keep serving stale while the origin refetches
     concurrency: int = Field(default=16, ge=1)
     timeout_s: float = Field(default=5.0, gt=0)
@@ -128,8 +152,18 @@ class WarmPolicy(_Strict):
 class CdnPolicy(_Strict):
     """The purge budget and the CDN sinks' limits (`cdn:` in topology.yaml)."""
 
-    # Commands arriving within this window are coalesced into one flush per sink.
+    # The longest a purge waits to be coalesced with others (sinks/budget.py `coalesce_s`):
+    # it goes out at once unless a call is in flight, the provider's bucket is empty or a
+    # burst is arriving, and never later than this after it was written.
     window_ms: int = Field(default=1000, ge=0)
+    # Commands per second, per region, above which the CDN sinks take the traffic as a
+    # burst: its purges gather until it pauses (or the window closes), so a burst costs the
+    # providers' minimum number of calls.
+    burst_records_per_s: float = Field(default=500.0, gt=0)
+    # How long an edge holds a purge whose event the region's Redis sink has not applied,
+    # counted from when the command was issued; then it purges anyway, so a stopped Redis
+    # sink never stops the edges for longer (pipeline/roles.py `hold_for_earlier_tiers`).
+    tier_max_wait_s: float = Field(default=30.0, gt=0)
     max_batch_records: int = Field(default=5000, ge=1)
     # Path segments that make an entity root (/weddings/w1/): the unit of escalation.
     root_depth: int = Field(default=2, ge=1)

@@ -11,24 +11,25 @@ from rich.table import Table
 from cachesync.consumers.cli.common import (
     console,
     load_settings_or_exit,
+    require_services,
 )
+from cachesync.consumers.cli.terminal import Commands
 
-topology_app = typer.Typer(
-    help="Check, show and apply topology/topology.yaml.", no_args_is_help=True
-)
+topology_app = Commands(help="Check, show and apply topology/topology.yaml.", no_args_is_help=True)
 
-schemas_app = typer.Typer(help="List and check the Avro schemas in schemas/.", no_args_is_help=True)
+schemas_app = Commands(help="List and check the Avro schemas in schemas/.", no_args_is_help=True)
 
 
 @topology_app.command("apply")
 def topology_apply() -> None:
-    """Create missing topics, grow partitions and set retention (idempotent)."""
-    from cachesync.topology.admin import apply_topics
+    """Create missing topics, grow partitions and set retention (idempotent), at home and
+    on each region's own cluster (KAFKA_BOOTSTRAP_SERVERS_<REGION>)."""
+    from cachesync.consumers.pipeline.assemble import prepare_clusters
 
     settings = load_settings_or_exit()
-    changes = asyncio.run(
-        apply_topics(settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix)
-    )
+    require_services(settings)
+    changes = asyncio.run(prepare_clusters(settings))
+
     table = Table("topic", "change")
     for change in changes:
         table.add_row(change.topic, change.action)

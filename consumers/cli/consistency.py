@@ -8,12 +8,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cachesync.consumers.cli.common import (
     console,
     load_settings_or_exit,
     parse_time,
+    require_services,
     run_until_signal,
     setup_logging,
 )
@@ -54,6 +56,7 @@ def consistency_cmd(
 
     setup_logging(False)
     settings = load_settings_or_exit()
+    require_services(settings, regions=settings.topology.regions)
     unknown = sorted(set(sink or ()) - set(PURGE_KINDS))
     if unknown:
         raise typer.BadParameter(f"not purge sinks: {unknown}; known: {PURGE_KINDS}")
@@ -74,11 +77,12 @@ def consistency_cmd(
         halt = asyncio.Event()
         task = asyncio.create_task(checker.run(halt))
         try:
-            with console.status("reading the command and audit topics...") as status:
+            with _progress() as bar:
+                step = bar.add_task("reading the command and audit topics", total=None, count="")
                 await _wait_any(checker.ready, stop, task=task)
                 if checker.ready.is_set() and not stop.is_set():
-                    await _collect(checker, stop, duration, status)
-                    await _settle(checker, stop, task, status, within=window + give_up + 5.0)
+                    await _collect(checker, stop, duration, bar, step)
+                    await _settle(checker, stop, task, bar, step, within=window + give_up + 5.0)
         finally:
             halt.set()
             await task
@@ -95,31 +99,69 @@ def consistency_cmd(
     console.print(f"[dim]took {time.monotonic() - started:.1f} s[/dim]")
 
 
-async def _collect(checker: Any, stop: asyncio.Event, duration: float, status: Any) -> None:
-    """Let the checker collect issued purges for `duration` seconds, showing its progress."""
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[count]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+async def _collect(
+    checker: Any, stop: asyncio.Event, duration: float, bar: Progress, step: TaskID
+) -> None:
+    """Let the checker collect issued purges for `duration` seconds: a bar over the time."""
     deadline = time.monotonic() + duration
-    console.print(f"[dim]collecting the purges issued in the next {duration:g} s[/dim]")
+    bar.update(step, description="collecting the purges issued", total=duration, completed=0)
     while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
-        status.update(
-            f"collecting issued purges: {checker.expected} so far, {left:.0f} s left; "
-            f"{checker.waiting_for()}"
+        bar.update(
+            step, completed=duration - left, count=f"{checker.expected} purges, {left:.0f} s left"
         )
         await _wait_any(stop, within=min(left, 0.5))
+    bar.update(step, completed=duration, count=f"{checker.expected} purges")
 
 
 async def _settle(
-    checker: Any, stop: asyncio.Event, task: asyncio.Task[Any], status: Any, *, within: float
+    checker: Any,
+    stop: asyncio.Event,
+    task: asyncio.Task[Any],
+    bar: Progress,
+    step: TaskID,
+    *,
+    within: float,
 ) -> None:
-    """Stop collecting, then wait until every collected purge is judged, saying what for."""
+    """Stop collecting, then wait until every collected purge is judged: a bar over the
+    read-backs, saying what it waits for and for how long at most."""
     checker.stop_expecting()
-    console.print(f"[dim]collected {checker.expected} purges; {checker.waiting_for()}[/dim]")
+    bar.update(step, description="collected")
+    bar.stop_task(step)
+    judging = bar.add_task("judging", total=None, count="")
     deadline = time.monotonic() + within
     while not (checker.settled or stop.is_set() or task.done()):
-        if time.monotonic() > deadline:
+        left = deadline - time.monotonic()
+        if left < 0:
             console.print(f"[yellow]stopped waiting after {within:g} s[/yellow]")
             break
-        status.update(checker.waiting_for() + "...")
+        total = checker.finished + checker.pending
+        bar.update(
+            judging,
+            description=checker.waiting_for(),
+            total=max(total, 1),
+            completed=checker.finished,
+            count=f"{checker.finished}/{total} read-backs, at most {left:.0f} s more",
+        )
         await _wait_any(checker.all_judged, stop, task=task, within=0.25)
+    total = checker.finished + checker.pending
+    bar.update(
+        judging,
+        description="judged",
+        total=total or 1,
+        completed=checker.finished if total else 1,
+        count=f"{checker.finished}/{total} read-backs",
+    )
 
 
 async def _wait_any(
@@ -148,10 +190,11 @@ def consistency_table(checker: Any) -> Table:
         "recovered later",
         "still stale",
         "never applied",
-        "staleness p50",
-        "staleness p99",
+        "staleness p50\n(from the event)",
+        "staleness p99\n(from the event)",
         title=f"consistency (window {checker.window_s:g}s)",
-        caption=f"{checker.pending} purges not judged yet" if checker.pending else None,
+        caption="staleness: from the event's time until no stale copy was read back"
+        + (f"; {checker.pending} read-backs not judged yet" if checker.pending else ""),
     )
     for (region, sink), t in sorted(checker.tallies.items()):
         p50, p99 = t.quantile(0.5), t.quantile(0.99)

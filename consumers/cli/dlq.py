@@ -14,10 +14,12 @@ from cachesync.consumers.cli.common import (
     console,
     load_settings_or_exit,
     parse_time,
+    require_services,
     setup_logging,
 )
+from cachesync.consumers.cli.terminal import Commands
 
-dlq_app = typer.Typer(
+dlq_app = Commands(
     help="List, show and re-drive the dead-letter topic's records.", no_args_is_help=True
 )
 
@@ -50,6 +52,7 @@ def dlq_list(
 
     setup_logging(False)
     settings = load_settings_or_exit()
+    require_services(settings, state=True)
     letters = _dlq_call(
         dlq.read_dead_letters(
             settings,
@@ -73,6 +76,7 @@ def dlq_show(
 
     setup_logging(False)
     settings = load_settings_or_exit()
+    require_services(settings, state=True)
     letter = _dlq_call(dlq.find_dead_letter(settings, dead_letter_id))
     if letter is None:
         console.print(f"[red]no dead letter {dead_letter_id}[/red] on {settings.dead_letter_topic}")
@@ -102,6 +106,7 @@ def dlq_redrive(
 
     setup_logging(False)
     settings = load_settings_or_exit()
+    require_services(settings, state=True)
     report = _dlq_call(
         dlq.redrive(
             settings,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import Annotated, Any
 
 import typer
@@ -12,18 +11,19 @@ import typer
 from cachesync.consumers.cli.common import (
     console,
     load_settings_or_exit,
+    require_services,
     run_until_signal,
     setup_logging,
     start_telemetry,
 )
 from cachesync.consumers.cli.consistency import consistency_table, stale_table
+from cachesync.consumers.cli.terminal import Commands, Verbose
 from cachesync.consumers.errors import ConfigError
 from cachesync.consumers.pipeline import assemble
-from cachesync.consumers.pipeline.roles import MapperRole
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.registry import SINK_KINDS
 
-run_app = typer.Typer(help="Run pipeline roles.", no_args_is_help=True)
+run_app = Commands(help="Run pipeline roles.", no_args_is_help=True)
 
 
 def _runnable_sinks(settings: Settings) -> list[tuple[str, str]]:
@@ -35,33 +35,28 @@ def _runnable_sinks(settings: Settings) -> list[tuple[str, str]]:
 
 
 async def _report(
-    roles: list[Any], stop: asyncio.Event, every: float = 2.0, checker: Any = None
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    mapper: bool,
+    sinks: list[tuple[str, str]],
+    every: float = 2.0,
+    checker: Any = None,
+    demo: Any = None,
 ) -> None:
-    """Every `every` seconds: the mapper's rate, each region's sinks, the consistency read-backs."""
+    """Every `every` seconds: the figures `cachesync status` shows, from the same metrics
+    (events, commands per region, each region's sinks), the consistency read-backs and,
+    now and then, an event id to follow with `cachesync trace`."""
+    from cachesync.consumers.ops.status import local_snapshot, run_lines
 
-    last = time.monotonic()
-    last_records = {r.name: 0 for r in roles}
+    prev = local_snapshot()
+    reports = 0
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=every)
-        now = time.monotonic()
-        lines = []
-        regions: dict[str, list[str]] = {}
-        for role in roles:
-            rate = (role.stats.records - last_records[role.name]) / max(now - last, 1e-6)
-            last_records[role.name] = role.stats.records
-            dlq = f" [red]dlq={role.stats.dead_lettered}[/red]" if role.stats.dead_lettered else ""
-            if isinstance(role, MapperRole):
-                produced = " ".join(f"{r}={n}" for r, n in sorted(role.stats.produced.items()))
-                lines.append(
-                    f"[bold]mapper[/bold] {role.stats.records} events ({rate:.0f}/s) -> commands {produced}{dlq}"
-                )
-            else:
-                regions.setdefault(role.sink.region, []).append(
-                    f"{role.sink.kind} {role.stats.applied}{dlq}"
-                )
-        for region, parts in sorted(regions.items()):
-            lines.append(f"  [bold]{region}[/bold] applied: " + " · ".join(parts))
+        cur = local_snapshot()
+        lines = run_lines(settings, cur, prev, mapper=mapper, sinks=sinks)
+        prev = cur
         if checker is not None and checker.tallies:
             lines.append(
                 "  [bold]consistency[/bold] "
@@ -70,30 +65,61 @@ async def _report(
                     for (r, k), t in sorted(checker.tallies.items())
                 )
             )
-        last = now
-        console.print("\n".join(lines), soft_wrap=True)
+        if demo is not None:
+            lines.extend(_demo_lines(demo, hint=reports % _HINT_EVERY == 0))
+        reports += 1
+        console.print("\n".join(lines), soft_wrap=True, highlight=False)
+
+
+# Every this many reports (20 s), `run` names one event to follow.
+_HINT_EVERY = 10
+
+
+def _demo_lines(demo: Any, *, hint: bool) -> list[str]:
+    """The demo's achieved rate when it falls behind, and an event id to trace."""
+    lines = []
+    if demo.behind:
+        lines.append(
+            f"  [yellow]demo: {demo.achieved_rate:.1f} events/s, below the "
+            f"{demo.rate_asked:g}/s asked[/yellow]"
+        )
+    if hint and demo.last_event is not None:
+        event_type, event_id, entity = demo.last_event
+        lines.append(
+            f"  [dim]follow one: cachesync trace {event_id} --wait 10  ({event_type}); "
+            f"its entity's events: cachesync trace {entity}[/dim]"
+        )
+    return lines
 
 
 @run_app.command("mapper")
-def run_mapper(verbose: bool = False) -> None:
+def run_mapper(verbose: Verbose = False) -> None:
     """Consume content topics and produce purge/warm commands per region."""
     setup_logging(verbose)
     settings = load_settings_or_exit()
+    require_services(settings, state=True)
     start_telemetry(settings, "mapper")
-    run_until_signal(lambda stop: _run(settings, stop, mapper=True, sinks=[]))
+    run_until_signal(
+        lambda stop: _run(settings, stop, mapper=True, sinks=[]), grace_s=settings.shutdown_grace_s
+    )
 
 
 @run_app.command("sink")
 def run_sink(
     region: Annotated[str, typer.Option(help="Region whose command topic to consume")],
     sink: Annotated[str, typer.Option(help=f"Sink kind: {', '.join(SINK_KINDS)}")] = "redis",
-    verbose: bool = False,
+    verbose: Verbose = False,
 ) -> None:
     """Apply one region's commands to one cache tier."""
     setup_logging(verbose)
     settings = load_settings_or_exit()
+    if region in settings.topology.regions:  # else the sink's own error names the region
+        require_services(settings, sink_regions=[region])
     start_telemetry(settings, f"sink-{sink}")
-    run_until_signal(lambda stop: _run(settings, stop, mapper=False, sinks=[(region, sink)]))
+    run_until_signal(
+        lambda stop: _run(settings, stop, mapper=False, sinks=[(region, sink)]),
+        grace_s=settings.shutdown_grace_s,
+    )
 
 
 @run_app.command("all")
@@ -104,11 +130,12 @@ def run_all(
     consistency: Annotated[
         float, typer.Option(help="Share of purges the background checker reads back (0: off)")
     ] = 0.2,
-    verbose: bool = False,
+    verbose: Verbose = False,
 ) -> None:
     """Every role in one process (for development): the mapper and each region's sinks."""
     setup_logging(verbose)
     settings = load_settings_or_exit()
+    require_services(settings, sink_regions=settings.topology.regions, state=True)
     start_telemetry(settings, "all")
     sinks = _runnable_sinks(settings)
     run_until_signal(
@@ -120,7 +147,8 @@ def run_all(
             demo_rate=rate if demo else None,
             weddings=weddings,
             consistency=consistency,
-        )
+        ),
+        grace_s=settings.shutdown_grace_s,
     )
 
 
@@ -135,7 +163,7 @@ async def _run(
     consistency: float = 0.0,
 ) -> None:
     from cachesync.consumers.ops.consistency import ConsistencyChecker
-    from cachesync.consumers.ops.demo import run_demo
+    from cachesync.consumers.ops.demo import DemoStats, run_demo
 
     try:
         roles = assemble.build_roles(settings, mapper=mapper, sinks=sinks)
@@ -145,7 +173,10 @@ async def _run(
         f"[green]running[/green] {', '.join(r.name for r in roles)} against {settings.kafka_bootstrap_servers}"
     )
     checker = ConsistencyChecker(settings, sample=consistency) if consistency > 0 else None
-    companions: list[assemble.Companion] = [lambda stop: _report(roles, stop, checker=checker)]
+    demo = DemoStats() if demo_rate is not None else None
+    companions: list[assemble.Companion] = [
+        lambda stop: _report(settings, stop, mapper=mapper, sinks=sinks, checker=checker, demo=demo)
+    ]
     if checker is not None:
         console.print(
             f"[green]consistency checker[/green]: reading back {consistency:.0%} of purges"
@@ -153,7 +184,19 @@ async def _run(
         companions.append(checker.run)
     if demo_rate is not None:
         console.print(f"[green]demo[/green]: {weddings} weddings, {demo_rate:g} events/s")
-        companions.append(lambda stop: run_demo(settings, stop, rate=demo_rate, weddings=weddings))
+        companions.append(
+            lambda stop: run_demo(settings, stop, rate=demo_rate, weddings=weddings, stats=demo)
+        )
+    if mapper and sinks:  # run all: each cache tier's own hit ratios (and, with --demo, guests)
+        from cachesync.consumers.ops.effectiveness.live import effectiveness_companions
+
+        companions += effectiveness_companions(
+            settings,
+            lambda lines: console.print("\n".join(lines), soft_wrap=True),
+            checker=checker,
+            demo=demo_rate is not None,
+            weddings=weddings,
+        )
     try:
         await assemble.run(settings, stop, roles, companions=companions)
     finally:

@@ -1,12 +1,10 @@
-"""`cachesync replay | trace | status | demo`: the operator tools."""
+"""`cachesync replay | status | demo`: the operator tools."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -16,11 +14,10 @@ from cachesync.consumers.cli.common import (
     console,
     load_settings_or_exit,
     parse_time,
+    require_services,
     run_until_signal,
     setup_logging,
 )
-from cachesync.consumers.settings import Settings
-from cachesync.consumers.sinks.registry import PURGE_KINDS
 
 
 def replay_cmd(
@@ -40,6 +37,7 @@ def replay_cmd(
 
     setup_logging(False)
     settings = load_settings_or_exit()
+    require_services(settings, state=True)
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -84,51 +82,6 @@ def replay_cmd(
         out.print(table)
 
 
-def trace_cmd(
-    event_id: Annotated[str, typer.Argument(help="The platform event's event_id")],
-    since: Annotated[str, typer.Option(help="How far back to look: ISO time or 15m/2h/1d")] = "7d",
-    wait: Annotated[float, typer.Option(help="Seconds to wait for pending parts to arrive")] = 0.0,
-) -> None:
-    """Print where one event went: commands per region, each sink's outcome and latency."""
-    from cachesync.consumers.ops.trace import read_trace, render
-
-    settings = load_settings_or_exit()
-    expected = _expected_sinks(settings)
-
-    async def main() -> Any:
-        deadline = time.monotonic() + wait
-        while True:
-            view = await read_trace(settings, event_id, since_ms=parse_time(since))
-            if (
-                not view.pending(expected) and view.mapper is not None
-            ) or time.monotonic() >= deadline:
-                return view
-            await asyncio.sleep(0.5)
-
-    view = asyncio.run(main())
-    out = Console()
-    out.print(render(view, expected))
-    pending = view.pending(expected)
-    if view.event_type is None:
-        raise typer.Exit(1)
-    if pending:
-        out.print(
-            f"[yellow]{len(pending)} sink steps pending[/yellow] (not applied yet, or that sink is not running)"
-        )
-    else:
-        out.print("[green]complete[/green]: every expected sink reported")
-
-
-def _expected_sinks(settings: Settings) -> Callable[[str, str], list[str]]:
-    """Which sinks should report on a command of a kind in a region (the ones configured)."""
-    from cachesync.consumers.sinks.registry import WARM_KINDS, available
-
-    def expected(region: str, kind: str) -> list[str]:
-        return available(settings, region, WARM_KINDS if kind == "warm" else PURGE_KINDS)
-
-    return expected
-
-
 def status_cmd(
     metrics_url: Annotated[str, typer.Option(help="The pipeline's /metrics")] = "",
     every: Annotated[float, typer.Option(help="Refresh interval, seconds")] = 2.0,
@@ -139,7 +92,9 @@ def status_cmd(
 
     from cachesync.consumers.ops.status import collect, render
 
+    setup_logging(False)
     settings = load_settings_or_exit()
+    require_services(settings)
     url = metrics_url or f"http://127.0.0.1:{settings.metrics_port or 9464}/metrics"
 
     async def main(stop: asyncio.Event) -> None:
@@ -159,24 +114,50 @@ def status_cmd(
 
 
 def demo(
-    rate: Annotated[float, typer.Option(help="Events per second")] = 20.0,
+    rate: Annotated[
+        float, typer.Option(help="Events per second (a target: the run says what it achieved)")
+    ] = 20.0,
     weddings: Annotated[int, typer.Option(help="Number of weddings")] = 20,
-    count: Annotated[int | None, typer.Option(help="Stop after this many events")] = None,
+    count: Annotated[
+        int | None,
+        typer.Option(
+            help="Stop after this many events, the opening ones (weddings, links) included"
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed for a repeatable run")] = None,
 ) -> None:
     """Produce realistic wedding traffic to the content topics."""
-    from cachesync.consumers.ops.demo import run_demo
+    from cachesync.consumers.ops.demo import DemoStats, run_demo
 
     setup_logging(False)
     settings = load_settings_or_exit()
+    require_services(settings, regions=settings.topology.regions)
 
     def show(event_type: str, record: dict) -> None:  # type: ignore[type-arg]
         ident = record.get("wedding_id") or record.get("vendor_id")
-        console.print(f"  {event_type:<22} {ident}")
+        console.print(
+            f"  {event_type:<22} {ident}  [dim]{record['event_id']}[/dim]", highlight=False
+        )
 
-    stats = run_until_signal(
+    stats = DemoStats()
+    run_until_signal(
         lambda stop: run_demo(
-            settings, stop, rate=rate, weddings=weddings, limit=count, seed=seed, on_event=show
+            settings,
+            stop,
+            rate=rate,
+            weddings=weddings,
+            limit=count,
+            seed=seed,
+            stats=stats,
+            on_event=show,
         )
     )
-    console.print(f"produced {stats.produced} events")
+    console.print(f"produced {stats.produced} events ({stats.produced - stats.traffic} opening)")
+    achieved = stats.achieved_rate
+    if achieved is not None:
+        note = (
+            f"[yellow]: below the {rate:g}/s asked (the producer or this machine could not keep up)[/yellow]"
+            if stats.behind
+            else f" ({rate:g}/s asked)"
+        )
+        console.print(f"traffic at {achieved:.1f} events/s{note}")

@@ -10,9 +10,11 @@ import typer
 from cachesync.consumers.cli.common import (
     console,
     load_settings_or_exit,
+    require_services,
 )
+from cachesync.consumers.cli.terminal import Commands
 
-vendor_api_app = typer.Typer(
+vendor_api_app = Commands(
     help="Call external vendor APIs through the vendor API cache.", no_args_is_help=True
 )
 
@@ -38,6 +40,7 @@ def vendor_api_get(
     if region not in settings.region_redis_urls:
         console.print(f"[red]unknown region {region!r}[/red]")
         raise typer.Exit(2)
+    require_services(settings, kafka=False, regions=[region])
 
     async def fetch() -> VendorResponse:
         url = settings.region_redis_urls[region]

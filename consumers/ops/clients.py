@@ -8,7 +8,7 @@ from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
 from cachesync.consumers.pipeline.codecs import close_codec, codec_for, start_codec
-from cachesync.consumers.pipeline.kafka import make_producer
+from cachesync.consumers.pipeline.kafka import KafkaConnection, make_producer
 from cachesync.consumers.settings import Settings
 
 
@@ -20,9 +20,7 @@ class ToolClients:
         self.codec = codec_for(settings)
         self.state = Redis.from_url(str(settings.state_redis_url), socket_timeout=5)
         self.producer: AIOKafkaProducer | None = (
-            make_producer(settings.kafka_bootstrap_servers, client_id=client_id)
-            if produce
-            else None
+            make_producer(KafkaConnection.of(settings), client_id=client_id) if produce else None
         )
 
     async def __aenter__(self) -> Self:

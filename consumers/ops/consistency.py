@@ -244,6 +244,7 @@ class ConsistencyChecker:
             (region, kind): Tally() for region, kinds in self.sinks.items() for kind in kinds
         }
         self.expected = 0  # purges (commands) expected so far, each in one or more sinks
+        self.finished = 0  # read-backs (a purge in one sink) judged for good
         self._queue: list[Probe] = []
         self._probes: dict[tuple[str, str], Probe] = {}  # (command id, sink) -> its probe
         self._early: dict[tuple[str, str], list[Report]] = {}  # reports read before their command
@@ -548,6 +549,7 @@ class ConsistencyChecker:
 
     def _done(self, probe: Probe) -> None:
         self._probes.pop((probe.command_id, probe.sink), None)
+        self.finished += 1
 
     # -- reading back -------------------------------------------------------------
     async def _stale(self, probe: Probe, tally: Tally) -> list[str]:

@@ -5,6 +5,10 @@ of vendors and photos, publish events the way the platform does: mostly photo
 uploads in bursts, vendor profile edits, guest-portal updates, the odd wedding
 change. Between events the demo plays the platform's readers, filling each region's
 Redis cache so that purges have something real to delete.
+
+`limit` counts every event produced, the opening ones (weddings published, vendors
+linked) included. The rate is a target: `DemoStats` says what was achieved, so that a
+demo that cannot keep up (a slow broker, a small machine) says so.
 """
 
 from __future__ import annotations
@@ -225,11 +229,37 @@ class DemoWorld:
         return entries
 
 
+# How far behind its schedule the demo may fall and still catch up (by sending without
+# pausing); further behind, it starts a new schedule from now rather than burst.
+CATCH_UP_S = 1.0
+
+
 @dataclass
 class DemoStats:
-    produced: int = 0
+    produced: int = 0  # every event, the opening ones included
     cache_fills: int = 0
     started: float = field(default_factory=time.monotonic)
+    rate_asked: float = 0.0
+    # The paced traffic after the opening events: what the rate applies to.
+    traffic: int = 0
+    traffic_started: float | None = None
+    traffic_ended: float | None = None
+    # The newest event: its type, its id, and its entity as `trace` takes it ("--wedding w-0001").
+    last_event: tuple[str, str, str] | None = None
+
+    @property
+    def achieved_rate(self) -> float | None:
+        """Events per second of the paced traffic, None before two events."""
+        if self.traffic_started is None or self.traffic < 2:
+            return None
+        end = self.traffic_ended or time.monotonic()
+        return self.traffic / max(end - self.traffic_started, 1e-6)
+
+    @property
+    def behind(self) -> bool:
+        """Whether the achieved rate is clearly below the rate asked for."""
+        achieved = self.achieved_rate
+        return achieved is not None and self.rate_asked > 0 and achieved < 0.9 * self.rate_asked
 
 
 async def run_demo(
@@ -243,23 +273,34 @@ async def run_demo(
     stats: DemoStats | None = None,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> DemoStats:
-    """Publish the opening events, then the traffic mix at `rate` events/s until stopped."""
+    """Publish the opening events, then the traffic mix at `rate` events/s until stopped
+    or `limit` events (all of them counted) are out."""
     stats = stats or DemoStats()
+    stats.rate_asked = rate
     world = DemoWorld(weddings=weddings, vendors=max(10, weddings * 2), seed=seed)
     publisher = EventPublisher(settings)
     regions = {r: Redis.from_url(u) for r, u in settings.region_redis_urls.items()}
     await publisher.start()
     try:
         for event_type, record in world.opening_events():
+            if stop.is_set() or (limit is not None and stats.produced >= limit):
+                break
             await publisher.publish(event_type, record, wait=False)
             stats.produced += 1
         await publisher.flush()
         interval = 1.0 / rate if rate > 0 else 0.0
-        next_at = time.monotonic()
+        next_at = stats.traffic_started = time.monotonic()
         while not stop.is_set() and (limit is None or stats.produced < limit):
             event_type, record = world.next_event()
             await publisher.publish(event_type, record, wait=False)
             stats.produced += 1
+            stats.traffic += 1
+            entity = (
+                f"--wedding {record['wedding_id']}"
+                if record.get("wedding_id")
+                else f"--vendor {record.get('vendor_id')}"
+            )
+            stats.last_event = (event_type, str(record["event_id"]), entity)
             if on_event is not None:
                 on_event(event_type, record)
             if world.rng.random() < 0.2:
@@ -275,8 +316,9 @@ async def run_demo(
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=delay)
-            else:
-                next_at = time.monotonic()  # falling behind: do not burst to catch up
+            elif delay < -CATCH_UP_S:
+                next_at = time.monotonic()  # far behind: a new schedule, not a burst
+        stats.traffic_ended = time.monotonic()
         await publisher.flush()
     finally:
         await publisher.stop()

@@ -51,7 +51,6 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 from rich.markup import escape
 from rich.table import Table
@@ -68,7 +67,7 @@ from cachesync.consumers.pipeline.codecs import (
     decode,
     decode_event,
 )
-from cachesync.consumers.pipeline.kafka import Record
+from cachesync.consumers.pipeline.kafka import KafkaConnection, Record, make_admin
 from cachesync.consumers.settings import Settings
 from cachesync.schemas import Codec
 
@@ -487,9 +486,7 @@ def _dead_lettered_at(value: bytes | str) -> int:
 
 async def _existing_topics(settings: Settings) -> set[str]:
     # Listing every topic never creates one, where asking for a named topic's metadata may.
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers, client_id="cachesync-dlq"
-    )
+    admin = make_admin(KafkaConnection.of(settings), client_id="cachesync-dlq")
     await admin.start()
     try:
         return set(await admin.list_topics())

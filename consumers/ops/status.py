@@ -1,25 +1,43 @@
-"""`cachesync status`: a live terminal view for an incident.
+"""`cachesync status`: a live terminal view for an incident, and the figures `run` prints.
 
 Two sources, so it works even when the pipeline is down: consumer lag straight from
 Kafka (committed offsets of every cachesync group against the log end), and the
 pipeline's own /metrics (throughput, purge latency, hit ratios, sinks the provider
 refuses as a whole), read twice to turn counters into rates.
+
+`cachesync run` prints its progress from the same metrics, read in its own process
+(`local_snapshot`: the text /metrics would serve), through the same functions
+(`pipeline_figures`, `sink_figures`), so the two views always show the same numbers.
+A sink is listed once it is configured in its region, whether or not it has reported
+yet, so a silent warmer shows as 0 rather than not at all.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
+from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Group
 from rich.table import Table
 
+from cachesync.consumers.ops.effectiveness.status_view import hit_ratio_table, read_tiers
+from cachesync.consumers.ops.effectiveness.tiers import Reading
+from cachesync.consumers.ops.replication import ReplicationLag, replication_lag, replication_table
+from cachesync.consumers.pipeline.kafka import (
+    KafkaConnection,
+    make_admin,
+    make_consumer,
+    regional_clusters,
+)
 from cachesync.consumers.settings import Settings
+from cachesync.consumers.sinks.registry import SINK_KINDS, available
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -32,6 +50,8 @@ class Snapshot:
         default_factory=dict
     )  # sample name -> labels -> value
     metrics_error: str | None = None
+    tiers: list[Reading] = field(default_factory=list)  # each cache tier's own counters
+    replication: list[ReplicationLag] = field(default_factory=list)  # regions' own clusters
 
     def total(self, name: str, **match: str) -> float:
         return sum(
@@ -52,23 +72,146 @@ class Snapshot:
 async def collect(settings: Settings, metrics_url: str | None) -> Snapshot:
     snap = Snapshot(at=time.monotonic())
     snap.lag = await group_lag(settings)
+    snap.replication = await replication_lag(settings)
+    snap.tiers = await read_tiers(settings)
     if metrics_url:
         try:
             async with httpx.AsyncClient(timeout=2.0) as client:
                 text = (await client.get(metrics_url)).text
-            for family in text_string_to_metric_families(text):
-                for s in family.samples:
-                    snap.samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+            _read_samples(snap, text)
         except httpx.HTTPError as exc:
             snap.metrics_error = f"{metrics_url}: {type(exc).__name__}"
     return snap
 
 
+def local_snapshot() -> Snapshot:
+    """This process's own metrics, as its /metrics would serve them (no lag: `run`'s
+    view does not ask Kafka)."""
+    snap = Snapshot(at=time.monotonic())
+    _read_samples(snap, generate_latest(REGISTRY).decode())
+    return snap
+
+
+def _read_samples(snap: Snapshot, text: str) -> None:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            snap.samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+
+
+@dataclass(frozen=True)
+class PipelineFigures:
+    events_in: float
+    events_rate: str
+    commands_out: float
+    commands_rate: str
+    commands_by_region: dict[str, float]
+    dead_lettered: float
+
+
+@dataclass(frozen=True)
+class SinkFigures:
+    region: str
+    sink: str
+    applied: float
+    rate: str
+    blocked: tuple[str, ...]  # why the provider refuses it, while it does
+
+
+def pipeline_figures(cur: Snapshot, prev: Snapshot | None) -> PipelineFigures:
+    """The mapper's side: events in, commands out (per region), dead letters."""
+    then = prev or cur
+    events = cur.total("cachesync_events_in_total")
+    commands = cur.total("cachesync_commands_out_total")
+    return PipelineFigures(
+        events_in=events,
+        events_rate=_rate(cur, prev, events, then.total("cachesync_events_in_total")),
+        commands_out=commands,
+        commands_rate=_rate(cur, prev, commands, then.total("cachesync_commands_out_total")),
+        commands_by_region={
+            region: n
+            for (region,), n in sorted(cur.by("cachesync_commands_out_total", "region").items())
+        },
+        dead_lettered=cur.total("cachesync_dead_lettered_total"),
+    )
+
+
+def sink_figures(settings: Settings, cur: Snapshot, prev: Snapshot | None) -> list[SinkFigures]:
+    """Per region and sink: commands applied and their rate, and whether it is blocked;
+    every sink configured in its region, plus any the metrics or consumer groups name."""
+    applied = cur.by("cachesync_commands_applied_total", "region", "sink", outcome="applied")
+    applied_then = (prev or cur).by(
+        "cachesync_commands_applied_total", "region", "sink", outcome="applied"
+    )
+    blocked = blocked_sinks(cur)
+    group_prefix = settings.group_id("sink") + "."
+    pairs = (
+        {(r, k) for r in settings.topology.regions for k in available(settings, r, SINK_KINDS)}
+        | set(applied)
+        | set(cur.by("cachesync_sink_blocked", "region", "sink"))
+        | {tuple(g.split(".")[-2:]) for g in cur.lag if g.startswith(group_prefix)}
+    )
+    order = {kind: i for i, kind in enumerate(SINK_KINDS)}
+    return [
+        SinkFigures(
+            region=region,
+            sink=sink,
+            applied=applied.get((region, sink), 0.0),
+            rate=_rate(
+                cur, prev, applied.get((region, sink), 0), applied_then.get((region, sink), 0)
+            ),
+            blocked=tuple(blocked.get((region, sink), ())),
+        )
+        for region, sink in sorted(pairs, key=lambda p: (p[0], order.get(p[1], 99), p[1]))
+    ]
+
+
+def run_lines(
+    settings: Settings,
+    cur: Snapshot,
+    prev: Snapshot | None,
+    *,
+    mapper: bool = True,
+    sinks: Collection[tuple[str, str]] | None = None,
+) -> list[str]:
+    """`cachesync run`'s progress lines: the figures of `status`, in a few lines, for the
+    mapper (if it runs here) and `sinks` (default: every one `status` lists)."""
+    p = pipeline_figures(cur, prev)
+    dlq = f" [red]dead-lettered {p.dead_lettered:.0f}[/red]" if p.dead_lettered else ""
+    out = " ".join(f"{r}={n:.0f}" for r, n in p.commands_by_region.items())
+    lines = (
+        [f"[bold]mapper[/bold] {p.events_in:.0f} events ({p.events_rate}) -> commands {out}{dlq}"]
+        if mapper
+        else []
+    )
+    regions: dict[str, list[str]] = {}
+    for f in sink_figures(settings, cur, prev):
+        if sinks is not None and (f.region, f.sink) not in sinks:
+            continue
+        state = f" [red]BLOCKED ({', '.join(f.blocked)})[/red]" if f.blocked else ""
+        regions.setdefault(f.region, []).append(f"{f.sink} {f.applied:.0f}{state}")
+    for region, parts in regions.items():
+        lines.append(f"  [bold]{region}[/bold] applied: " + " · ".join(parts))
+    return lines
+
+
 async def group_lag(settings: Settings) -> dict[str, int]:
-    """Messages behind per cachesync consumer group, from committed offsets."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None)
+    """Messages behind per cachesync consumer group, from committed offsets: the home
+    cluster's groups, and those of each region whose sinks read a cluster of their own (a
+    region's cluster that does not answer shows in the replication table instead)."""
+    lag = await _group_lag(settings, KafkaConnection.of(settings))
+    for kafka in regional_clusters(settings).values():
+        try:
+            lag.update(await _group_lag(settings, kafka))
+        except (KafkaError, OSError):
+            continue
+    return lag
+
+
+async def _group_lag(settings: Settings, kafka: KafkaConnection) -> dict[str, int]:
+    admin = make_admin(kafka, client_id="cachesync-status")
+    consumer = make_consumer(kafka, group_id=None, client_id="cachesync-status")
     await admin.start()
+
     await consumer.start()
     try:
         groups = [
@@ -129,40 +272,28 @@ def render(settings: Settings, cur: Snapshot, prev: Snapshot | None) -> Group:
     pipeline = Table(title="pipeline", expand=True)
     for col in ("events in", "commands out", "dead-lettered", "mapper lag"):
         pipeline.add_column(col)
-    then = prev or cur
+    p = pipeline_figures(cur, prev)
     pipeline.add_row(
-        f"{cur.total('cachesync_events_in_total'):.0f} ({_rate(cur, prev, cur.total('cachesync_events_in_total'), then.total('cachesync_events_in_total'))})",
-        f"{cur.total('cachesync_commands_out_total'):.0f} ({_rate(cur, prev, cur.total('cachesync_commands_out_total'), then.total('cachesync_commands_out_total'))})",
-        f"{cur.total('cachesync_dead_lettered_total'):.0f}",
+        f"{p.events_in:.0f} ({p.events_rate})",
+        f"{p.commands_out:.0f} ({p.commands_rate})",
+        f"{p.dead_lettered:.0f}",
         str(cur.lag.get(settings.group_id("mapper"), "-")),
     )
     sinks = Table(title="sinks per region", expand=True)
     for col in ("region", "sink", "state", "applied", "rate", "lag", "purge p50", "purge p99"):
         sinks.add_column(col)
-    applied = cur.by("cachesync_commands_applied_total", "region", "sink")
-    applied_then = then.by("cachesync_commands_applied_total", "region", "sink")
     blocked = blocked_sinks(cur)
     unknown = "-" if cur.metrics_error or not cur.samples else "ok"
-    pairs = (
-        set(applied)
-        | set(cur.by("cachesync_sink_blocked", "region", "sink"))
-        | {
-            tuple(g.split(".")[-2:])
-            for g in cur.lag
-            if g.startswith(settings.group_id("sink") + ".")
-        }
-    )
-    for region, sink in sorted(pairs):
-        reasons = blocked.get((region, sink))
+    for f in sink_figures(settings, cur, prev):
         sinks.add_row(
-            region,
-            sink,
-            f"[bold red]BLOCKED: {', '.join(reasons)}[/bold red]" if reasons else unknown,
-            f"{applied.get((region, sink), 0):.0f}",
-            _rate(cur, prev, applied.get((region, sink), 0), applied_then.get((region, sink), 0)),
-            str(cur.lag.get(settings.group_id("sink", region, sink), "-")),
-            _latency(cur, prev, region, sink, 0.5),
-            _latency(cur, prev, region, sink, 0.99),
+            f.region,
+            f.sink,
+            f"[bold red]BLOCKED: {', '.join(f.blocked)}[/bold red]" if f.blocked else unknown,
+            f"{f.applied:.0f}",
+            f.rate,
+            str(cur.lag.get(settings.group_id("sink", f.region, f.sink), "-")),
+            _latency(cur, prev, f.region, f.sink, 0.5),
+            _latency(cur, prev, f.region, f.sink, 0.99),
         )
     caches = Table(title="cache effectiveness", expand=True)
     for col in ("what", "hits", "misses", "hit ratio", "other"):
@@ -191,6 +322,9 @@ def render(settings: Settings, cur: Snapshot, prev: Snapshot | None) -> Group:
             f"escalations {cur.total('cachesync_cdn_escalations_total', provider=provider):.0f}",
         )
     parts: list[Table | str] = [pipeline, sinks, caches]
+    parts.append(hit_ratio_table(cur.tiers, prev.tiers if prev else None))
+    if cur.replication:
+        parts.append(replication_table(cur.replication))
     for (region, sink), reasons in sorted(blocked.items()):
         parts.append(
             f"[bold red]{sink} in {region} is blocked: the provider refuses its "

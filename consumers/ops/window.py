@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
-from cachesync.consumers.pipeline.kafka import Record, partitions_of
+from cachesync.consumers.pipeline.kafka import KafkaConnection, Record, make_consumer, partitions_of
 from cachesync.consumers.settings import Settings
 
 
@@ -54,12 +54,12 @@ class TimeWindow:
         self.poll_ms = poll_ms
         self.total = 0
         self._ends: dict[TopicPartition, int] = {}
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
+        self._consumer = make_consumer(
+            KafkaConnection.of(settings),
             group_id=None,
-            enable_auto_commit=False,
             client_id=client_id,
             max_partition_fetch_bytes=2 * 1024 * 1024,
+            fetch_max_wait_ms=500,
         )
 
     async def __aenter__(self) -> TimeWindow:
@@ -104,7 +104,7 @@ class TimeWindow:
         topics = [s for s in self.sources if isinstance(s, str)]
         named = [s for s in self.sources if isinstance(s, TopicPartition)]
         if topics:
-            named += await partitions_of(self.settings.kafka_bootstrap_servers, topics)
+            named += await partitions_of(KafkaConnection.of(self.settings), topics)
         return sorted(set(named), key=lambda tp: (tp.topic, tp.partition))
 
     async def _offsets_at(

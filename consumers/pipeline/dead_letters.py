@@ -11,7 +11,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooL
 from cachesync.consumers import telemetry
 from cachesync.consumers.errors import BadInput, DeadLetterUnavailable, PermanentSinkError
 from cachesync.consumers.pipeline import headers
-from cachesync.consumers.pipeline.kafka import Record, make_producer
+from cachesync.consumers.pipeline.kafka import Cluster, Record, make_producer
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,14 @@ class DeadLetters:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        cluster: Cluster,
         topic: str,
         consumer: str,
         *,
         timeout_s: float = 5.0,
         producer: AIOKafkaProducer | None = None,
     ) -> None:
-        self.bootstrap_servers = bootstrap_servers
+        self.cluster = cluster
         self.topic = topic
         self.consumer = consumer
         self.timeout_s = timeout_s
@@ -120,7 +120,7 @@ class DeadLetters:
     async def _started_producer(self) -> AIOKafkaProducer:
         if self._producer is None:
             self._producer = make_producer(
-                self.bootstrap_servers,
+                self.cluster,
                 client_id=f"cachesync-{self.consumer}-dlq",
                 enable_idempotence=False,
                 request_timeout_ms=int(self.timeout_s * 1000),

@@ -26,6 +26,11 @@ from cachesync.consumers.pipeline.kafka import Record
 log = logging.getLogger(__name__)
 
 BatchHandler = Callable[[list[Record]], Awaitable[None]]
+# Adaptive lingering: given the records gathered so far and those already written behind
+# them (the partitions' high-water marks), the oldest one's timestamp (epoch ms) and the
+# seconds since a poll last brought any, how many seconds more to gather (<= 0: hand the
+# batch over now). A CDN sink's purge budget decides (sinks/cdn.py `coalesce_for`).
+Linger = Callable[[int, int, float], float]
 
 # 2 ** 62 times any sane base is past any cap: doubling further changes nothing.
 _MAX_EXPONENT = 62
@@ -76,9 +81,19 @@ class CommitAfterEffect:
         # After the first records of a batch arrive, keep polling this long (up to
         # max_records) so that one handler call sees a whole coalescing window.
         self.linger_ms = linger_ms
+        # When set, it decides instead of the fixed `linger_ms`, after every poll.
+        self.linger_for: Linger | None = None
         self._paused_until: dict[TopicPartition, float] = {}
         self._lag_observed_at = 0.0
         self.records_committed = 0
+        # When the loop last came back from a poll (monotonic): /healthz reads it from the
+        # metrics server's thread (consumers/health.py). From creation, so that a loop that
+        # never gets to poll is seen as stalled too.
+        self.polled_at = time.monotonic()
+
+    def since_poll(self) -> float:
+        """Seconds since the loop last polled (or was created)."""
+        return time.monotonic() - self.polled_at
 
     async def run(self, stop: asyncio.Event) -> None:
         """Runs until `stop` is set; the batch in hand is finished and committed first."""
@@ -88,9 +103,10 @@ class CommitAfterEffect:
             batch = await self.consumer.getmany(
                 timeout_ms=self.poll_timeout_ms, max_records=self.max_records
             )
+            self.polled_at = time.monotonic()
             if not batch:
                 continue
-            if self.linger_ms > 0:
+            if self.linger_ms > 0 or self.linger_for is not None:
                 batch = await self._linger(batch, stop)
             await self.process(batch)
 
@@ -99,19 +115,38 @@ class CommitAfterEffect:
     ) -> dict[TopicPartition, list[Record]]:
         merged = {tp: list(part) for tp, part in batch.items()}
         count = sum(len(p) for p in merged.values())
+        oldest = min(p[0].timestamp for p in merged.values() if p)
         deadline = time.monotonic() + self.linger_ms / 1000
+        arrived = time.monotonic()
         while count < self.max_records and not stop.is_set():
-            left_ms = int((deadline - time.monotonic()) * 1000)
+            if self.linger_for is not None:
+                quiet_s = time.monotonic() - arrived
+                left_ms = int(self.linger_for(count + self._behind(merged), oldest, quiet_s) * 1000)
+            else:
+                left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 break
             more = await self.consumer.getmany(
                 timeout_ms=min(left_ms, self.poll_timeout_ms),
                 max_records=self.max_records - count,
             )
+            if more:
+                arrived = time.monotonic()
             for tp, part in more.items():
                 merged.setdefault(tp, []).extend(part)
                 count += len(part)
+                if part:
+                    oldest = min(oldest, part[0].timestamp)
         return merged
+
+    def _behind(self, batch: dict[TopicPartition, list[Record]]) -> int:
+        """Records already in the batch's partitions past its last ones (from the last fetch)."""
+        behind = 0
+        for tp, part in batch.items():
+            highwater = self.consumer.highwater(tp)
+            if part and highwater is not None:
+                behind += max(0, highwater - part[-1].offset - 1)
+        return behind
 
     async def process(self, batch: dict[TopicPartition, list[Record]]) -> bool:
         records = [r for part in batch.values() for r in part]

@@ -48,12 +48,18 @@ from cachesync.consumers.pipeline.codecs import (
     start_codec,
 )
 from cachesync.consumers.pipeline.dead_letters import DeadLetters
-from cachesync.consumers.pipeline.kafka import Record, make_consumer, make_producer
+from cachesync.consumers.pipeline.kafka import (
+    KafkaConnection,
+    Record,
+    make_consumer,
+    make_producer,
+)
 from cachesync.consumers.pipeline.loop import CommitAfterEffect
+from cachesync.consumers.pipeline.tiers import TierAnnouncer, TierWatch
 from cachesync.consumers.pipeline.writer import CommandWriter
 from cachesync.consumers.settings import Settings
-from cachesync.consumers.sinks.base import Note, Position, Sink
-from cachesync.consumers.sinks.ledger import AppliedEvents
+from cachesync.consumers.sinks.base import Note, Position, PurgeSink, Sink
+from cachesync.consumers.sinks.cdn import CdnPurgeSink
 from cachesync.schemas import Codec, Decoded
 
 log = logging.getLogger(__name__)
@@ -85,25 +91,24 @@ class _Role:
         max_records: int,
         linger_ms: int = 0,
         auto_offset_reset: str = "earliest",
+        region: str | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
+        # The cluster it reads and writes: home's, or (a sink) its region's own.
+        self.kafka = KafkaConnection.of(settings, region)
         self.codec = codec or codec_for(settings)
         self.stats = RoleStats()
         client_id = f"cachesync-{name}"
-        self.producer: AIOKafkaProducer = make_producer(
-            settings.kafka_bootstrap_servers, client_id=client_id
-        )
+        self.producer: AIOKafkaProducer = make_producer(self.kafka, client_id=client_id)
         self.consumer = make_consumer(
-            settings.kafka_bootstrap_servers,
+            self.kafka,
             *topics,
             group_id=group,
             client_id=client_id,
             auto_offset_reset=auto_offset_reset,
         )
-        self.dead_letters = DeadLetters(
-            settings.kafka_bootstrap_servers, settings.dead_letter_topic, name
-        )
+        self.dead_letters = DeadLetters(self.kafka, settings.dead_letter_topic, name)
         self.audit = AuditLog(self.producer, settings.audit_topic, self.codec)
         self.loop = CommitAfterEffect(
             self.consumer,
@@ -310,9 +315,7 @@ class MapperRole(_Role):
         idempotent producer's sequence numbers for that partition are out of step, and
         every later send there would fail (aiokafka does not rewind them)."""
         old = self.producer
-        self.producer = make_producer(
-            self.settings.kafka_bootstrap_servers, client_id=f"cachesync-{self.name}"
-        )
+        self.producer = make_producer(self.kafka, client_id=f"cachesync-{self.name}")
         await self.producer.start()
         # The audit log holds the producer; it has nothing pending while commands are sent.
         self.audit = AuditLog(self.producer, self.settings.audit_topic, self.codec)
@@ -363,14 +366,33 @@ class SinkRole(_Role):
             max_records=max(settings.consumer_max_records, sink.max_batch_records or 0),
             linger_ms=sink.linger_ms,
             auto_offset_reset=auto_offset_reset,
+            region=sink.region,
         )
         self.sink = sink
-        # The applied markers of the region this role serves, read for tier order.
+        region_redis = settings.region_redis_urls[sink.region]
+        # Tier order: the tiers this sink follows announce what they applied, which wakes
+        # its held batch (pipeline/tiers.py); their markers in the region's Redis decide.
         self.tiers = (
-            AppliedEvents.for_url(settings.region_redis_urls[sink.region], sink.region)
+            TierWatch(region_redis, sink.region, sink.after, recheck_s=sink.after_retry_s)
             if sink.after
             else None
         )
+        # The events a held batch still waits for (empty when none is held).
+        self.held_events: set[str] = set()
+        # A purge sink announces, after each flush, the events it applied.
+        self.announcer = (
+            TierAnnouncer(
+                Redis.from_url(region_redis, socket_timeout=5, socket_connect_timeout=3),
+                sink.region,
+                sink.kind,
+            )
+            if isinstance(sink, PurgeSink)
+            else None
+        )
+        if isinstance(sink, CdnPurgeSink):
+            # Adaptive coalescing: the loop gathers records only while the provider's budget
+            # says to wait (a call in flight, its bucket empty, a burst), within the window.
+            self.loop.linger_for = sink.coalesce_for
 
     async def _open(self) -> None:
         await self.sink.setup()
@@ -379,6 +401,8 @@ class SinkRole(_Role):
         await self.sink.close()
         if self.tiers is not None:
             await self.tiers.close()
+        if self.announcer is not None:
+            await self.announcer.close()
 
     async def handle(self, records: list[Record]) -> None:
         candidates: list[tuple[Record, Command]] = []
@@ -441,6 +465,12 @@ class SinkRole(_Role):
                 span.end()
             raise
         self.stats.applied += result.applied
+        if self.announcer is not None:
+            # At once, before the audit records: the tiers after this one are waiting.
+            refused = {r.command.command_id for r in result.rejected}
+            await self.announcer.applied(
+                a.command.origin_event_id for cid, a in accepted.items() if cid not in refused
+            )
         rejected = {r.command.command_id: r.error for r in result.rejected}
         applied = Note()
         for command_id, a in accepted.items():
@@ -475,37 +505,52 @@ class SinkRole(_Role):
             },
         )
 
-    async def hold_for_earlier_tiers(self, commands: list[Command]) -> None:
-        """Tier order: put the batch back (RetryAfter) until the sinks this one follows
-        (`sink.after`) have applied its events in this region.
+    # The longest a batch waits inside the handler for the earlier tiers; then it is put
+    # back and read again at once, so that a stop or a rebalance is never kept waiting.
+    HOLD_SLICE_S = 2.0
 
-        A command still waiting `sink.after_max_wait_s` after it was issued no longer
-        holds the batch: the sink gets it through `sink.overdue` (a purge sink applies it
-        anyway, the warmer drops it), so a stopped tier cannot stop those after it.
+    async def hold_for_earlier_tiers(self, commands: list[Command]) -> None:
+        """Tier order: wait until the sinks this one follows (`sink.after`) have applied the
+        batch's events in this region, woken by their announcements (pipeline/tiers.py).
+
+        A command still waiting `sink.after_max_wait_s` after it was issued no longer holds
+        the batch: the sink gets it through `sink.overdue` (a purge sink applies it anyway,
+        the warmer drops it), so a stopped tier cannot stop those after it for longer than
+        that bound. The batch waits here at most HOLD_SLICE_S at a time; if an event still
+        within its bound is not applied by then, the batch is put back (RetryAfter) and
+        read again at once.
         """
         if self.tiers is None or not commands:
             return
-        after = self.sink.after
-        waiting = await self.tiers.not_applied(after, sorted({c.origin_event_id for c in commands}))
+        bound_ms = self.sink.after_max_wait_s * 1000
+        # Per event, until when it may hold the batch: its latest command's issue + bound.
+        due: dict[str, float] = {}
+        for command in commands:
+            event = command.origin_event_id
+            due[event] = max(due.get(event, 0.0), command.issued_at + bound_ms)
+        left_s = (max(due.values()) - time.time() * 1000) / 1000
+        self.held_events = set(due)
+        waiting = await self.tiers.wait(due, timeout_s=min(self.HOLD_SLICE_S, max(left_s, 0.0)))
+        self.held_events = waiting
         if not waiting:
             return
-        held = [c for c in commands if c.origin_event_id in waiting]
         now_ms = time.time() * 1000
-        deadline_ms = self.sink.after_max_wait_s * 1000
-        if any(now_ms - c.issued_at < deadline_ms for c in held):
+        if any(due[event] > now_ms for event in waiting):
             raise RetryAfter(
-                f"{self.name}: {len(waiting)} events not yet applied by {', '.join(after)}",
-                self.sink.after_retry_s,
+                f"{self.name}: {len(waiting)} events not yet applied by {', '.join(self.sink.after)}",
+                0.0,
             )
+        self.held_events = set()
         log.warning(
             "%s: handing over %d events that %s has not applied after %.0fs",
             self.name,
             len(waiting),
-            "/".join(after),
+            "/".join(self.sink.after),
             self.sink.after_max_wait_s,
         )
-        for command in held:
-            self.sink.overdue(command)
+        for command in commands:
+            if command.origin_event_id in waiting:
+                self.sink.overdue(command)
 
     async def _decode(self, record: Record) -> Command:
         decoded = await decode(self.codec, record.value or b"")

@@ -18,17 +18,20 @@ A command added without a position (a test, a tool) is deduplicated by its marke
 
 Each sink class names its `kind`, builds itself from settings (`from_settings`) and
 says why it cannot run in a region (`unavailable`); `sinks/registry.py` maps kinds to
-classes. Tier order within a region is the runner's (pipeline/roles.py): a sink only
+classes. `ready` says whether its own backend answers a cheap probe now (/readyz). Tier order within a region is the runner's (pipeline/roles.py): a sink only
 declares the sinks it follows (`after`) and what it does with a command whose earlier
 tiers never applied it in time (`overdue`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Self
+from urllib.parse import urlsplit
 
 from cachesync.consumers.commands import Command, PurgeCommand
 
@@ -115,6 +118,20 @@ class Sink(ABC):
     async def setup(self) -> None:
         """Open connections; called once before the first `add`."""
 
+    @property
+    def backend_url(self) -> str | None:
+        """The URL of the backend this sink applies to (a provider's API, an edge), which
+        `ready` connects to; None: nothing to probe."""
+        return None
+
+    async def ready(self) -> str | None:
+        """Whether the sink's own backend answers now, asked cheaply (/readyz, every few
+        seconds): None when it does, else why not, in one line. The default opens a TCP
+        connection to `backend_url`; a sink with a cheaper or truer probe (a Redis PING)
+        says so here. The health server bounds the time it waits."""
+        url = self.backend_url
+        return None if url is None else await reachable(url)
+
     def overdue(self, command: Command) -> None:
         """The runner stopped waiting for the earlier tiers (`after`) to apply `command`'s
         event and hands it over with the batch. A purge sink applies it anyway (the
@@ -138,6 +155,26 @@ class Sink(ABC):
 
     async def close(self) -> None:
         """Release connections; the runner has already flushed."""
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "redis": 6379, "rediss": 6379}
+
+
+async def reachable(url: str) -> str | None:
+    """None when a TCP connection to `url`'s host and port opens, else why not. Nothing
+    is sent: a probe every few seconds costs a provider no request and no rate budget."""
+    parts = urlsplit(url)
+    port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    if not parts.hostname or port is None:
+        return f"cannot probe {url!r}: no host or port"
+    try:
+        _, writer = await asyncio.open_connection(parts.hostname, port)
+    except OSError as exc:
+        return f"{parts.hostname}:{port} unreachable: {exc.strerror or type(exc).__name__}"
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return None
 
 
 class PurgeSink(Sink):

@@ -17,22 +17,109 @@ item is in it. Over-purging a little is the price of never under-purging.
 of the same batch (after a 429, a timeout) does not send those items again.
 `RecentPurges` remembers when items were last purged, so a later window does not
 purge again what was purged after its events happened.
+
+When a window closes is adaptive (`coalesce_s`): a purge goes out at once when the
+provider's budget allows a call. Purges gather only while a call to the provider is in
+flight (the runner flushes one batch at a time, so what arrives meanwhile is the next
+batch), while its token bucket (`TokenBucket`) is empty, or while a burst is arriving
+(commands faster than `burst_per_s`: they gather until it pauses, so a burst costs the
+providers' minimum number of calls rather than one per poll). The configured window is
+an upper bound on that wait, counted from the oldest command's write.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from cachesync.consumers.commands import PurgeCommand
 
 Kind = Literal["urls", "tags", "prefixes"]
 KINDS: tuple[Kind, ...] = ("tags", "urls", "prefixes")
 PATH_KINDS: tuple[Kind, ...] = ("urls", "prefixes")
+
+# A batch younger than this is not taken as a rate: two records in a millisecond are
+# not a burst.
+_MIN_RATE_SPAN_S = 0.05
+# A burst has paused when nothing arrived for a tenth of the window (at least this long):
+# a burst's source (the mapper) writes in batches, with gaps between them.
+MIN_BURST_PAUSE_S = 0.2
+
+
+class TokenBucket:
+    """`rate` tokens per second, up to `burst`; one token per provider call."""
+
+    def __init__(self, rate: float, burst: int, *, clock: Any = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.tokens = float(burst)
+        self.updated = clock()
+        self.blocked_until = 0.0
+
+    def _refill(self) -> float:
+        now = float(self.clock())
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        return now
+
+    def take(self) -> float:
+        """Take a token and return 0, or return how long until one is free (taking none)."""
+        now = self._refill()
+        if now < self.blocked_until:
+            return self.blocked_until - now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+    def wait_s(self) -> float:
+        """How long until a token is free (0: one is), taking none."""
+        now = self._refill()
+        if now < self.blocked_until:
+            return self.blocked_until - now
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
+    def block(self, seconds: float) -> None:
+        """The provider said 429: nobody on this zone calls before `seconds` pass."""
+        now = self._refill()
+        self.tokens = 0.0
+        self.blocked_until = max(self.blocked_until, now + seconds)
+
+
+def coalesce_s(
+    count: int,
+    oldest_ms: float,
+    quiet_s: float,
+    *,
+    window_ms: float,
+    budget_wait_s: float,
+    burst_per_s: float | None,
+    now_ms: float | None = None,
+) -> float:
+    """How much longer a sink's runner gathers commands before flushing (<= 0: now).
+
+    `count` commands are in hand or already written behind them, the oldest at
+    `oldest_ms`; none arrived for the last `quiet_s` seconds; `budget_wait_s` is how long until the provider takes a call
+    (its bucket). Never past `window_ms` after the oldest command.
+    """
+    now = time.time() * 1000 if now_ms is None else now_ms
+    age_s = max(0.0, now - oldest_ms) / 1000
+    left_s = window_ms / 1000 - age_s
+    if left_s <= 0:
+        return 0.0
+    if budget_wait_s > 0:
+        return min(budget_wait_s, left_s)
+    bursting = burst_per_s is not None and count / max(age_s, _MIN_RATE_SPAN_S) >= burst_per_s
+    pause_s = max(MIN_BURST_PAUSE_S, window_ms / 10_000)
+    if bursting and quiet_s < pause_s:
+        return min(pause_s - quiet_s, left_s)
+    return 0.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +140,10 @@ class Limits:
     max_requests: int | None = None
     # Path segments that make an entity root: 2 -> /weddings/w1/.
     root_depth: int = 2
+    # The provider's wildcard may end anywhere (CloudFront's `/w/wab*`), not only after a
+    # "/": over `max_prefixes`, neighbouring prefixes merge into their longest common
+    # string, which covers far fewer pages than their common directory.
+    wildcard_anywhere: bool = False
 
 
 @dataclass(frozen=True)
@@ -312,7 +403,9 @@ def _escalate(p: PurgePlan) -> None:
     if _over(p) == "max_items":
         _replace(p, "/", [*p.items["urls"], *p.items["prefixes"]], "max_items")
         _drop_covered(p)
-    if lim.max_prefixes is not None:
+    if lim.max_prefixes is not None and lim.wildcard_anywhere:
+        _merge_neighbours(p, lim.max_prefixes)
+    elif lim.max_prefixes is not None:
         for depth in range(_depth_of(p, "prefixes") - 1, 0, -1):
             if p.count("prefixes") <= lim.max_prefixes:
                 break
@@ -325,6 +418,33 @@ def _escalate(p: PurgePlan) -> None:
         if p.count("prefixes") > lim.max_prefixes:
             _replace(p, "/", list(p.items["prefixes"]), "max_prefixes")
             _drop_covered(p)
+
+
+def _merge_neighbours(p: PurgePlan, limit: int) -> None:
+    """At most `limit` prefixes: in sorted order, merge the two neighbouring groups whose
+    common string is the longest (the narrowest cover) until few enough are left; each
+    group becomes that common string. Every prefix starts with "/", so "/" is the worst."""
+    groups = [[prefix] for prefix in sorted(p.items["prefixes"])]
+    if len(groups) <= limit:
+        return
+    while len(groups) > max(limit, 1):
+        best = max(
+            range(len(groups) - 1),
+            key=lambda i: len(_common(groups[i][0], groups[i + 1][-1])),
+        )
+        groups[best : best + 2] = [groups[best] + groups[best + 1]]
+    for group in groups:
+        if len(group) > 1:
+            _replace(p, _common(group[0], group[-1]), group, "max_prefixes")
+    _drop_covered(p)
+
+
+def _common(a: str, b: str) -> str:
+    """The longest string both begin with (character by character: a wildcard's cover)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
 
 
 def _depth_of(p: PurgePlan, *kinds: Kind) -> int:

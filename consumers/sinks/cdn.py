@@ -29,15 +29,21 @@ HTTP providers call through `request` (5xx and network errors retried by
 `sinks/retry.py`, calls counted); others through `retrying` with their own network
 errors.
 
+When a flush happens is the purge budget's (`coalesce_for`, sinks/budget.py
+`coalesce_s`): at once when the provider's `bucket` has a token, unless a burst is
+arriving; the policy's window is only an upper bound.
+
 Tier order is not here: the edges declare `after = ("redis",)`, and the runner holds a
 batch until the region's Redis sink has applied its events (pipeline/roles.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from abc import abstractmethod
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self, TypedDict, TypeVar, Unpack
@@ -47,7 +53,7 @@ from redis.asyncio import Redis
 
 from cachesync.consumers import telemetry
 from cachesync.consumers.commands import PurgeCommand
-from cachesync.consumers.errors import ServerError, SinkUnavailable, TransientError
+from cachesync.consumers.errors import RetryAfter, ServerError, SinkUnavailable, TransientError
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks import budget
 from cachesync.consumers.sinks.base import FlushResult, Note, Position, PurgeSink, Rejected
@@ -64,6 +70,9 @@ from cachesync.topology.model import CdnPolicy
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Our own pacing may sleep this long for a token; longer waits pause the partition.
+MAX_PACING_SLEEP_S = 1.0
 
 
 class CdnOptions(TypedDict, total=False):
@@ -101,6 +110,9 @@ class CdnPurgeSink(PurgeSink):
     # Tier order: an edge purges an event only after the region's Redis has, so that an
     # edge miss cannot refill from a stale Redis.
     after: tuple[str, ...] = ("redis",)
+    # Redis announces what it applied (pipeline/tiers.py); the markers are read again
+    # this often only in case an announcement was lost.
+    after_retry_s: float = 1.0
     # Set by the provider: what log lines and errors call the target (`cloudflare zone Z`),
     # how its calls are retried (from its section of the policy), its budget limits (or
     # built per flush in its `plan`), and its HTTP endpoint if it is called over HTTP.
@@ -108,6 +120,9 @@ class CdnPurgeSink(PurgeSink):
     retries: Retries
     limits: budget.Limits
     http: HttpEndpoint | None = None
+    # The provider's call budget, if it has one: calls wait for a token (`pace`), and
+    # purges gather while it is empty (`coalesce_for`).
+    bucket: budget.TokenBucket | None = None
 
     def __init__(
         self, region: str, *, redis: Redis | str | None, **options: Unpack[CdnOptions]
@@ -119,6 +134,7 @@ class CdnPurgeSink(PurgeSink):
         self.redis = redis_client(redis)
         self.ledger = PurgeLedger(self.redis, self.kind, region) if self.redis is not None else None
         self.linger_ms = self.policy.window_ms
+        self.after_max_wait_s = self.policy.tier_max_wait_s
         self.max_batch_records = self.policy.max_batch_records
         self.on_ack = options.get("on_ack")
         self._progress = budget.Progress()
@@ -126,6 +142,8 @@ class CdnPurgeSink(PurgeSink):
             keep_s=self.policy.remember_purged_s, skew_ms=self.policy.clock_skew_ms
         )
         self.calls = 0  # provider calls made, for the CLI's status and the benchmark
+        # Items escalated, by the limit that forced it (budget.Escalation.reason).
+        self.escalations: Counter[str] = Counter()
         self.throttled = 0
         # While the provider refuses the sink itself: its backoff, gauge and warnings.
         self.outage = Outage(self.kind, region)
@@ -159,6 +177,10 @@ class CdnPurgeSink(PurgeSink):
         if self.http is not None:
             _ = self.http.client
 
+    @property
+    def backend_url(self) -> str | None:
+        return self.http.base_url if self.http is not None else None
+
     async def close(self) -> None:
         if self.http is not None:
             await self.http.aclose()
@@ -182,15 +204,7 @@ class CdnPurgeSink(PurgeSink):
         try:
             plan = await self.plan(todo)
             telemetry.cdn_coalesced.add(plan.coalesced, self.attrs)
-            for esc in plan.escalations:
-                telemetry.cdn_escalations.add(1, {**self.attrs, "reason": esc.reason})
-                log.info(
-                    "%s: %d items escalated to %s (%s)",
-                    self.label,
-                    esc.replaced,
-                    esc.prefix,
-                    esc.reason,
-                )
+            self.count_escalations(plan)
             sent = await self.send(plan, todo)  # raises TransientError / RetryAfter
         except SinkUnavailable as exc:
             # Not the commands' fault: none is rejected, the batch waits for the sink.
@@ -214,6 +228,19 @@ class CdnPurgeSink(PurgeSink):
                 **({c.command_id: sent.note for c in applied} if sent.note else {}),
             },
         )
+
+    def count_escalations(self, plan: budget.PurgePlan) -> None:
+        """The plan's escalations, by the limit that forced them: counted, and logged."""
+        for esc in plan.escalations:
+            self.escalations[esc.reason] += esc.replaced
+            telemetry.cdn_escalations.add(1, {**self.attrs, "reason": esc.reason})
+            log.info(
+                "%s: %d items escalated to %s (%s)",
+                self.label,
+                esc.replaced,
+                esc.prefix,
+                esc.reason,
+            )
 
     async def pending(
         self, purges: list[PurgeCommand], positions: Mapping[str, Position]
@@ -257,6 +284,29 @@ class CdnPurgeSink(PurgeSink):
         """The provider acknowledged `request`: not sent again on a retry, nor soon after."""
         self._progress.record(request)
         self._recent.record(request.kind, request.items, sent_at_ms)
+
+    # -- when to flush ----------------------------------------------------------
+    def coalesce_for(self, count: int, oldest_ms: int, quiet_s: float) -> float:
+        """How much longer the runner gathers commands before this sink's flush (<= 0: now):
+        at once when the bucket has a token and no burst is arriving, never past the window."""
+        return budget.coalesce_s(
+            count,
+            oldest_ms,
+            quiet_s,
+            window_ms=self.linger_ms,
+            budget_wait_s=self.bucket.wait_s() if self.bucket is not None else 0.0,
+            burst_per_s=self.policy.burst_records_per_s,
+        )
+
+    async def pace(self) -> None:
+        """Take a token of the provider's bucket before a call, sleeping for it if that is
+        short; a longer wait pauses the partition instead (RetryAfter)."""
+        if self.bucket is None:
+            return
+        while (wait := self.bucket.take()) > 0:
+            if wait > MAX_PACING_SLEEP_S:
+                raise RetryAfter(f"{self.label}: rate budget spent", wait)
+            await asyncio.sleep(wait)
 
     # -- calls ----------------------------------------------------------------
     def count_call(self, outcome: str) -> None:

@@ -20,7 +20,6 @@ The flush itself (ledger, budget plan, progress, retries) is the CDN template's
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -41,52 +40,17 @@ from cachesync.consumers.errors import (
 )
 from cachesync.consumers.settings import Settings, region_var
 from cachesync.consumers.sinks import budget
+from cachesync.consumers.sinks.budget import TokenBucket
 from cachesync.consumers.sinks.cdn import CdnOptions, CdnPurgeSink, Sent
 from cachesync.consumers.sinks.retry import HttpEndpoint, Retries
 
 log = logging.getLogger(__name__)
 
-# Our own pacing may sleep this long for a token; longer waits pause the partition.
-_MAX_PACING_SLEEP_S = 1.0
 # Error codes about the sink, not the items, whatever the status: the token (10000
 # authentication error, 9103/9106/9109 unknown, missing or invalid, 6003/6111 malformed
 # headers) and the zone (7003 unknown object identifier, 7000 no route).
 _CREDENTIAL_CODES = frozenset({10000, 9103, 9106, 9109, 6003, 6111})
 _ZONE_CODES = frozenset({7000, 7003})
-
-
-class TokenBucket:
-    """`rate` tokens per second, up to `burst`; one token per API call."""
-
-    def __init__(self, rate: float, burst: int, *, clock: Any = time.monotonic) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.clock = clock
-        self.tokens = float(burst)
-        self.updated = clock()
-        self.blocked_until = 0.0
-
-    def _refill(self) -> float:
-        now = float(self.clock())
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        return now
-
-    def take(self) -> float:
-        """Take a token and return 0, or return how long until one is free (taking none)."""
-        now = self._refill()
-        if now < self.blocked_until:
-            return self.blocked_until - now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
-
-    def block(self, seconds: float) -> None:
-        """The provider said 429: nobody on this zone calls before `seconds` pass."""
-        now = self._refill()
-        self.tokens = 0.0
-        self.blocked_until = max(self.blocked_until, now + seconds)
 
 
 class CloudflareSink(CdnPurgeSink):
@@ -205,13 +169,14 @@ class CloudflareSink(CdnPurgeSink):
 
     async def _purge(self, body: dict[str, Any]) -> tuple[int, str] | None:
         """Send one purge; None when applied, (status, message) when permanently refused."""
-        await self._pace()
+        await self.pace()
         kind, items = next(iter(body.items()))
         path = f"/client/v4/zones/{self.zone}/purge_cache"
         response = await self.request("POST", path, json=body, what=self.label)
         if response.status_code == 429:
             retry_after = _retry_after(response)
-            self.bucket.block(retry_after)
+            if self.bucket is not None:
+                self.bucket.block(retry_after)
             self.throttled += 1
             self.count_call("throttled")
             telemetry.cdn_throttled.add(1, self.attrs)
@@ -233,12 +198,6 @@ class CloudflareSink(CdnPurgeSink):
 
     def server_error(self, response: httpx.Response) -> str:
         return f": {_errors(response)}"
-
-    async def _pace(self) -> None:
-        while (wait := self.bucket.take()) > 0:
-            if wait > _MAX_PACING_SLEEP_S:
-                raise RetryAfter(f"{self.label}: rate budget spent", wait)
-            await asyncio.sleep(wait)
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

@@ -25,6 +25,17 @@ batch they come back in (a batch re-read after a crash holds what arrived since)
 
 The ids of the invalidations are kept in `invalidations` (and logged) for audit records.
 
+A warm through CloudFront (a region whose `front` is cloudfront) waits for the
+invalidation to complete, not only to be created: the sink follows each invalidation it
+made until CloudFront says it is complete (GetInvalidation, one call per
+`completion_poll_s` per distribution, within the API's low rate), then marks its events
+applied under `COMPLETED` and announces them (`keys.tier_applied`), which wakes the
+warmer's runner. An invalidation still in progress when the process stops is not
+followed by the next one: its warms are dropped after the warmer's `max_wait_s`.
+
+Calls are paced by a token bucket (`cloudfront.rate_per_s`, `burst`): a purge goes out
+at once when a token is free, and purges gather while none is (sinks/budget.py).
+
 A refusal of the sink itself is not the commands' fault: the credential error codes
 (AccessDenied, ExpiredToken, InvalidClientTokenId, SignatureDoesNotMatch, ...), any
 401/403 and botocore's missing credentials raise `CredentialsRejected`, an unknown
@@ -40,6 +51,7 @@ this module holds CloudFront's request, the mapping of its error codes, and its 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -47,7 +59,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Unpack
 
@@ -89,6 +101,10 @@ if TYPE_CHECKING:
     import aioboto3
 
 log = logging.getLogger(__name__)
+
+# The tier a warm through CloudFront waits for: the invalidation of its event completed
+# (its markers are `keys.applied_event(COMPLETED, event_id)`).
+COMPLETED = "cloudfront:completed"
 
 # Where boto3 finds credentials without AWS_ACCESS_KEY_ID (profiles, roles, containers).
 _AWS_CREDENTIAL_SOURCES = (
@@ -189,6 +205,14 @@ class CloudFrontSink(CdnPurgeSink):
         self.invalidations: deque[InvalidationRecord] = deque(maxlen=10_000)
         # References of this flush's invalidations, settled once its commands are recorded.
         self._settling: set[str] = set()
+        self._paths_free = cf.max_paths_in_progress  # at the last plan
+        self.bucket = budget.TokenBucket(cf.rate_per_s, cf.burst)
+        # This flush's commands' events, and the invalidations it made (or found), so that
+        # their completion marks the right events; then those still in progress.
+        self._events_of: dict[str, str] = {}
+        self._made: list[InvalidationRecord] = []
+        self.completing: dict[str, frozenset[str]] = {}  # invalidation id -> event ids
+        self._follower: asyncio.Task[None] | None = None
 
     @classmethod
     def unavailable(cls, settings: Settings, region: str) -> str | None:
@@ -220,7 +244,15 @@ class CloudFrontSink(CdnPurgeSink):
             self._session.client("cloudfront", endpoint_url=self.endpoint_url, config=config)
         )
 
+    @property
+    def backend_url(self) -> str | None:
+        return self.endpoint_url or "https://cloudfront.amazonaws.com"
+
     async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
         await self._stack.aclose()
         await super().close()
 
@@ -231,6 +263,8 @@ class CloudFrontSink(CdnPurgeSink):
         invalidation asked for before and never recorded are regrouped under its reference
         and paths: found again (the usual case), or asked for again with the same batch."""
         self._settling = set()  # what a failed flush made stays unsettled: its batch returns
+        self._made = []
+        self._events_of = {c.command_id: c.origin_event_id for c in purges}
         pending = await super().pending(purges, positions)
         unsettled = await self._unsettled() if pending.todo else {}
         for ref, (command_ids, paths) in unsettled.items():
@@ -258,11 +292,61 @@ class CloudFrontSink(CdnPurgeSink):
         return pending
 
     async def recorded(self) -> None:
-        """The flush's commands are in the ledger: their invalidations are settled."""
+        """The flush's commands are in the ledger: their invalidations are settled, and
+        followed until they complete (for the warms that wait for that)."""
         refs, self._settling = self._settling, set()
         if refs:
             with redis_errors(f"{self.label}: settling invalidations"):
                 await self._refs.hdel(keys.cloudfront_unsettled(self.distribution), *refs)
+        made, self._made = self._made, []
+        completed: set[str] = set()
+        for record in made:
+            events = frozenset(
+                self._events_of[c] for c in record.command_ids if c in self._events_of
+            )
+            if record.status.lower() == "completed":
+                completed |= events
+            elif events:
+                self.completing[record.invalidation_id] = (
+                    self.completing.get(record.invalidation_id, frozenset()) | events
+                )
+        await self._mark_completed(completed)
+        if self.completing and (self._follower is None or self._follower.done()):
+            self._follower = asyncio.create_task(self._follow(), name=f"{self.label} completion")
+
+    async def _follow(self) -> None:
+        """Ask CloudFront about each invalidation in progress, one call per
+        `completion_poll_s`, until none is left."""
+        while self.completing:
+            for inv_id in list(self.completing):
+                await asyncio.sleep(self.policy.cloudfront.completion_poll_s)
+                try:
+                    response = await self._client.get_invalidation(
+                        DistributionId=self.distribution, Id=inv_id
+                    )
+                except (ClientError, BotoCoreError) as exc:
+                    log.debug("%s: status of %s unknown: %s", self.label, inv_id, exc)
+                    continue
+                if str(response["Invalidation"].get("Status", "")).lower() == "completed":
+                    self.in_flight.pop(inv_id, None)
+                    try:
+                        await self._mark_completed(self.completing[inv_id])
+                    except TransientError as exc:
+                        log.warning("%s: %s", self.label, exc)
+                        continue
+                    del self.completing[inv_id]
+
+    async def _mark_completed(self, events: Collection[str]) -> None:
+        """Mark these events' invalidations complete in the region's Redis, and say so."""
+        if not events:
+            return
+        now = int(time.time() * 1000)
+        with redis_errors(f"{self.label}: marking completed invalidations"):
+            pipe = self._refs.pipeline(transaction=False)
+            for event in events:
+                pipe.set(keys.applied_event(COMPLETED, event), now, ex=keys.APPLIED_TTL_S)
+            pipe.publish(keys.tier_applied(self.region, COMPLETED), "\n".join(sorted(events)))
+            await pipe.execute()
 
     async def _unsettled(self) -> dict[str, tuple[frozenset[str], tuple[str, ...]]]:
         """The invalidations asked for and not yet recorded: reference -> (command ids, paths).
@@ -295,15 +379,19 @@ class CloudFrontSink(CdnPurgeSink):
         wildcards_free = cf.max_wildcards_in_progress - busy_wildcards
         if paths_free < 1:
             raise RetryAfter(f"{self.label}: {busy_paths} paths in progress", cf.busy_retry_s)
+        # Paths beyond what is free go in further invalidations (`send`), not into wildcards:
+        # only the wildcard limit, or a cost budget, escalates paths.
         limits = budget.Limits(
             provider=self.kind,
             max_items_per_request=cf.max_paths_in_progress,
             tags=False,
             escalate_urls_over=cf.escalate_paths_over,
-            max_items=min(paths_free, cf.max_paths_per_flush),
+            max_items=cf.max_paths_per_flush,
             max_prefixes=max(wildcards_free, 1),
             root_depth=self.policy.root_depth,
+            wildcard_anywhere=True,
         )
+        self._paths_free = paths_free
         plan = budget.plan(todo, limits, recent=self._recent)
         if plan.count("prefixes") > wildcards_free:
             raise RetryAfter(
@@ -314,18 +402,79 @@ class CloudFrontSink(CdnPurgeSink):
     async def send(self, plan: budget.PurgePlan, todo: Sequence[PurgeCommand]) -> Sent:
         if plan.item_count == 0:  # every path was invalidated after these events happened
             return Sent()
+        cf = self.policy.cloudfront
+        parts = _parts(plan, todo, size=cf.max_paths_in_progress)
+        # More paths than one invalidation may hold in progress go as several, each once the
+        # distribution has room for it (the parts made are found again by their references
+        # if the batch comes back). A part with no room now: what is free is taken, with
+        # this part's and the later ones' paths escalated to fit (the in-progress limit
+        # forces it), or, with nothing free, the batch waits.
+        made: list[str] = []
+        rejected: dict[str, str] = {}
+        free = self._paths_free
+        for n, (ids, paths) in enumerate(parts):
+            if n:
+                busy, _ = await self._in_progress()
+                free = cf.max_paths_in_progress - busy
+            room = len(paths) <= free
+            if room:
+                part = await self._send_part(plan, (ids, paths))
+            else:
+                rest = {cid for later, _ in parts[n:] for cid in later}
+                part = await self._fit([c for c in todo if c.command_id in rest], free)
+            rejected.update(part.rejected)
+            made.extend(part.note.provider_ids if part.note else ())
+            if not room:
+                break
+        if len(made) == 1:
+            note = Note(provider_ids=tuple(made), detail=f"{sum(len(p) for _, p in parts)} paths")
+        else:
+            note = Note(provider_ids=tuple(made), detail=f"{len(made)} invalidations")
+        return Sent(rejected=rejected, ref=",".join(made), note=note if made else None)
+
+    async def _fit(self, commands: list[PurgeCommand], free: int) -> Sent:
+        """`commands` as one invalidation of at most `free` paths, escalated to fit."""
+        cf = self.policy.cloudfront
+        if free < 1:
+            raise RetryAfter(f"{self.label}: no paths free in progress", cf.busy_retry_s)
+        _, busy_wildcards = await self._in_progress()
+        limits = budget.Limits(
+            provider=self.kind,
+            max_items_per_request=cf.max_paths_in_progress,
+            tags=False,
+            escalate_urls_over=cf.escalate_paths_over,
+            max_items=free,
+            max_prefixes=max(cf.max_wildcards_in_progress - busy_wildcards, 1),
+            root_depth=self.policy.root_depth,
+            wildcard_anywhere=True,
+        )
+        plan = budget.plan(commands, limits, recent=self._recent)
+        if plan.count("prefixes") > cf.max_wildcards_in_progress - busy_wildcards:
+            raise RetryAfter(
+                f"{self.label}: {busy_wildcards} wildcards in progress", cf.busy_retry_s
+            )
+        self.count_escalations(plan)
         paths = tuple(sorted(plan.items["urls"])) + tuple(
             p + "*" for p in sorted(plan.items["prefixes"])
         )
-        command_ids = [c.command_id for c in todo]
-        ref = caller_reference(self.distribution, command_ids)
+        return await self._send_part(plan, ([c.command_id for c in commands], paths))
+
+    async def _send_part(
+        self,
+        plan: budget.PurgePlan,
+        part: tuple[list[str], tuple[str, ...]],
+    ) -> Sent:
+        """One invalidation for `part`'s commands and paths, bisected if CloudFront refuses it."""
+        ids, paths = part
+        ref = caller_reference(self.distribution, ids)
         sent_at = time.time() * 1000
         try:
-            record = await self._invalidate(ref, paths, command_ids)
+            record = await self._invalidate(ref, paths, ids)
         except PermanentSinkError as exc:
-            return await self._bisect(plan, command_ids, exc)
-        for kind in budget.PATH_KINDS:
-            self._recent.record(kind, plan.items[kind], sent_at)
+            return await self._bisect(plan, ids, exc)
+        for path in paths:
+            kind: budget.Kind = "prefixes" if path.endswith("*") else "urls"
+            self._recent.record(kind, [path.removesuffix("*")], sent_at)
         # The invalidation id goes into each command's audit record, for `cachesync trace`.
         note = Note(provider_ids=(record.invalidation_id,), detail=f"{len(paths)} paths")
         return Sent(ref=record.invalidation_id, note=note)
@@ -336,11 +485,10 @@ class CloudFrontSink(CdnPurgeSink):
         """CloudFront refused the window's invalidation. A refusal of its content (a bad
         path) is bisected by command until it is down to the commands that named the bad
         paths; those are rejected, the others applied. Anything else rejects the window."""
-        # The commands that named a path of the refused invalidation (the others' paths
-        # were all invalidated recently: nothing of theirs was refused).
-        named = sorted(
-            set().union(*(plan.items[k][p] for k in budget.PATH_KINDS for p in plan.items[k]))
-        )
+        # Halves of the window's commands in a fixed order, whatever paths were left out as
+        # invalidated recently (that depends on when this runs): a window that comes back
+        # is split the same way, and each half finds its invalidation by its reference.
+        named = sorted(command_ids)
         if not _splittable(refused) or len(named) < 2:
             message = f"{self.label}: {refused}"
             doomed = command_ids if not _splittable(refused) else named
@@ -372,12 +520,12 @@ class CloudFrontSink(CdnPurgeSink):
     ) -> None:
         """One half of a refused window: its commands' paths as their own invalidation, its
         CallerReference from their ids (so each half, and a retry of it, has its own)."""
-        if not part:
-            return
         ids = set(part)
         urls = sorted(u for u, who in plan.items["urls"].items() if who & ids)
         prefixes = sorted(p for p, who in plan.items["prefixes"].items() if who & ids)
         paths = (*urls, *(p + "*" for p in prefixes))
+        if not paths:  # every path of these commands was invalidated after their events
+            return
         sent_at = time.time() * 1000
         try:
             record = await self._invalidate(caller_reference(self.distribution, part), paths, part)
@@ -410,6 +558,7 @@ class CloudFrontSink(CdnPurgeSink):
                 inv_id, ref, self.distribution, paths, tuple(command_ids), "known", now, True
             )
             self.invalidations.append(rec)
+            self._made.append(rec)
             return rec
         # Until its commands are recorded, a re-read batch regroups them under this
         # reference and these paths (`pending`). Not replaced if there: a regrouped batch
@@ -450,11 +599,13 @@ class CloudFrontSink(CdnPurgeSink):
             inv_id, ref, self.distribution, paths, tuple(command_ids), status, now
         )
         self.invalidations.append(rec)
+        self._made.append(rec)
         return rec
 
     async def _create(self, ref: str, paths: tuple[str, ...]) -> dict[str, Any]:
         """One CreateInvalidation; botocore's errors become the project's here."""
         batch = {"Paths": {"Quantity": len(paths), "Items": list(paths)}, "CallerReference": ref}
+        await self.pace()
 
         async def once() -> Any:
             self.calls += 1
@@ -537,6 +688,35 @@ class CloudFrontSink(CdnPurgeSink):
 
 def _secret(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value is not None else None
+
+
+def _parts(
+    plan: budget.PurgePlan, todo: Sequence[PurgeCommand], *, size: int
+) -> list[tuple[list[str], tuple[str, ...]]]:
+    """The plan's paths cut into invalidations of at most `size` paths, by command in the
+    batch's order: each path goes with the first command that needs it, and a command's
+    paths are never split (one with more than `size` is a part alone), so each part is
+    its commands' own invalidation."""
+    needed: dict[str, list[str]] = {}  # command id -> the paths it is the first to need
+    order = {c.command_id: i for i, c in enumerate(todo)}
+    for kind in budget.PATH_KINDS:
+        for item, who in plan.items[kind].items():
+            path = item + "*" if kind == "prefixes" else item
+            first_id = min(who, key=lambda c: order.get(c, len(order)))
+            needed.setdefault(first_id, []).append(path)
+    parts: list[tuple[list[str], tuple[str, ...]]] = []
+    ids: list[str] = []
+    paths: list[str] = []
+    for command in todo:
+        mine = needed.get(command.command_id, [])
+        if ids and paths and len(paths) + len(mine) > size:
+            parts.append((ids, tuple(sorted(paths))))
+            ids, paths = [], []
+        ids.append(command.command_id)
+        paths.extend(mine)
+    if ids:
+        parts.append((ids, tuple(sorted(paths))))
+    return [p for p in parts if p[1]] or parts[:1]
 
 
 def caller_reference(distribution: str, command_ids: list[str]) -> str:

@@ -303,8 +303,7 @@ def record_latency(
     """Event time -> provider acknowledgement, as the purge latency metric and the ack hook."""
     now = acked_at_ms if acked_at_ms is not None else time.time() * 1000
     attrs: dict[str, Any] = {"region": region, "sink": provider}
-    for cmd in commands:
-        telemetry.purge_latency.record(now - cmd.origin_occurred_at, attrs)
+    telemetry.record_purge_latencies([now - c.origin_occurred_at for c in commands], attrs)
     telemetry.commands_applied.add(len(commands), {**attrs, "outcome": "applied"})
     if hook is not None and commands:
         hook(

@@ -12,7 +12,7 @@ from redis.typing import EncodableT
 
 from cachesync.consumers import keys, telemetry
 from cachesync.consumers.commands import Command, PurgeCommand
-from cachesync.consumers.errors import redis_errors
+from cachesync.consumers.errors import TransientError, redis_errors
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.base import FlushResult, Note, Position, PurgeSink
 from cachesync.consumers.sinks.ledger import Applied, applied_at, redelivered
@@ -294,9 +294,17 @@ class RedisSink(PurgeSink):
         telemetry.commands_applied.add(len(applied), {**attrs, "outcome": "applied"})
         if notes:
             telemetry.commands_applied.add(len(notes), {**attrs, "outcome": "duplicate"})
-        for cmd in applied:
-            telemetry.purge_latency.record(now_ms - cmd.origin_occurred_at, attrs)
+        telemetry.record_purge_latencies([now_ms - c.origin_occurred_at for c in applied], attrs)
         return FlushResult(applied=len(applied), skipped=len(notes), notes=notes)
+
+    async def ready(self) -> str | None:
+        # A PING, not a TCP connect: a frozen Redis still accepts connections.
+        try:
+            with redis_errors(f"redis {self.region}: ping"):
+                await self.redis.ping()
+        except TransientError as exc:
+            return str(exc)
+        return None
 
     async def close(self) -> None:
         await self.redis.aclose()

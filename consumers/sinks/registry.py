@@ -51,6 +51,8 @@ def build_sink(settings: Settings, region: str, kind: str) -> Sink:
         raise ConfigError(f"sink {kind} in {region}: {reason}")
     sink = SINKS[kind].from_settings(settings, region)
     # A sink follows only the tiers that run here: a region without CloudFront does not
-    # hold its warms for CloudFront.
-    sink.after = tuple(available(settings, region, sink.after))
+    # hold its warms for CloudFront (nor for its completed invalidations, "cloudfront:...").
+    sink.after = tuple(
+        t for t in sink.after if unavailable(settings, region, t.split(":")[0]) is None
+    )
     return sink

@@ -1,10 +1,13 @@
 """The warmer: fetches a wedding's pages through a region's edge once its purge is applied.
 
 A warm command comes from the same event as a purge. Warming before that purge is
-applied would put the stale page back into the edge, so the warmer follows the
-region's purge sinks (`after`, every purge sink configured in the region): the runner
-holds a batch of warms until they have applied its events' purges (tier order,
-pipeline/roles.py), as it holds an edge's purges until Redis has applied them.
+applied would put the stale page back into the edge, so the warmer follows the tier it
+warms through: the region's `front` in the topology (the HTTP edge, Cloudflare or
+CloudFront), which serves the region's public URLs. The runner holds a batch of warms
+until that tier has applied its events' purges (tier order, pipeline/roles.py), and
+that tier's purge itself waited for the region's Redis. Through CloudFront, it waits for
+the invalidation to complete (`cloudfront.COMPLETED`): warming before that is pointless.
+The other tiers (a CDN the guests do not reach through this edge) are not waited for.
 
 The warmer drops a warm that:
 
@@ -18,6 +21,10 @@ The warmer drops a warm that:
 Each URL is fetched with a concurrency limit and timeouts; the edge's cache-status
 header (`X-Cache`) is recorded. After a MISS the URL is fetched once more, and the
 warm counts as confirmed only when the edge then says HIT.
+
+Each warm is counted once in the metrics (applied, dropped with its reason, latency),
+however often its batch comes back: a batch is put back whole when a fetch fails, and
+its warms are triaged again.
 """
 
 from __future__ import annotations
@@ -38,8 +45,11 @@ from cachesync.consumers.commands import Command, WarmCommand
 from cachesync.consumers.errors import ServerError, TransientError, redis_errors
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.base import FlushResult, Note, Sink
+from cachesync.consumers.sinks.cloudflare import CloudflareSink
+from cachesync.consumers.sinks.cloudfront import COMPLETED, CloudFrontSink
+from cachesync.consumers.sinks.edge_http import EdgeError, EdgeResponse, edge_client
 from cachesync.consumers.sinks.http_purge import edge_unavailable
-from cachesync.consumers.sinks.retry import HttpEndpoint, Retries, redis_client, with_retries
+from cachesync.consumers.sinks.retry import Retries, redis_client, with_retries
 from cachesync.topology.model import CdnPolicy
 
 log = logging.getLogger(__name__)
@@ -58,8 +68,19 @@ class WarmResult:
     at_ms: float
 
 
-# Every purge sink kind, in tier order (tests/unit/sinks/test_registry.py holds it to the registry's).
-PURGE_TIERS = ("redis", "cloudflare", "cloudfront", "http_purge")
+# Warms counted (applied or dropped) remembered, so a batch that comes back is not counted again.
+_COUNTED_KEPT = 100_000
+
+
+def front_tier(settings: Settings, region: str) -> str:
+    """The tier serving `region`'s public URLs (the topology's `front`; the HTTP edge if unset)."""
+    return settings.topology.regions[region].front or "http_purge"
+
+
+def waits_for(front: str) -> str:
+    """The tier whose applied markers a warm through `front` waits for: CloudFront's
+    completed invalidations, any other front's applied purges."""
+    return COMPLETED if front == "cloudfront" else front
 
 
 class WarmerSink(Sink):
@@ -73,6 +94,7 @@ class WarmerSink(Sink):
         edge_url: str,
         redis: Redis | str,
         after: Sequence[str] = ("redis", "http_purge"),
+        fenced_by: Sequence[str] | None = None,
         policy: CdnPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
@@ -80,16 +102,23 @@ class WarmerSink(Sink):
         self.policy = policy or CdnPolicy()
         w = self.policy.warm
         self.edge_url = edge_url.rstrip("/")
-        # Tier order (the runner's) and version fencing (ours) both follow these sinks.
+        # Tier order (the runner's) follows `after`; version fencing (ours) the purge
+        # versions of `fenced_by` (by default the same sinks).
         self.after = tuple(after)
+        self.fenced_by = tuple(
+            fenced_by if fenced_by is not None else (t.split(":")[0] for t in self.after)
+        )
         self.after_max_wait_s = w.max_wait_s
         self.after_retry_s = w.wait_retry_s
         self.redis = redis_client(redis)
-        self.http = HttpEndpoint(
+        # The lean client's persistent connections (sinks/edge_http.py), as many as the
+        # fetches in flight; `transport`: a unit test's httpx.MockTransport.
+        self.edge = edge_client(
             self.edge_url,
+            connections=w.concurrency,
             timeout_s=w.timeout_s,
+            headers={"User-Agent": "cachesync-warmer"},
             transport=transport,
-            headers=lambda: {"User-Agent": "cachesync-warmer"},
         )
         self.retries = Retries(w.attempts, w.timeout_s, wait_initial_s=0.1, wait_max_s=2.0)
         self._pending: list[WarmCommand] = []
@@ -97,29 +126,40 @@ class WarmerSink(Sink):
         self._gate = asyncio.Semaphore(w.concurrency)
         self.results: deque[WarmResult] = deque(maxlen=10_000)
         self.dropped: deque[tuple[str, str]] = deque(maxlen=10_000)  # (command_id, reason)
+        self._counted: dict[str, None] = {}  # command ids already in the metrics, oldest first
 
     @classmethod
     def from_settings(cls, settings: Settings, region: str) -> Self:
-        # Warm only after every purge tier has applied the event's purge; the registry
-        # keeps, of these, the ones that run in the region.
+        # Warm through the region's front tier, once it has applied the event's purge.
+        front = front_tier(settings, region)
+        spec = settings.topology.regions[region]
+        edge = settings.region_edge_urls[region] if front == "http_purge" else spec.public_url
+        assert edge is not None  # `unavailable` said so
         return cls(
             region,
-            after=PURGE_TIERS,
-            edge_url=settings.region_edge_urls[region],
+            after=(waits_for(front),),
+            fenced_by=(front,),
+            edge_url=edge,
             redis=settings.region_redis_urls[region],
             policy=settings.topology.cdn,
         )
 
     @classmethod
     def unavailable(cls, settings: Settings, region: str) -> str | None:
-        return edge_unavailable(settings, region)
+        front = front_tier(settings, region)
+        if front == "http_purge":
+            return edge_unavailable(settings, region)
+        if not settings.topology.regions[region].public_url:
+            return (
+                f"region {region}: front {front} needs its public_url in {settings.topology_file}"
+            )
+        tier = CloudFrontSink if front == "cloudfront" else CloudflareSink
+        reason = tier.unavailable(settings, region)
+        return None if reason is None else f"front {front}: {reason}"
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        return self.http.client
-
-    async def setup(self) -> None:
-        _ = self.http.client
+    def backend_url(self) -> str | None:
+        return self.edge_url
 
     def accepts(self, command: Command) -> bool:
         return isinstance(command, WarmCommand) and bool(command.urls)
@@ -139,13 +179,12 @@ class WarmerSink(Sink):
         ready, dropped = await self._triage(pending, overdue)
         notes: dict[str, Note] = {}
         for warm, reason in dropped:
-            self.dropped.append((warm.command_id, reason))
-            telemetry.warm_dropped.add(1, {"region": self.region, "reason": reason})
-            # Counted by the metric and written to the audit topic; a line each would flood.
+            # Written to the audit topic; a line each would flood.
             log.debug("warm %s for %s dropped: %s", warm.command_id, warm.entity, reason)
             notes[warm.command_id] = Note(
                 outcome="fenced" if reason == "fenced" else "dropped", detail=reason
             )
+        # Raises if a fetch fails for good: the batch comes back whole (nothing counted yet).
         results = await asyncio.gather(*(self._warm(w, urls) for w, urls in ready))
         for (warm, urls), fetched in zip(ready, results, strict=True):
             # The status that counts is the last one: MISS then HIT means warmed and confirmed.
@@ -154,7 +193,37 @@ class WarmerSink(Sink):
                 cache_status={r.url: "HIT" if r.confirmed else r.cache_status for r in fetched},
                 detail=f"{skipped} URLs left to a newer purge's warm" if skipped else "",
             )
+        self._count(ready, dropped)
         return FlushResult(applied=len(ready), skipped=len(pending) - len(ready), notes=notes)
+
+    def _count(
+        self,
+        warmed: Sequence[tuple[WarmCommand, tuple[str, ...]]],
+        dropped: Sequence[tuple[WarmCommand, str]],
+    ) -> None:
+        """The metrics of a flush that went through, each warm once: applied (with its
+        latency from the event) or dropped with why."""
+        attrs = {"region": self.region, "sink": self.kind}
+        now_ms = time.time() * 1000
+        applied = 0
+        for warm, _ in warmed:
+            if self._first_count(warm.command_id):
+                applied += 1
+                telemetry.purge_latency.record(now_ms - warm.origin_occurred_at, attrs)
+        if applied:
+            telemetry.commands_applied.add(applied, {**attrs, "outcome": "applied"})
+        for warm, reason in dropped:
+            self.dropped.append((warm.command_id, reason))
+            if self._first_count(warm.command_id):
+                telemetry.warm_dropped.add(1, {"region": self.region, "reason": reason})
+
+    def _first_count(self, command_id: str) -> bool:
+        if command_id in self._counted:
+            return False
+        self._counted[command_id] = None
+        if len(self._counted) > _COUNTED_KEPT:
+            del self._counted[next(iter(self._counted))]
+        return True
 
     async def _triage(
         self, warms: list[WarmCommand], overdue: set[str]
@@ -170,7 +239,7 @@ class WarmerSink(Sink):
         with redis_errors(f"warmer {self.region}: reading purge versions"):
             pipe = self.redis.pipeline(transaction=False)
             for warm in warms:
-                for sink in self.after:
+                for sink in self.fenced_by:
                     for url in warm.urls:
                         pipe.get(keys.purge_version(sink, keys.url_target(url)))
             values = iter(await pipe.execute())
@@ -178,7 +247,7 @@ class WarmerSink(Sink):
         dropped: list[tuple[WarmCommand, str]] = []
         for warm in warms:
             overtaken: set[str] = set()
-            for _sink in self.after:
+            for _sink in self.fenced_by:
                 for url in warm.urls:
                     version = next(values)
                     if version is not None and int(version) > warm.version:
@@ -223,18 +292,34 @@ class WarmerSink(Sink):
         self.results.append(result)
         return result
 
-    async def _get(self, url: str) -> httpx.Response:
-        async def once() -> httpx.Response:
-            response = await self.client.get(url)
+    async def _get(self, url: str) -> EdgeResponse:
+        async def once() -> EdgeResponse:
+            response = await self.edge.request("GET", url)
             if response.status_code >= 500:
                 raise ServerError(f"HTTP {response.status_code}")
             return response
 
+        # The first try goes outside the retry loop: stamina builds its state per call, which
+        # cost more CPU than the fetch itself. A failed first try is replayed to the loop as
+        # its first attempt, so the attempts, the backoff and the retry count stay the policy's.
+        failed: Exception | None = None
+        try:
+            return await once()
+        except (ServerError, EdgeError) as exc:
+            failed = exc
+
+        async def again() -> EdgeResponse:
+            nonlocal failed
+            if failed is not None:
+                first, failed = failed, None
+                raise first
+            return await once()
+
         try:
             return await with_retries(
-                once,
+                again,
                 self.retries,
-                network=(httpx.TransportError,),
+                network=(EdgeError,),
                 sink=self.kind,
                 region=self.region,
                 what=f"warmer {self.region}: GET {url} via {self.edge_url}",
@@ -244,5 +329,5 @@ class WarmerSink(Sink):
             raise
 
     async def close(self) -> None:
-        await self.http.aclose()
+        await self.edge.aclose()
         await self.redis.aclose()

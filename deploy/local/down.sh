@@ -7,7 +7,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/env.sh"
 RUN="$CACHESYNC_STACK_DIR/run"
 shopt -s nullglob
-for pidf in "$RUN"/*.pid; do
+# MirrorMaker 2 first: it waits on its brokers to stop cleanly.
+for pidf in "$RUN"/mm2.pid "$RUN"/*.pid; do
   pid=$(cat "$pidf" 2>/dev/null || true)
   name=$(basename "$pidf" .pid)
   if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
@@ -17,4 +18,4 @@ for pidf in "$RUN"/*.pid; do
   fi
   rm -f "$pidf"
 done
-if [[ "${1:-}" == "--wipe" ]]; then rm -rf "$CACHESYNC_STACK_DIR"/kafka/data "$CACHESYNC_STACK_DIR"/redis-*; echo "[stack] data wiped"; fi
+if [[ "${1:-}" == "--wipe" ]]; then rm -rf "$CACHESYNC_STACK_DIR"/kafka/data "$CACHESYNC_STACK_DIR"/kafka-*/data "$CACHESYNC_STACK_DIR"/redis-*; echo "[stack] data wiped"; fi

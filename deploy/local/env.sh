@@ -12,3 +12,13 @@ export REDIS_PORT_EU_WEST="${REDIS_PORT_EU_WEST:-16380}"
 export REDIS_PORT_AP_SOUTHEAST="${REDIS_PORT_AP_SOUTHEAST:-16381}"
 export REDIS_PORT_STATE="${REDIS_PORT_STATE:-16382}"
 export REDIS_INSTANCES="${REDIS_INSTANCES:-us-east:$REDIS_PORT_US_EAST eu-west:$REDIS_PORT_EU_WEST ap-southeast:$REDIS_PORT_AP_SOUTHEAST state:$REDIS_PORT_STATE}"
+# Extras, started only when named in CACHESYNC_STACK_EXTRAS (`make test` names both;
+# `make run` none): "secure", a SASL_SSL broker of its own (up.d/secure.sh), and
+# "two-clusters", eu-west's own KRaft broker and MirrorMaker 2 (up.d/two-clusters.sh).
+export CACHESYNC_STACK_EXTRAS="${CACHESYNC_STACK_EXTRAS:-}"
+export KAFKA_EXTRA_HEAP_MB="${KAFKA_EXTRA_HEAP_MB:-256}"
+export KAFKA_SECURE_PORT="${KAFKA_SECURE_PORT:-19094}"            # SASL_SSL (PLAIN, SCRAM-SHA-256/512)
+export KAFKA_SECURE_CONTROLLER_PORT="${KAFKA_SECURE_CONTROLLER_PORT:-19095}"
+export KAFKA_SECURE_MTLS_PORT="${KAFKA_SECURE_MTLS_PORT:-19096}"  # SSL with client certificates
+export KAFKA_EU_WEST_PORT="${KAFKA_EU_WEST_PORT:-19192}"
+export KAFKA_EU_WEST_CONTROLLER_PORT="${KAFKA_EU_WEST_CONTROLLER_PORT:-19193}"

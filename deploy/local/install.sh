@@ -13,6 +13,10 @@ command -v varnishd >/dev/null || need_pkgs+=(varnish)
 ls /usr/lib/*/varnish/vmods/libvmod_xkey.so >/dev/null 2>&1 || need_pkgs+=(varnish-modules)
 command -v java >/dev/null || need_pkgs+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need_pkgs+=(maven)
+command -v openssl >/dev/null || need_pkgs+=(openssl)  # the secure broker's certificates
+# The report's test (tests/unit/test_report_page.py) opens the page in headless Chromium.
+command -v chromium >/dev/null || need_pkgs+=(chromium)
+command -v chromedriver >/dev/null || need_pkgs+=(chromium-driver)
 if ((${#need_pkgs[@]})); then
   log "installing Debian packages: ${need_pkgs[*]}"
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"

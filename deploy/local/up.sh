@@ -31,32 +31,50 @@ wait_until() { # wait_until SECONDS LOGFILE DESCRIPTION CMD...
 
 # ---------------------------------------------------------------- Kafka (KRaft)
 kafka_jars() {
-  local lib="$STACK/kafka/lib"
-  if [[ ! -f "$lib/.complete" ]]; then
+  # The jars are fetched again when the pom changes (its hash is kept in .complete).
+  local lib="$STACK/kafka/lib" pom="$HERE/../kafka/pom.xml" want
+  want=$(sha256sum "$pom" | cut -d' ' -f1)
+  if [[ "$(cat "$lib/.complete" 2>/dev/null)" != "$want" ]]; then
     command -v mvn >/dev/null || die "mvn not found: install Maven (make setup does)"
     log "fetching Kafka jars with Maven into $lib"
     mkdir -p "$lib"
-    mvn -B -q -f "$HERE/../kafka/pom.xml" dependency:copy-dependencies -DoutputDirectory="$lib" \
+    # Through a fresh folder, adding only jars not there yet: a running broker's jars are
+    # never rewritten under it.
+    local fetched="$STACK/kafka/lib.fetch"
+    rm -rf "$fetched"
+    mvn -B -q -f "$pom" dependency:copy-dependencies -DoutputDirectory="$fetched" \
       || die "Maven could not fetch the Kafka jars (see output above)"
-    touch "$lib/.complete"
+    cp -n "$fetched"/*.jar "$lib"/
+    rm -rf "$fetched"
+    echo "$want" > "$lib/.complete"
   fi
 }
 
-start_kafka() {
-  local dir="$STACK/kafka" pidf="$STACK/run/kafka.pid" logf="$STACK/log/kafka.log"
-  if pid_alive "$pidf" && port_open "$KAFKA_PORT"; then log "kafka already up on 127.0.0.1:$KAFKA_PORT"; return; fi
-  if port_open "$KAFKA_PORT"; then die "port $KAFKA_PORT is taken by another process; set KAFKA_PORT"; fi
-  kafka_jars
+# The Kafka version the broker's pom fetches; MirrorMaker 2 is fetched at the same one.
+kafka_version() { sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$HERE/../kafka/pom.xml"; }
+
+# start_kafka_node NAME NODE_ID PORT CONTROLLER_PORT HEAP_MB LISTENERS [FORMAT_ARG...]
+# A single-node KRaft cluster (broker and controller in one JVM) in $STACK/NAME: its
+# properties, data in data/, its PID in run/NAME.pid and its log in log/NAME.log.
+# LISTENERS holds its listener properties (the CONTROLLER listener on CONTROLLER_PORT is
+# added); FORMAT_ARGs go to the storage format (SCRAM users). With KAFKA_NODE_CAFILE set,
+# PORT speaks TLS and readiness is checked through it.
+start_kafka_node() {
+  local name=$1 node_id=$2 port=$3 cport=$4 heap=$5 listeners=$6; shift 6
+  local dir="$STACK/$name" pidf="$STACK/run/$name.pid" logf="$STACK/log/$name.log"
+  local cafile="${KAFKA_NODE_CAFILE:-}"
+  kafka_jars  # also when the node is up: a pom that gained a tool (kafka-tools) fetches it
+  if pid_alive "$pidf" && port_open "$port"; then log "$name already up on 127.0.0.1:$port"; return; fi
+  if port_open "$port"; then die "port $port for $name is taken by another process; set its *_PORT"; fi
+  local lib="$STACK/kafka/lib"
   mkdir -p "$dir/data"
-  cat > "$dir/server.properties" <<PROPS
+  # Readable by its owner only: a secure node's listeners carry its passwords.
+  (umask 077; cat > "$dir/server.properties") <<PROPS
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+node.id=$node_id
+controller.quorum.voters=$node_id@127.0.0.1:$cport
+$listeners
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
 log.dirs=$dir/data
 num.partitions=3
 offsets.topic.replication.factor=1
@@ -80,32 +98,48 @@ Configuration:
 L4J
   if [[ ! -f "$dir/data/meta.properties" ]]; then
     log "formatting KRaft storage in $dir/data"
-    local cid; cid=$(java -cp "$dir/lib/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)
-    java -cp "$dir/lib/*" kafka.tools.StorageTool format -t "$cid" -c "$dir/server.properties" --standalone >>"$logf" 2>&1 \
-      || java -cp "$dir/lib/*" kafka.tools.StorageTool format -t "$cid" -c "$dir/server.properties" >>"$logf" 2>&1 \
-      || { tail -n 20 "$logf" >&2; die "kafka storage format failed"; }
+    local cid; cid=$(java -cp "$lib/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)
+    java -cp "$lib/*" kafka.tools.StorageTool format -t "$cid" -c "$dir/server.properties" --standalone "$@" >>"$logf" 2>&1 \
+      || java -cp "$lib/*" kafka.tools.StorageTool format -t "$cid" -c "$dir/server.properties" "$@" >>"$logf" 2>&1 \
+      || { tail -n 20 "$logf" >&2; die "$name storage format failed"; }
   fi
-  log "starting kafka on 127.0.0.1:$KAFKA_PORT"
+  log "starting $name on 127.0.0.1:$port"
   local t0=$SECONDS
   # setsid: the broker must outlive the shell that started it (make, CI step).
-  setsid java -Xms256m -Xmx"${KAFKA_HEAP_MB}"m -XX:+UseG1GC \
+  setsid java -Xms"$((heap < 256 ? heap : 256))"m -Xmx"$heap"m -XX:+UseG1GC \
     -Dlog4j2.configurationFile="$dir/log4j2.yaml" \
-    -cp "$dir/lib/*" kafka.Kafka "$dir/server.properties" >>"$logf" 2>&1 < /dev/null &
+    -cp "$lib/*" kafka.Kafka "$dir/server.properties" >>"$logf" 2>&1 < /dev/null &
   echo $! > "$pidf"
-  wait_until 120 "$logf" "kafka" kafka_answers
-  log "kafka ready in $((SECONDS - t0))s"
+  wait_until 120 "$logf" "$name" kafka_answers "$pidf" "$port" "$cafile"
+  log "$name ready in $((SECONDS - t0))s"
 }
 
-kafka_answers() {
-  pid_alive "$STACK/run/kafka.pid" || return 1
-  port_open "$KAFKA_PORT" || return 1
+start_kafka() {
+  start_kafka_node kafka 1 "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_HEAP_MB" "$(plaintext_listeners "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT")"
+}
+
+plaintext_listeners() { # plaintext_listeners PORT CONTROLLER_PORT
+  cat <<PROPS
+listeners=PLAINTEXT://127.0.0.1:$1,CONTROLLER://127.0.0.1:$2
+advertised.listeners=PLAINTEXT://127.0.0.1:$1
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+PROPS
+}
+
+kafka_answers() { # kafka_answers PIDFILE PORT [CAFILE]
+  pid_alive "$1" || return 1
+  port_open "$2" || return 1
   # A real admin round trip: metadata answers only once the controller has elected itself.
-  "$PYTHON" - "$KAFKA_PORT" <<'PY'
-import socket, struct, sys
+  # ApiVersions needs no login, so a SASL_SSL listener answers it too (through TLS).
+  "$PYTHON" - "$2" "${3:-}" <<'PY'
+import socket, ssl, struct, sys
 # ApiVersions v0 request: the broker answers it only once its request handlers run.
-port = int(sys.argv[1])
+port, cafile = int(sys.argv[1]), sys.argv[2]
 req = struct.pack(">hhih", 18, 0, 1, 0)
 s = socket.create_connection(("127.0.0.1", port), timeout=2)
+if cafile:
+    s = ssl.create_default_context(cafile=cafile).wrap_socket(s, server_hostname="127.0.0.1")
 s.sendall(struct.pack(">i", len(req)) + req)
 size = struct.unpack(">i", s.recv(4))[0]
 data = b""
@@ -118,6 +152,10 @@ corr, err = struct.unpack(">ih", data[:6])
 sys.exit(0 if corr == 1 and err == 0 else 1)
 PY
 }
+
+# The extras named in CACHESYNC_STACK_EXTRAS (space- or comma-separated) start; the rest
+# are left off, so `make run` stays light. `make test` names them all.
+extra_enabled() { [[ " ${CACHESYNC_STACK_EXTRAS//,/ } " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- Redis
 start_redis() { # start_redis NAME PORT

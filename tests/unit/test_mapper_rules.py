@@ -81,9 +81,15 @@ CASES: list[tuple[str, dict[str, Any], dict[str, list[str]], dict[str, dict[str,
             "urls": ["/weddings/w1/gallery", "/weddings/w1/albums/a1"],
             "prefixes": [],
         },
-        {
-            "eu-west": {"photo_urls": ["/weddings/w1/photos/p1.jpg", "/weddings/w1/gallery"]},
-            "us-east": {"photo_urls": ["/weddings/w1/photos/p1.jpg", "/weddings/w1/gallery"]},
+        {  # the album page the purge dropped is warmed too
+            region: {
+                "photo_urls": [
+                    "/weddings/w1/photos/p1.jpg",
+                    "/weddings/w1/gallery",
+                    "/weddings/w1/albums/a1",
+                ]
+            }
+            for region in ("eu-west", "us-east")
         },
     ),
     (

@@ -14,6 +14,11 @@ local stack's: `POST /_stub/token/revoke?status=401`, `POST /_stub/token/restore
 answered 403 (or 401) with code 10000 "Authentication error", as the API does. `GET
 /_stub/purged?kind=tags&zone=Z` lists what was accepted: the ledger a test or a fault
 run checks against.
+
+It is also an edge (`cloudflare_edge.py`): given an `origin_url` and the zones' public hosts
+(`zone_hosts`), it serves GETs for those hosts from a cache that the accepted purges drop,
+and `POST /client/v4/graphql` answers the Analytics query for requests by cache status
+from what it served.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from deploy.local.standins.cloudflare_edge import CloudflareEdge
 
 PURGE_TYPES = ("files", "tags", "hosts", "prefixes", "purge_everything")
 
@@ -67,6 +74,8 @@ class CloudflareStub:
         max_items: int = 100,
         rate_per_s: float = 1000.0,
         burst: int = 1000,
+        origin_url: str | None = None,
+        zone_hosts: dict[str, str] | None = None,
     ) -> None:
         self.token = token
         self.zones = zones  # None: any zone exists
@@ -77,11 +86,15 @@ class CloudflareStub:
         self.fail_next: list[int] = []  # statuses to answer before anything else, in order
         self.revoked: int | None = None  # the status every purge gets while the token is revoked
         self._buckets: dict[str, _Bucket] = {}
+        self.edge = CloudflareEdge(origin_url, dict(zone_hosts or {}))
         self.app = Starlette(
             routes=[
                 Route("/client/v4/zones/{zone}/purge_cache", self.purge, methods=["POST"]),
+                Route("/client/v4/graphql", self._graphql_route, methods=["POST"]),
                 Route("/_stub/token/{action}", self._token_route, methods=["POST"]),
                 Route("/_stub/purged", self._purged_route, methods=["GET"]),
+                # Anything else is a guest's GET for a zone's public host: the edge.
+                Route("/{path:path}", self.edge.serve, methods=["GET", "HEAD"]),
             ]
         )
 
@@ -140,6 +153,19 @@ class CloudflareStub:
             return JSONResponse({"error": f"kind is one of {', '.join(PURGE_TYPES)}"}, 400)
         zone = request.query_params.get("zone")
         return JSONResponse({"kind": kind, "items": sorted(self.purged(kind, zone))})
+
+    async def _graphql_route(self, request: Request) -> JSONResponse:
+        if request.headers.get("authorization") != f"Bearer {self.token}" or self.revoked:
+            return JSONResponse(
+                {"data": None, "errors": [{"message": "Authentication error"}]}, 403
+            )
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return JSONResponse({"data": None, "errors": [{"message": "not a JSON object"}]}, 400)
+        return await self.edge.analytics(body)
 
     # -- the API ---------------------------------------------------------------
     async def purge(self, request: Request) -> JSONResponse:
@@ -204,6 +230,7 @@ class CloudflareStub:
         if kind == "purge_everything":
             if body[kind] is not True:
                 return answer(400, 1012, "purge_everything must be true")
+            self.edge.purge(zone, kind, ())
             return answer(200)
         values = body[kind]
         if (
@@ -223,4 +250,5 @@ class CloudflareStub:
             return answer(400, 1018, "prefixes must be host/path without a scheme")
         if kind == "tags" and any(len(v) > 1024 or " " in v for v in items):
             return answer(400, 1019, "tags must be at most 1024 characters, without spaces")
+        self.edge.purge(zone, kind, items)
         return answer(200)

@@ -122,3 +122,18 @@ class VendorApiStub:
         if behaviour.fail == "huge":
             payload["padding"] = "x" * behaviour.huge_bytes
         return Response(json.dumps(payload), 200, headers=headers, media_type="application/json")
+
+
+def main(port: int) -> None:
+    """Serve one stand-in for every vendor API of the local topology (each integration's
+    `base_url` is a path on it: /availability/v1, /prices/v2, ...), as
+    `deploy/local/up.d/vendor_api.sh` starts it. Ctrl-C or SIGTERM stops it."""
+    import uvicorn
+
+    uvicorn.run(VendorApiStub().app(), host="127.0.0.1", port=port, log_level="warning")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(int(sys.argv[1]))

@@ -28,13 +28,41 @@ start_origin() {
   log "origin ready on 127.0.0.1:$ORIGIN_PORT"
 }
 
+render_vcl() { # the repository's VCL, its backend on ORIGIN_PORT
+  sed "s/\.port = \"[0-9]*\";/.port = \"$ORIGIN_PORT\";/" "$HERE/../varnish/default.vcl"
+}
+
+reload_vcl() { # a running varnish takes the repository's VCL if it changed, without a restart
+  local dir="$STACK/varnish" logf="$STACK/log/varnish.log" new name old
+  new="$(mktemp "$dir/default.vcl.XXXXXX")"
+  render_vcl > "$new"
+  if cmp -s "$new" "$dir/default.vcl"; then rm -f "$new"; return; fi
+  # A name of its own per load; the cache (and the objects' keys) outlive the switch.
+  name="cachesync_$(date +%Y%m%d_%H%M%S)_$$"
+  if ! varnishadm -n "$dir/work" vcl.load "$name" "$new" >>"$logf" 2>&1 \
+     || ! varnishadm -n "$dir/work" vcl.use "$name" >>"$logf" 2>&1; then
+    rm -f "$new"
+    die "varnish on :$VARNISH_PORT did not take the changed deploy/varnish/default.vcl (see $logf)"
+  fi
+  mv "$new" "$dir/default.vcl"
+  # The VCLs it replaced hold nothing: discard them rather than let them pile up.
+  for old in $(varnishadm -n "$dir/work" vcl.list 2>/dev/null | awk '$1 == "available" {print $NF}'); do
+    varnishadm -n "$dir/work" vcl.discard "$old" >>"$logf" 2>&1 || true
+  done
+  log "varnish on :$VARNISH_PORT reloaded with the changed VCL ($name)"
+}
+
 start_varnish() {
   local dir="$STACK/varnish" pidf="$STACK/run/varnish.pid" logf="$STACK/log/varnish.log"
-  if pid_alive "$pidf" && http_ok "$VARNISH_PORT" /_health; then log "varnish already up on :$VARNISH_PORT"; return; fi
+  if pid_alive "$pidf" && http_ok "$VARNISH_PORT" /_health; then
+    log "varnish already up on :$VARNISH_PORT"
+    reload_vcl
+    return
+  fi
   command -v varnishd >/dev/null || die "varnishd not found: make setup installs Debian's varnish and varnish-modules"
   if port_open "$VARNISH_PORT"; then die "port $VARNISH_PORT for varnish is taken by another process; set VARNISH_PORT"; fi
   mkdir -p "$dir/work"
-  sed "s/\.port = \"[0-9]*\";/.port = \"$ORIGIN_PORT\";/" "$HERE/../varnish/default.vcl" > "$dir/default.vcl"
+  render_vcl > "$dir/default.vcl"
   setsid varnishd -j none -F -n "$dir/work" -a "127.0.0.1:$VARNISH_PORT" -T 127.0.0.1:0 \
     -f "$dir/default.vcl" -s malloc,64m >>"$logf" 2>&1 < /dev/null &
   echo $! > "$pidf"

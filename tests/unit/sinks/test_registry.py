@@ -82,7 +82,7 @@ def test_cloudflare_needs_a_token_and_cloudfront_credentials(
 async def test_build_sink_uses_each_class_from_settings_and_tier_order(
     configured: Settings,
 ) -> None:
-    """Each sink is built by its class; edges follow Redis; the warmer every purge sink here."""
+    """Each sink is built by its class; edges follow Redis; the warmer its region's front."""
     sinks = {kind: registry.build_sink(configured, EU, kind) for kind in registry.SINK_KINDS}
     try:
         for kind, sink in sinks.items():
@@ -90,7 +90,7 @@ async def test_build_sink_uses_each_class_from_settings_and_tier_order(
         assert sinks["redis"].after == ()
         for edge in ("cloudflare", "cloudfront", "http_purge"):
             assert sinks[edge].after == ("redis",), edge
-        assert sinks["warmer"].after == ("redis", "cloudflare", "cloudfront", "http_purge")
+        assert sinks["warmer"].after == ("http_purge",)
         cloudflare = sinks["cloudflare"]
         assert isinstance(cloudflare, CloudflareSink) and cloudflare.zone == "zone-eu"
         cloudfront = sinks["cloudfront"]
@@ -100,21 +100,35 @@ async def test_build_sink_uses_each_class_from_settings_and_tier_order(
             await sink.close()
 
 
-async def test_the_warmer_follows_only_the_purge_sinks_configured_in_its_region(
-    bare: Settings,
-) -> None:
-    """Built by the registry, the warmer waits for the purge tiers that run in its region."""
+async def test_the_warmer_waits_only_for_the_tier_it_warms_through(bare: Settings) -> None:
+    """Built by the registry, the warmer waits for its region's front tier (the HTTP edge
+    here), not for CDNs its guests do not reach through that edge."""
     warmer = registry.build_sink(bare, EU, "warmer")
     await warmer.close()
     assert isinstance(warmer, WarmerSink)
-    assert warmer.after == ("redis", "http_purge")
+    assert warmer.after == ("http_purge",) and warmer.fenced_by == ("http_purge",)
+    assert warmer.edge_url == bare.region_edge_urls[EU]
     assert warmer.after_max_wait_s == bare.topology.cdn.warm.max_wait_s
     assert warmer.after_retry_s == bare.topology.cdn.warm.wait_retry_s
 
 
-def test_the_warmer_follows_every_purge_tier() -> None:
-    """The warmer's list of purge tiers is the registry's: a new purge sink is not forgotten."""
-    from cachesync.consumers.sinks.registry import PURGE_KINDS
-    from cachesync.consumers.sinks.warmer import PURGE_TIERS
+def _front(settings: Settings, front: str) -> Settings:
+    regions = dict(settings.topology.regions)
+    # (Over plain HTTP: the warmer's edge client speaks nothing else.)
+    public = "http://eu.weddings.example"
+    regions[EU] = regions[EU].model_copy(update={"front": front, "public_url": public})
+    topology = settings.topology.model_copy(update={"regions": regions})
+    return settings.model_copy(update={"topology": topology})
 
-    assert list(PURGE_TIERS) == PURGE_KINDS
+
+async def test_through_cloudfront_the_warmer_waits_for_completed_invalidations(
+    configured: Settings, bare: Settings
+) -> None:
+    """A region fronted by CloudFront: warms go to its public URL, after the invalidation
+    completed; without CloudFront configured there, the warmer cannot run."""
+    warmer = registry.build_sink(_front(configured, "cloudfront"), EU, "warmer")
+    await warmer.close()
+    assert isinstance(warmer, WarmerSink)
+    assert warmer.after == ("cloudfront:completed",) and warmer.fenced_by == ("cloudfront",)
+    assert warmer.edge_url == "http://eu.weddings.example"
+    assert "cloudfront" in str(registry.unavailable(_front(bare, "cloudfront"), EU, "warmer"))

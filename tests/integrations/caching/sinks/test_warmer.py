@@ -198,11 +198,13 @@ async def test_the_runner_holds_warms_until_the_regions_purges_are_applied(
     page, lost = f"/weddings/w-{run}/gallery", f"/weddings/w-{run}/albums/lost"
     sink = warmer(settings, edge, after=("redis", "http_purge"))
     runner = SinkRole(settings, sink)  # not started: only its tier order is used here
+    runner.HOLD_SLICE_S = 0.3  # how long one hold waits in the handler before putting back
     try:
         command = warm(run, "e1", page, version=1_000)
         with pytest.raises(RetryAfter) as caught:
             await runner.hold_for_earlier_tiers([command])
-        assert caught.value.retry_after == POLICY.warm.wait_retry_s
+        assert caught.value.retry_after == 0  # read again at once, and waited for again
+        assert runner.held_events == {command.origin_event_id}
 
         # Redis alone is not enough: the edge's purge sink has not applied the event yet.
         redis_sink = RedisSink(EU, settings.region_redis_urls[EU])

@@ -1,0 +1,738 @@
+"""Latency per tier at a steady rate: event -> acknowledged, each tier observed from outside.
+
+The mapper and each region's five sinks (Redis, Cloudflare, CloudFront, HTTP purge, the
+warmer) run as separate processes, as in production, against the local stack's Kafka and
+Redis, a Varnish edge per region (started here, on ports of its own, in front of the
+local origin), the Cloudflare API stand-in and moto. `photo.uploaded` events are
+published at `--rate` per second for `--seconds`, each for a wedding, a photo and an
+album of its own (a wedding's pages share surrogate keys, so one event would purge
+another's pages), so each tier's acknowledgement is told apart by items no other event
+names. In us-east, the default region (where a wedding's warms go when its guests'
+countries were never described), every event's acknowledgement is observed in the cache
+or provider itself, never from the pipeline's reports:
+
+| tier | acknowledged when |
+|---|---|
+| Redis | the purge's keys, written before the event, are gone (polled every 2 ms) |
+| Varnish | the album page, cached before the event, is no longer served from that copy: a probe that never fills the cache (`x-cachesync-probe`: the edge answers 504 on a miss) gets 504 or another origin generation |
+| Cloudflare | the stand-in's ledger holds an accepted call naming the album's tag and its page |
+| CloudFront | moto lists an invalidation covering the album page (listed every 50 ms) |
+| warm | the photo's page, never fetched by anyone but the warmer, is a HIT at the edge |
+
+Latency is from the event's `occurred_at` (set as it is published), after 5 s of the same
+traffic not measured (a warm-up). Events are sampled for the edge probes
+(`--probe-every`); Redis, Cloudflare and CloudFront see every event. The Cloudflare
+stand-in's zones and the sinks' plan are Enterprise's (50 req/s, bucket 500): its p50
+target is Cloudflare's own global purge time, which a 5 req/s plan cannot approach
+when each flush is up to three calls (files, tags, prefixes).
+
+    .venv/bin/python -m bench.tier_latency [--rate 100] [--seconds 30] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import aioboto3
+import typer
+import yaml
+from redis.asyncio import Redis
+
+from bench.common import REPO, first_line, one_command_app, percentile, stack_env
+from cachesync.consumers.ops.publish import EventPublisher, new_event
+from cachesync.consumers.settings import Settings, load_settings, region_var
+from cachesync.topology.admin import apply_topics
+from deploy.local.standins.aws import create_distribution, moto_server
+from deploy.local.standins.cloudflare import CloudflareStub
+from deploy.local.standins.serve import free_port, serve
+
+# The topology's default region: the warms of a wedding whose guests were never described go
+# there, so every event's warm is observed without describing its wedding first.
+OBSERVED = "us-east"
+TOKEN = "bench-tiers-token"
+# Issue 15's targets, at 100 events/s on this machine: tier -> (p50, p99) in ms.
+TARGETS: dict[str, tuple[float, float]] = {
+    "redis": (20, 100),
+    "varnish": (100, 300),
+    "cloudflare": (150, 500),
+    "cloudfront": (1000, 2000),
+    "warm": (1000, 2000),
+}
+LABELS = {
+    "redis": "Redis keys deleted",
+    "varnish": "Varnish purged (next GET a MISS)",
+    "cloudflare": "Cloudflare purge accepted (stand-in's ledger)",
+    "cloudfront": "CloudFront invalidation created (moto)",
+    "warm": "warmed page HIT at the Varnish edge",
+}
+# Cloudflare plan of the stand-in's zones and of the sinks: Enterprise, 50 req/s, bucket 500.
+CLOUDFLARE_RATE = 50.0
+CLOUDFLARE_BURST = 500
+# After the last event, how long observations may still come in.
+GRACE_S = 15.0
+# Events published at the same rate before the measured ones, not observed.
+WARM_UP_S = 5.0
+
+# The local edge's VCL, plus one rule: a request with `x-cachesync-probe` is answered from
+# the cache or not at all (504), so a probe never puts a page in the cache it observes.
+PROBE_VCL = """
+sub vcl_miss {
+    if (req.http.x-cachesync-probe) {
+        return (synth(504, "Not cached"));
+    }
+}
+"""
+
+
+# -- the edges ----------------------------------------------------------------------
+
+
+class Edges:
+    """An origin and one Varnish per region, on free ports, under .stack/bench-tiers/<run>/."""
+
+    def __init__(self, run: str, regions: list[str]) -> None:
+        stack = Path(os.environ.get("CACHESYNC_STACK_DIR", REPO / ".stack"))
+        self.dir = stack / "bench-tiers" / run
+        self.regions = regions
+        self.origin_port = free_port()
+        self.ports = {r: free_port() for r in regions}
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def url(self, region: str) -> str:
+        return f"http://127.0.0.1:{self.ports[region]}"
+
+    def start(self) -> None:
+        if shutil.which("varnishd") is None:
+            raise SystemExit("varnishd not found: make setup installs Debian's varnish")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.dir / "edges.log", "ab")  # noqa: SIM115 (held by the children)
+        self.procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "deploy.local.standins.origin", str(self.origin_port)],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        vcl = (REPO / "deploy/varnish/default.vcl").read_text()
+        vcl = vcl.replace('.port = "16090";', f'.port = "{self.origin_port}";') + PROBE_VCL
+        (self.dir / "edge.vcl").write_text(vcl)
+        for region, port in self.ports.items():
+            work = self.dir / f"varnish-{region}"
+            work.mkdir(exist_ok=True)
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        *("varnishd", "-j", "none", "-F", "-n", str(work)),
+                        *("-a", f"127.0.0.1:{port}", "-T", "127.0.0.1:0"),
+                        *("-f", str(self.dir / "edge.vcl"), "-s", "malloc,64m"),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        deadline = time.monotonic() + 30
+        for port in [self.origin_port, *self.ports.values()]:
+            while not _answers(port):
+                if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                    self.stop(keep_logs=True)
+                    raise SystemExit(f"an edge did not come up: see {self.dir / 'edges.log'}")
+                time.sleep(0.1)
+
+    def stop(self, *, keep_logs: bool) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            if proc.poll() is None:
+                proc.kill()
+        for work in self.dir.glob("varnish-*"):
+            shutil.rmtree(work, ignore_errors=True)
+        if not keep_logs:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _answers(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_health", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+class Probe:
+    """GETs on a few kept-alive connections to one edge, with the probe header: the page's
+    cache status and origin generation, without ever filling the cache. Plain asyncio
+    streams: a probe every few milliseconds must cost the machine little."""
+
+    def __init__(self, port: int, connections: int = 4) -> None:
+        self.port = port
+        self._idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+            asyncio.Queue()
+        )
+        self._gate = asyncio.Semaphore(connections)
+
+    async def get(self, path: str, *, probe: bool = True) -> tuple[int, str, str]:
+        """(status, X-Cache, X-Origin-Generation) of `path`."""
+        async with self._gate:
+            conn = self._idle.get_nowait() if not self._idle.empty() else None
+            for attempt in (0, 1):
+                if conn is None:
+                    conn = await asyncio.open_connection("127.0.0.1", self.port)
+                reader, writer = conn
+                # The Host the warmer and the purger send: the edge's cache is keyed by it.
+                head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+                if probe:
+                    head += "x-cachesync-probe: 1\r\n"
+                writer.write((head + "\r\n").encode())
+                try:
+                    await writer.drain()
+                    answer = await _read_response(reader)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    writer.close()
+                    conn = None
+                    if attempt:
+                        raise
+                    continue
+                self._idle.put_nowait(conn)
+                return answer
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        while not self._idle.empty():
+            _, writer = self._idle.get_nowait()
+            writer.close()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str, str]:
+    line = await reader.readline()
+    if not line:  # the edge closed the idle connection
+        raise ConnectionResetError("connection closed")
+    status = int(line.split()[1])
+    headers: dict[str, str] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers.get("x-cache", ""), headers.get("x-origin-generation", "")
+
+
+# -- the events and what is observed of them ------------------------------------------
+
+
+@dataclass
+class Tracked:
+    """One published event: its unique items, when it happened, and when each tier was seen."""
+
+    index: int
+    wedding: str
+    photo: str
+    album: str
+    probed: bool
+    occurred_ms: int = 0
+    published_mono: float = 0.0
+    generation: str = ""  # the album page's origin generation cached before the event
+    seen: dict[str, float] = field(default_factory=dict)  # tier -> wall ms
+
+    @property
+    def photo_path(self) -> str:
+        return f"/weddings/{self.wedding}/photos/{self.photo}.jpg"
+
+    @property
+    def album_path(self) -> str:
+        return f"/weddings/{self.wedding}/albums/{self.album}"
+
+    @property
+    def redis_keys(self) -> list[str]:
+        return [f"photo:{self.photo}", f"wedding:{self.wedding}:album:{self.album}"]
+
+    def event(self) -> dict[str, Any]:
+        return new_event(
+            "photo.uploaded",
+            source="bench",
+            wedding_id=self.wedding,
+            photo_id=self.photo,
+            album_id=self.album,
+            path=self.photo_path,
+            content_type="image/jpeg",
+            size_bytes=1_000_000,
+        )
+
+    def see(self, tier: str, at_ms: float) -> None:
+        self.seen.setdefault(tier, at_ms)
+
+
+def now_ms() -> float:
+    return time.time() * 1000
+
+
+class Observers:
+    """Every tier's outside observation of the published events, each in its own task."""
+
+    def __init__(self, run: Run, events: list[Tracked]) -> None:
+        self.run = run
+        self.events = events
+        self.published: list[Tracked] = []
+        self.done = asyncio.Event()
+
+    def pending(self, tier: str, *, probed: bool = False) -> list[Tracked]:
+        return [e for e in self.published if tier not in e.seen and (e.probed or not probed)]
+
+    async def redis(self, redis: Redis) -> None:
+        while not self.done.is_set():
+            waiting = self.pending("redis")
+            if waiting:
+                pipe = redis.pipeline(transaction=False)
+                for e in waiting:
+                    pipe.exists(*e.redis_keys)
+                counts = await pipe.execute()
+                at = now_ms()
+                for e, n in zip(waiting, counts, strict=True):
+                    if n == 0:
+                        e.see("redis", at)
+            await asyncio.sleep(0.002)
+
+    async def edge_purges(self, probe: Probe) -> None:
+        """The album page: gone from the edge (504 to a probe) or another generation."""
+        while not self.done.is_set():
+            waiting = self.pending("varnish", probed=True)
+            answers = await asyncio.gather(*(probe.get(e.album_path) for e in waiting))
+            at = now_ms()
+            for e, (status, _, generation) in zip(waiting, answers, strict=True):
+                if status == 504 or generation != e.generation:
+                    e.see("varnish", at)
+            await asyncio.sleep(0.01)
+
+    async def edge_warms(self, probe: Probe) -> None:
+        """The photo page, which only the warmer fetches: a HIT at the edge."""
+        while not self.done.is_set():
+            waiting = self.pending("warm", probed=True)
+            answers = await asyncio.gather(*(probe.get(e.photo_path) for e in waiting))
+            at = now_ms()
+            for e, (status, cache, _) in zip(waiting, answers, strict=True):
+                if status == 200 and cache.startswith("HIT"):
+                    e.see("warm", at)
+            await asyncio.sleep(0.05)
+
+    async def cloudflare(self, stub: CloudflareStub) -> None:
+        zone = self.run.zone(OBSERVED)
+        public = (self.run.settings.topology.regions[OBSERVED].public_url or "").rstrip("/")
+        # Each event's album tag and page: both must be in accepted calls.
+        wanted: dict[str, list[tuple[Tracked, str]]] = {}
+        for e in self.events:
+            wanted.setdefault(f"album:{e.album}", []).append((e, "tag"))
+            wanted.setdefault(public + e.album_path, []).append((e, "file"))
+        parts: dict[int, set[str]] = {}
+        read = 0
+        # The ledger's times are the stand-in's monotonic clock, in this process.
+        offset_ms = now_ms() - time.monotonic() * 1000
+        while not self.done.is_set():
+            calls = stub.calls[read:]
+            read += len(calls)
+            for call in calls:
+                if call.zone != zone or call.status != 200:
+                    continue
+                for item in call.items:
+                    for e, part in wanted.get(item, ()):
+                        if e.published_mono and call.at >= e.published_mono:
+                            got = parts.setdefault(e.index, set())
+                            got.add(part)
+                            if len(got) == 2:
+                                e.see("cloudflare", call.at * 1000 + offset_ms)
+            await asyncio.sleep(0.005)
+
+    async def cloudfront(self, endpoint: str, distribution: str) -> None:
+        session = aioboto3.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        )
+        known: set[str] = set()
+        by_path = {e.album_path: e for e in self.events}
+        async with session.client("cloudfront", endpoint_url=endpoint) as client:
+            while not self.done.is_set():
+                listed = await client.list_invalidations(
+                    DistributionId=distribution, MaxItems="1000"
+                )
+                at = now_ms()
+                for item in listed["InvalidationList"].get("Items", []):
+                    if item["Id"] in known:
+                        continue
+                    known.add(item["Id"])
+                    got = await client.get_invalidation(DistributionId=distribution, Id=item["Id"])
+                    paths = got["Invalidation"]["InvalidationBatch"]["Paths"].get("Items", [])
+                    for path in paths:
+                        if path.endswith("*"):
+                            for album_path, e in by_path.items():
+                                if album_path.startswith(path[:-1]) and e.occurred_ms:
+                                    e.see("cloudfront", at)
+                        elif (named := by_path.get(path)) is not None and named.occurred_ms:
+                            named.see("cloudfront", at)
+                await asyncio.sleep(0.05)
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    run: str
+    settings: Settings
+    edges: Edges
+    cloudflare_url: str
+    moto_url: str
+    distributions: dict[str, str]
+
+    def zone(self, region: str) -> str:
+        return f"zone-{region}-{self.run}"
+
+    def topology(self) -> Path:
+        """The topology with the Cloudflare plan of the stand-in's zones (Enterprise)."""
+        data = yaml.safe_load(self.settings.topology_file.read_text())
+        cloudflare = data.setdefault("cdn", {}).setdefault("cloudflare", {})
+        cloudflare.update(rate_per_s=CLOUDFLARE_RATE, burst=CLOUDFLARE_BURST)
+        path = self.edges.dir / "topology.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def env(self) -> dict[str, str]:
+        """What the pipeline's processes read: this run's topics, groups and stand-ins."""
+        env = {
+            **os.environ,
+            "CACHESYNC_TOPOLOGY": str(self.topology()),
+            "CACHESYNC_TOPIC_PREFIX": self.settings.topic_prefix,
+            "CACHESYNC_GROUP_PREFIX": self.settings.group_prefix,
+            "CACHESYNC_METRICS_PORT": "0",
+            "CLOUDFLARE_API_URL": self.cloudflare_url,
+            "CLOUDFLARE_API_TOKEN": TOKEN,
+            "CLOUDFRONT_ENDPOINT_URL": self.moto_url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        for region in self.settings.topology.regions:
+            env[region_var("EDGE_URL_", region)] = self.edges.url(region)
+            env[region_var("CLOUDFLARE_ZONE_", region)] = self.zone(region)
+            env[region_var("CLOUDFRONT_DISTRIBUTION_", region)] = self.distributions[region]
+        return env
+
+
+class Pipeline:
+    """The mapper, and one process per region running that region's five sinks; each says
+    READY on stdout once its consumers hold their partitions."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def start(self) -> None:
+        roles = ["mapper", *(f"sinks:{r}" for r in self.run.settings.topology.regions)]
+        for role in roles:
+            with (self.run.edges.dir / f"{role.replace(':', '-')}.log").open("wb") as log:
+                proc = await asyncio.create_subprocess_exec(
+                    *(sys.executable, "-m", "bench.tier_latency", "--role", role),
+                    cwd=REPO,
+                    env=self.run.env(),
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=log,
+                )
+            self.procs.append(proc)
+        for role, proc in zip(roles, self.procs, strict=True):
+            assert proc.stdout is not None
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), timeout=90)
+            except TimeoutError:
+                line = b""
+            if line.strip() != b"READY":
+                raise SystemExit(f"{role} did not start: see {self.run.edges.dir}")
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=60)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def _prepare(redis: Redis, events: list[Tracked], probe: Probe) -> None:
+    """The state before the events: their Redis keys written, their album pages cached."""
+    pipe = redis.pipeline(transaction=False)
+    for e in events:
+        for key in e.redis_keys:
+            pipe.set(key, "cached", ex=3600)
+    await pipe.execute()
+    for e in events:
+        if e.probed:
+            await probe.get(e.album_path, probe=False)
+            status, cache, e.generation = await probe.get(e.album_path)
+            if status != 200 or not cache.startswith("HIT"):
+                raise SystemExit(f"{e.album_path} is not cached at the edge: {status} {cache}")
+
+
+async def _publish(
+    run: Run, events: list[Tracked], rate: float, observers: Observers | None
+) -> tuple[float, float]:
+    """Publish at `rate`, each event stamped as it goes; the achieved rate and seconds.
+    Without `observers`: a warm-up, nothing observed."""
+    publisher = EventPublisher(run.settings)
+    await publisher.start()
+    started = time.monotonic()
+    try:
+        for i, e in enumerate(events):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            record = e.event()
+            e.occurred_ms = int(record["occurred_at"])
+            e.published_mono = time.monotonic()
+            if observers is not None:
+                observers.published.append(e)
+            await publisher.publish("photo.uploaded", record, wait=False)
+        await publisher.flush()
+    finally:
+        await publisher.stop()
+    seconds = time.monotonic() - started
+    return len(events) / seconds, seconds
+
+
+@contextlib.asynccontextmanager
+async def _tasks(*coros: Any) -> AsyncIterator[None]:
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        yield
+    finally:
+        for t in tasks:
+            t.cancel()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
+
+
+def summarize(events: list[Tracked], rate: float, seconds: float) -> dict[str, Any]:
+    tiers: dict[str, Any] = {}
+    for tier in TARGETS:
+        sample = [e for e in events if e.probed or tier not in ("varnish", "warm")]
+        values = [e.seen[tier] - e.occurred_ms for e in sample if tier in e.seen]
+        p50, p99 = TARGETS[tier]
+        tiers[tier] = {
+            "label": LABELS[tier],
+            "events": len(sample),
+            "observed": len(values),
+            "p50": percentile(values, 0.5),
+            "p99": percentile(values, 0.99),
+            "max": max(values, default=float("nan")),
+            "target_p50": p50,
+            "target_p99": p99,
+        }
+    probed = [e for e in events if e.probed]
+    gaps = [
+        e.seen["warm"] - e.seen["varnish"] for e in probed if {"warm", "varnish"} <= e.seen.keys()
+    ]
+    warmed = [e for e in probed if "warm" in e.seen]
+    return {
+        "region": OBSERVED,
+        "rate": rate,
+        "seconds": seconds,
+        "events": len(events),
+        "probed": len(probed),
+        "tiers": tiers,
+        "warm": {
+            "hit_share": len(warmed) / len(probed) if probed else float("nan"),
+            "after_varnish_p50": percentile(gaps, 0.5),
+            "after_varnish_p99": percentile(gaps, 0.99),
+            "within_2s_of_purge": (
+                sum(1 for g in gaps if g <= 2000) / len(gaps) if gaps else float("nan")
+            ),
+        },
+        "cloudflare_plan": {"rate_per_s": CLOUDFLARE_RATE, "burst": CLOUDFLARE_BURST},
+    }
+
+
+def render(out: dict[str, Any]) -> str:
+    lines = [
+        f"tier latency: {out['events']} photo.uploaded events at {out['rate']:.0f}/s for "
+        f"{out['seconds']:.0f}s, observed in {out['region']} from outside the pipeline "
+        f"(edge probes on {out['probed']} of them); Cloudflare plan "
+        f"{out['cloudflare_plan']['rate_per_s']:g} req/s, bucket {out['cloudflare_plan']['burst']}",
+        "",
+        f"{'tier':<48} {'n':>10} {'p50 ms':>8} {'target':>7} {'p99 ms':>8} {'target':>7}",
+    ]
+    for t in out["tiers"].values():
+        lines.append(
+            f"{t['label']:<48} {t['observed']:>5}/{t['events']:<4} {t['p50']:>8.0f} "
+            f"{'<' + format(t['target_p50'], '.0f'):>7} {t['p99']:>8.0f} "
+            f"{'<' + format(t['target_p99'], '.0f'):>7}"
+        )
+    w = out["warm"]
+    lines += [
+        "",
+        f"warmed pages HIT at the edge: {w['hit_share']:.1%}; warm after the Varnish purge: "
+        f"p50 {w['after_varnish_p50']:.0f} ms, p99 {w['after_varnish_p99']:.0f} ms, "
+        f"{w['within_2s_of_purge']:.1%} within 2 s",
+    ]
+    return "\n".join(lines)
+
+
+async def measure(rate: float, seconds: float, probe_every: int) -> dict[str, Any]:
+    stack_env()
+    run_id = uuid.uuid4().hex[:8]
+    settings = load_settings(topic_prefix=f"tiers-{run_id}.", group_prefix=f"tiers-{run_id}")
+    await apply_topics(settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix)
+    regions = list(settings.topology.regions)
+    edges = Edges(run_id, regions)
+    stub = CloudflareStub(token=TOKEN, rate_per_s=CLOUDFLARE_RATE, burst=CLOUDFLARE_BURST)
+    edges.start()
+    ok = False
+    try:
+        with serve(stub.app) as cf_url, moto_server() as moto_url:
+            distributions = {r: create_distribution(moto_url, f"tiers {r}") for r in regions}
+            run = Run(run_id, settings, edges, cf_url, moto_url, distributions)
+            events = [
+                Tracked(
+                    i, f"w{run_id}-{i}", f"p{run_id}-{i}", f"a{run_id}-{i}", i % probe_every == 0
+                )
+                for i in range(int(rate * seconds))
+            ]
+            probe = Probe(edges.ports[OBSERVED])
+            redis = Redis.from_url(settings.region_redis_urls[OBSERVED])
+            pipeline = Pipeline(run)
+            try:
+                await _prepare(redis, events, probe)
+                await pipeline.start()
+                # A warm-up at the same rate, not measured: connections opened, caches warm.
+                warm_up = [
+                    Tracked(i, f"w{run_id}-warm-{i}", f"pw{run_id}-{i}", f"aw{run_id}-{i}", False)
+                    for i in range(int(rate * WARM_UP_S))
+                ]
+                await _publish(run, warm_up, rate, None)
+                observers = Observers(run, events)
+                async with _tasks(
+                    observers.redis(redis),
+                    observers.edge_purges(probe),
+                    observers.edge_warms(probe),
+                    observers.cloudflare(stub),
+                    observers.cloudfront(moto_url, distributions[OBSERVED]),
+                ):
+                    achieved, took = await _publish(run, events, rate, observers)
+                    deadline = time.monotonic() + GRACE_S
+                    while time.monotonic() < deadline and any(  # noqa: ASYNC110 (observations, not a flag)
+                        len(e.seen) < (5 if e.probed else 3) for e in events
+                    ):
+                        await asyncio.sleep(0.2)
+                    observers.done.set()
+            finally:
+                await pipeline.stop()
+                await redis.aclose()
+                await probe.close()
+            ok = True
+            return summarize(events, achieved, took)
+    finally:
+        edges.stop(keep_logs=not ok)
+
+
+async def run_role(role: str) -> None:
+    """A process of the benchmark's pipeline: `mapper`, or `sinks:<region>` (every sink of
+    that region); READY on stdout once its consumers hold their partitions, until SIGTERM."""
+    from cachesync.consumers.pipeline.roles import MapperRole, Role, SinkRole, run_roles
+    from cachesync.consumers.sinks import registry
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    settings = load_settings()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    roles: list[Role]
+    if role == "mapper":
+        roles = [MapperRole(settings)]
+    else:
+        region = role.removeprefix("sinks:")
+        roles = [
+            SinkRole(
+                settings, registry.build_sink(settings, region, kind), auto_offset_reset="latest"
+            )
+            for kind in registry.available(settings, region, registry.SINK_KINDS)
+        ]
+    task = asyncio.create_task(run_roles(roles, stop))
+    while not all(r.consumer.assignment() for r in roles):
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.05)
+    for r in roles:
+        for tp in r.consumer.assignment():
+            await r.consumer.position(tp)
+    print("READY", flush=True)
+    await task
+
+
+async def bench_tiers(rate: float, seconds: float = 30.0) -> dict[str, Any]:
+    """The harness's hook (`python -m bench`): this benchmark in its own process, its figures."""
+    if rate <= 0:
+        return {"status": "skipped", "detail": "not part of the smoke run"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tiers.json"
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "bench.tier_latency", "--rate", str(rate)),
+            *("--seconds", str(seconds), "--json", str(path)),
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout=seconds + 300)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return {"status": "error", "detail": "bench/tier_latency.py took too long"}
+        if proc.returncode != 0 or not path.exists():
+            tail = "\n".join(err.decode(errors="replace").splitlines()[-15:])
+            return {"status": "error", "detail": f"exit {proc.returncode}:\n{tail}"}
+        figures: dict[str, Any] = json.loads(path.read_text())
+    return {"status": "ok", **figures, "output": out.decode(errors="replace")}
+
+
+app = one_command_app()
+
+
+@app.command(help=first_line(__doc__))
+def main(
+    rate: float = 100.0,
+    seconds: float = 30.0,
+    probe_every: Annotated[int, typer.Option(help="edge probes for one event in N")] = 4,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="also write the figures here")
+    ] = None,
+    role: Annotated[str | None, typer.Option(hidden=True)] = None,
+) -> None:
+    if role is not None:  # one process of the pipeline this benchmark starts
+        asyncio.run(run_role(role))
+        return
+    # moto's server logs every request; the listing every 50 ms would drown the figures.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    out = asyncio.run(measure(rate, seconds, probe_every))
+    print(render(out))
+    if json_path is not None:
+        json_path.write_text(json.dumps(out, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    app()

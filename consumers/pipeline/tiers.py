@@ -1,0 +1,165 @@
+"""Tier order without polling: a purge sink's runner announces what it applied, and the
+runners of the sinks after it wait for that announcement instead of re-reading markers.
+
+Within a region, an edge acts on an event only after the region's Redis sink has applied
+it, and the warmer only after the tier it warms through has (pipeline/roles.py). The
+applied markers in the region's Redis (sinks/ledger.py) are the truth; this module only
+says when to look at them again:
+
+- `TierAnnouncer`: after each flush, a purge sink's runner publishes the ids of the
+  events it applied on the region's Redis, one channel per (region, sink)
+  (`keys.tier_applied`). One PUBLISH per flush, whatever the batch.
+- `TierWatch`: the runner of a later tier subscribes to the channels of the tiers it
+  follows. `wait` reads the markers once, then again only when an announcement names one
+  of the events it waits for, until all are applied or its time is up. An announcement
+  can be lost (Pub/Sub keeps nothing for a subscriber that is reconnecting), so the
+  markers are also read every `recheck_s` while a wait goes on: the safety net, not the
+  way events are learnt.
+
+Why Pub/Sub on the region's Redis rather than keyspace notifications or a blocking list:
+it needs no server configuration (managed Redis often forbids CONFIG SET), costs the
+Redis sink one command per flush, and holds nothing when nobody listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Collection, Iterable, Sequence
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from cachesync.consumers import keys
+from cachesync.consumers.sinks.ledger import AppliedEvents
+
+log = logging.getLogger(__name__)
+
+# How long a subscriber that lost its connection waits before subscribing again, at most.
+_RESUBSCRIBE_MAX_S = 5.0
+
+
+class TierAnnouncer:
+    """Publishes, for one sink in one region, the events each flush applied."""
+
+    def __init__(self, redis: Redis, region: str, sink: str) -> None:
+        self.redis = redis
+        self.channel = keys.tier_applied(region, sink)
+
+    async def applied(self, event_ids: Iterable[str]) -> None:
+        """Announce the events whose purges the flush applied; a failure is only logged (the
+        followers find the markers at their next re-check)."""
+        payload = "\n".join(sorted(set(event_ids)))
+        if not payload:
+            return
+        try:
+            await self.redis.publish(self.channel, payload)
+        except (RedisError, OSError) as exc:
+            log.debug("%s: announcement not sent: %s", self.channel, exc)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+class _Waiter:
+    """One wait in progress: the events it waits for, woken when one is announced."""
+
+    def __init__(self, events: Collection[str]) -> None:
+        self.events = set(events)
+        self.woken = asyncio.Event()
+
+
+class TierWatch:
+    """Waits until the sinks `after` have applied events in one region, woken by their
+    announcements; the markers stay the truth."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        region: str,
+        after: Sequence[str],
+        *,
+        recheck_s: float = 1.0,
+    ) -> None:
+        self.region = region
+        self.after = tuple(after)
+        self.recheck_s = recheck_s
+        self.markers = AppliedEvents.for_url(redis_url, region)
+        # Pub/Sub on a connection of its own, without a read timeout: it waits for messages.
+        self._subscriber = Redis.from_url(redis_url, socket_connect_timeout=3)
+        self._channels = [keys.tier_applied(region, sink) for sink in self.after]
+        self._waiters: set[_Waiter] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
+        self.announcements = 0  # received, for tests and the curious
+
+    async def start(self) -> None:
+        """Subscribe (in the background; a wait before the subscription holds reads the
+        markers every `recheck_s`)."""
+        if self._listener is None and self._channels:
+            self._listener = asyncio.create_task(self._listen(), name=f"tiers {self.region}")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        await self._subscriber.aclose()
+        await self.markers.close()
+
+    async def wait(self, event_ids: Collection[str], *, timeout_s: float) -> set[str]:
+        """Wait at most `timeout_s` until every sink `after` has applied each of
+        `event_ids`; the ids still not applied then (empty: all were)."""
+        await self.start()
+        deadline = time.monotonic() + timeout_s
+        waiter = _Waiter(event_ids)
+        self._waiters.add(waiter)
+        try:
+            while True:
+                waiter.woken.clear()
+                waiter.events = await self.markers.not_applied(self.after, sorted(waiter.events))
+                left = deadline - time.monotonic()
+                if not waiter.events or left <= 0:
+                    return waiter.events
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.woken.wait(), timeout=min(left, self.recheck_s))
+        finally:
+            self._waiters.discard(waiter)
+
+    def _announced(self, event_ids: set[str]) -> None:
+        self.announcements += 1
+        for waiter in self._waiters:
+            if waiter.events & event_ids:
+                waiter.woken.set()
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(*self._channels)
+                self.subscribed.set()
+                backoff = 0.1
+                # Whatever was announced while unsubscribed is in the markers: look again.
+                for waiter in self._waiters:
+                    waiter.woken.set()
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    data = message["data"]
+                    text = data.decode() if isinstance(data, bytes) else str(data)
+                    self._announced(set(text.split("\n")))
+            except (RedisError, OSError) as exc:
+                self.subscribed.clear()
+                log.debug(
+                    "tiers %s: subscription lost (%s); again in %.1fs", self.region, exc, backoff
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _RESUBSCRIBE_MAX_S)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
