@@ -291,7 +291,9 @@ async def _matching_events(
     settings: Settings, codec: Codec, wanted: dict[str, str], since_ms: int
 ) -> list[EventSummary]:
     """The content topics' events since `since_ms` with a wanted field value, by time."""
-    found: list[EventSummary] = []
+    # By event time, then by place: events of one entity share a partition, so equal
+    # times keep their publication order (numerically: offset 10 after offset 9).
+    found: list[tuple[tuple[int, str, int, int], EventSummary]] = []
     async with TimeWindow(
         settings, settings.content_topics, since_ms=since_ms, client_id="cachesync-trace"
     ) as window:
@@ -304,16 +306,18 @@ async def _matching_events(
                 fields = decoded.record
                 if not any(fields.get(name) == value for name, value in wanted.items()):
                     continue
-                found.append(
-                    EventSummary(
-                        event_id=str(fields.get("event_id")),
-                        event_type=decoded.type_name,
-                        occurred_at=_millis(fields.get("occurred_at"), record.timestamp),
-                        origin=f"{record.topic}[{record.partition}]@{record.offset}",
-                    )
+                occurred_at = _millis(fields.get("occurred_at"), record.timestamp)
+                summary = EventSummary(
+                    event_id=str(fields.get("event_id")),
+                    event_type=decoded.type_name,
+                    occurred_at=occurred_at,
+                    origin=f"{record.topic}[{record.partition}]@{record.offset}",
                 )
-    found.sort(key=lambda e: (e.occurred_at, e.origin))
-    return found
+                found.append(
+                    ((occurred_at, record.topic, record.partition, record.offset), summary)
+                )
+    found.sort(key=lambda item: item[0])
+    return [summary for _, summary in found]
 
 
 async def _add_audits(
