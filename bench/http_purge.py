@@ -133,6 +133,7 @@ async def _run_role(role: SinkRole, warmup: int, count: int, limit_s: float) -> 
     """Run one sink role until it committed warmup + count records; its window's figures."""
     import signal
 
+    from cachesync.consumers.pipeline.assemble import tune_gc
     from cachesync.consumers.pipeline.roles import run_roles
 
     stop = asyncio.Event()
@@ -141,6 +142,7 @@ async def _run_role(role: SinkRole, warmup: int, count: int, limit_s: float) -> 
         loop.add_signal_handler(sig, stop.set)
     window = Window(warmup, count, stop)
     waits = _time_batches(role, window)
+    tune_gc()  # as `cachesync run` does
     task = asyncio.create_task(run_roles([role], stop))
     for _ in range(600):
         if task.done():

@@ -654,6 +654,7 @@ async def measure(rate: float, seconds: float, probe_every: int) -> dict[str, An
 async def run_role(role: str) -> None:
     """A process of the benchmark's pipeline: `mapper`, or `sinks:<region>` (every sink of
     that region); READY on stdout once its consumers hold their partitions, until SIGTERM."""
+    from cachesync.consumers.pipeline.assemble import tune_gc
     from cachesync.consumers.pipeline.roles import MapperRole, Role, SinkRole, run_roles
     from cachesync.consumers.sinks import registry
 
@@ -672,6 +673,7 @@ async def run_role(role: str) -> None:
             )
             for kind in registry.available(settings, region, registry.SINK_KINDS)
         ]
+    tune_gc()  # as `cachesync run` does
     task = asyncio.create_task(run_roles(roles, stop))
     while not all(r.consumer.assignment() for r in roles):
         if task.done():

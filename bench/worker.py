@@ -187,6 +187,7 @@ def _role_stats(roles: list[Role]) -> dict[str, dict[str, Any]]:
 async def run_roles_worker(
     prefix: str, specs: list[str], warmup: int, count: int | None, limit_s: float, profile: str
 ) -> dict[str, Any]:
+    from cachesync.consumers.pipeline.assemble import tune_gc
     from cachesync.consumers.pipeline.roles import run_roles
     from cachesync.consumers.telemetry import setup_telemetry
 
@@ -204,6 +205,7 @@ async def run_roles_worker(
 
         profiler = Profiler(async_mode="disabled", interval=0.0005)
 
+    tune_gc()  # as `cachesync run` does
     task = asyncio.create_task(run_roles(roles, stop))
     await _wait_assigned([r.consumer for r in roles], task)
     if profiler is not None:

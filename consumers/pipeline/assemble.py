@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -81,6 +82,7 @@ async def run(
             home=any(isinstance(r, MapperRole) for r in roles) or bool(sink_regions - regional),
         )
         extra = [asyncio.create_task(c(stop)) for c in companions]
+        tune_gc()
         try:
             await run_roles(roles, stop)
         finally:
@@ -88,6 +90,24 @@ async def run(
             await asyncio.gather(*extra, return_exceptions=True)
     finally:
         health.unregister(r.name for r in roles)
+
+
+# The cyclic garbage collector's first-generation threshold for a running pipeline
+# (CPython's default is 700 allocations).
+GC_THRESHOLD = (50_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Make the cyclic GC cheap for a long-running consumer: what is loaded by now
+    (modules, schemas, the topology, clients) is frozen out of every collection, and
+    collections run after 50,000 allocations instead of 700. A batch allocates a few
+    records, dicts and commands per message, nearly all freed by reference counting;
+    with the defaults the collector still scanned them so often that it took about a
+    quarter of the HTTP purge sink's CPU (66.6 -> 53.3 us per URL with this setting).
+    Memory stays bounded: cycles are still collected, only less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 async def prepare_clusters(
