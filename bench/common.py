@@ -148,6 +148,19 @@ async def produce_all(
             await producer.stop()
 
 
+def measured_commit() -> str:
+    """The commit a run measures: `git rev-parse --short HEAD`, plus "+dirty" when the
+    tree differs from it. Read when the run starts: what it measures is the code loaded
+    then (a results file written into the tree later would otherwise make it "dirty")."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain") else "")
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

@@ -50,6 +50,7 @@ from bench.common import (
     RESULTS,
     World,
     encode_events,
+    measured_commit,
     now_ms,
     one_command_app,
     platform_trace,
@@ -306,7 +307,6 @@ def _read_progress(path: str) -> dict[str, Any]:
 async def run_long(plan: LongPlan) -> dict[str, Any]:
     from redis.asyncio import Redis
 
-    from bench.chaos.report import commit
     from cachesync.consumers.pipeline.kafka import make_producer
 
     stack_env()
@@ -314,7 +314,7 @@ async def run_long(plan: LongPlan) -> dict[str, Any]:
     say = Progress()
     out: dict[str, Any] = {
         "run": run,
-        "commit": commit(),
+        "commit": measured_commit(),
         "plan": asdict(plan),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         # The machine is shared: how busy it was (1-minute load average), at the start

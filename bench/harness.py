@@ -52,6 +52,7 @@ from bench.common import (
     World,
     bench_settings,
     encode_events,
+    measured_commit,
     now_ms,
     one_command_app,
     percentile,
@@ -881,6 +882,7 @@ async def run_all(plan: Plan, smoke: bool) -> dict[str, Any]:
     stack_env()
     run = uuid.uuid4().hex[:8]
     out: dict[str, Any] = {
+        "commit": measured_commit(),
         "run": run,
         "smoke": smoke,
         "plan": asdict(plan),

@@ -214,7 +214,7 @@ def markdown(out: dict[str, Any], rows: list[Row]) -> str:
     lines = [
         f"# cachesync benchmarks{' (smoke run)' if out['smoke'] else ''}",
         "",
-        f"Run `{out['run']}`, {out['started_at']}, {out['machine']['cpus']} CPUs, "
+        f"Commit `{out.get('commit', 'unknown')}`, run `{out['run']}`, {out['started_at']}, {out['machine']['cpus']} CPUs, "
         f"Python {out['machine']['python']}; one-core figures pinned to CPU "
         f"{out['machine']['pinned_cpu']}. Values are the median (min-max) of "
         f"{out['plan']['reps']} repeats (latency: {out['plan']['latency_reps']}), each ceiling "

@@ -48,7 +48,14 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from bench.common import World, encode_events, percentile, produce_all, stack_env
+from bench.common import (
+    World,
+    encode_events,
+    measured_commit,
+    percentile,
+    produce_all,
+    stack_env,
+)
 from bench.harness import (
     BenchError,
     Lag,
@@ -619,14 +626,13 @@ def summarize(groups: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 async def run_scale(plan: ScalePlan, smoke: bool) -> dict[str, Any]:
-    from bench.chaos.report import commit
 
     stack_env()
     run = uuid.uuid4().hex[:8]
     say = Progress()
     out: dict[str, Any] = {
         "run": run,
-        "commit": commit(),
+        "commit": measured_commit(),
         "smoke": smoke,
         "plan": asdict(plan),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -13,7 +13,7 @@ import typer
 from bench.chaos import report
 from bench.chaos.faults import all_faults, controls
 from bench.chaos.run import FULL, QUICK, ChaosRun
-from bench.common import RESULTS, first_line, one_command_app
+from bench.common import RESULTS, first_line, measured_commit, one_command_app
 
 app = one_command_app()
 
@@ -48,8 +48,9 @@ def main(
             raise typer.BadParameter(f"unknown faults {unknown}; known: {sorted(known)}")
         chosen = [known[n] for n in names]
     run = ChaosRun(plan)
+    measured = measured_commit()
     out = asyncio.run(run.run_all(chosen))
-    out["commit"] = report.commit()
+    out["commit"] = measured
     out["regions"] = run.regions
     name = "chaos" if not faults else "chaos-partial"
     report.write(out, RESULTS, name)

@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO
-
 SINK_COLUMNS = ("redis", "cloudflare", "cloudfront", "http_purge")
-
-
-def commit() -> str:
-    """The commit measured: `git rev-parse --short HEAD`, plus "+dirty" when the tree has changes."""
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-        return done.stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain") else "")
 
 
 def _lost_cell(fault: dict[str, Any], sink: str, regions: list[str]) -> str:
