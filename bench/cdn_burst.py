@@ -42,7 +42,14 @@ import aioboto3
 import typer
 from pydantic import SecretStr
 
-from bench.common import REPO, first_line, one_command_app, percentile, stack_env
+from bench.common import (
+    REPO,
+    first_line,
+    measured_commit,
+    one_command_app,
+    percentile,
+    stack_env,
+)
 from cachesync.consumers.commands import command_id
 from cachesync.consumers.ops.publish import EventPublisher, new_event
 from cachesync.consumers.pipeline.roles import Role, SinkRole, run_roles
@@ -732,7 +739,8 @@ def main(
     opts = Options(
         events, weddings, max(catalog, weddings), window_ms, plan_rate, zone_rate, timeout
     )
-    print(asyncio.run(run_burst(opts)))
+    measured = measured_commit()
+    print(f"commit {measured}\n{asyncio.run(run_burst(opts))}")
 
 
 if __name__ == "__main__":
