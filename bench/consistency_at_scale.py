@@ -330,7 +330,10 @@ async def run_long(plan: LongPlan) -> dict[str, Any]:
         settings = await topics.create(prefix)
         regions = list(settings.topology.regions)
         events = math.ceil(plan.purges / len(regions))
-        pipeline = _pipeline(prefix, regions)
+        # The load's length, the drain cap and room for the checker's backlog: the 1,000,000
+        # purge run outlasted the workers' default 600 s cap, and its pipeline stopped at it.
+        limit_s = events / plan.rate + plan.drain_cap_s + 600
+        pipeline = _pipeline(prefix, regions, limit_s=limit_s)
         since = now_ms()
         oracle = Worker(
             "oracle",

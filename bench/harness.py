@@ -499,10 +499,12 @@ async def bench_sink(
     }
 
 
-def _pipeline(prefix: str, regions: list[str]) -> list[Worker]:
-    """One process per role, as deployed (`cachesync run mapper`, `cachesync run sink`)."""
+def _pipeline(prefix: str, regions: list[str], *, limit_s: float = 600.0) -> list[Worker]:
+    """One process per role, as deployed (`cachesync run mapper`, `cachesync run sink`);
+    each stops by itself after `limit_s` (the worker's safety cap: a run longer than that
+    must raise it, or its pipeline stops mid-run)."""
     return [
-        Worker(name, "roles", "--prefix", prefix, "--roles", roles)
+        Worker(name, "roles", "--prefix", prefix, "--roles", roles, "--timeout", limit_s)
         for name, roles in [("mapper", "mapper"), *((f"sink.{r}", f"redis:{r}") for r in regions)]
     ]
 
