@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 from cachesync.consumers.commands import PurgeCommand
 from cachesync.consumers.sinks import budget
@@ -170,7 +171,7 @@ def test_recent_purges_skip_items_purged_after_the_event_only() -> None:
     plan = budget.plan([early], CF, recent=recent)  # the event happened at t=1,000
     assert plan.count("tags") == 0
     assert set(plan.items["urls"]) == {"/w/w2/rsvp"}
-    late = purge(tags=("wedding:w1:photos",)).model_copy(update={"origin_occurred_at": 9_500})
+    late = replace(purge(tags=("wedding:w1:photos",)), origin_occurred_at=9_500)
     assert budget.plan([late], CF, recent=recent).count("tags") == 1  # within the skew: purge again
     recent.expire(now_ms=10_000 + 301_000)
     assert len(recent) == 0

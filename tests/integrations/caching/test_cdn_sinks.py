@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -285,8 +286,9 @@ async def test_warmer_waits_for_its_purge_drops_overtaken_warms_and_confirms_hit
     # The purge of that event is applied by the edge's purge sink.
     purger = HttpPurgeSink(EU, edge_url=edge, redis=settings.region_redis_urls[EU], policy=POLICY)
     purger.add(
-        purge(run, 0, entity=f"wedding:{wedding}", version=2_000, urls=(page,)).model_copy(
-            update={"origin_event_id": current.origin_event_id}
+        replace(
+            purge(run, 0, entity=f"wedding:{wedding}", version=2_000, urls=(page,)),
+            origin_event_id=current.origin_event_id,
         )
     )
     await purger.flush()

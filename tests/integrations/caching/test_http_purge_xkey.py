@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -157,7 +158,7 @@ async def test_keys_over_the_header_budget_go_in_more_requests_and_a_bad_tag_is_
         try:
             for n, page in enumerate(pages):
                 sink.add(purge(run, n, page))
-            bad = purge(run, 99).model_copy(update={"tags": ("two words",)})
+            bad = replace(purge(run, 99), tags=("two words",))
             sink.add(bad)
             result = await sink.flush()
         finally:

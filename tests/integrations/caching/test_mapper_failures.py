@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -98,7 +99,7 @@ async def _commands(
 
 def _without_issue_time(command: Command) -> Command:
     """What a retry must reproduce: everything but the time the command was issued."""
-    return command.model_copy(update={"issued_at": 0})
+    return replace(command, issued_at=0)
 
 
 class _FailOnce:

@@ -141,6 +141,9 @@ class FakeBatch:
         default_factory=list
     )
 
+    def close(self) -> None:  # a complete batch, as BatchedSends hands it over
+        pass
+
     def append(
         self, *, key: bytes | None, value: bytes, timestamp: None, headers: list[tuple[str, bytes]]
     ) -> object:
@@ -200,14 +203,15 @@ async def test_sink_record_detail_is_cut_to_2000_characters() -> None:
 def purges(n: int) -> list[PurgeCommand]:
     """`n` purges of as many events, in eu-west."""
     return [
-        purge_command().model_copy(
-            update={
+        replace(
+            purge_command(),
+            **{
                 "command_id": f"cmd-{i}",
                 "origin_event_id": f"ev-{i}",
                 "keys": (f"wedding:w{i}:gallery",),
                 "tags": (f"wedding:w{i}",),
                 "urls": (f"/weddings/w{i}",),
-            }
+            },
         )
         for i in range(n)
     ]
@@ -273,7 +277,7 @@ async def test_a_record_over_its_byte_budget_is_cut_without_losing_a_command(
     monkeypatch.setattr(audit, "RECORD_BYTES", 800)
     producer = FakeProducer()
     log = AuditLog(producer, "test.cache.audit", CODEC)  # type: ignore[arg-type]
-    commands = [c.model_copy(update={"origin_event_id": "ev-same"}) for c in purges(20)]
+    commands = [replace(c, origin_event_id="ev-same") for c in purges(20)]
     for c in commands:
         await log.handled(c, sink="redis", note=Note(), trace_id=None)
     await log.flush()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 from redis.asyncio import Redis
@@ -436,10 +437,7 @@ async def test_a_split_purge_counts_as_applied_for_later_tiers_only_at_its_last_
         purge(run, n, entity=f"vendor:{run}", version=100, keys=(f"wedding:{run}-{n}:vendors",))
         for n in range(3)
     ]
-    parts = [
-        p.model_copy(update={"origin_event_id": event, "parts_after": 2 - n})
-        for n, p in enumerate(parts)
-    ]
+    parts = [replace(p, origin_event_id=event, parts_after=2 - n) for n, p in enumerate(parts)]
     for p in parts:
         await redis.set(p.keys[0], "stale")
     marker = keys.applied_event("redis", event)
