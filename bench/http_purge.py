@@ -46,9 +46,6 @@ from bench.common import bench_settings, one_command_app, stack_env
 from bench.worker import Window
 
 if TYPE_CHECKING:
-    from aiokafka import TopicPartition
-
-    from cachesync.consumers.pipeline.kafka import Record
     from cachesync.consumers.pipeline.roles import SinkRole
     from cachesync.consumers.settings import Settings
 
@@ -113,19 +110,15 @@ def _runqueue_s() -> float:
 def _time_batches(role: SinkRole, window: Window) -> list[float]:
     """Count each batch the role commits into `window` (commit-after-effect included); the
     run-queue waits where the window starts and ends go to the list returned."""
-    process = role.loop.process
     waits: list[float] = []
 
-    async def timed(batch: dict[TopicPartition, list[Record]]) -> bool:
-        ok = await process(batch)
-        if ok:
-            started, ended = window.started, window.ended
-            window.add(sum(len(p) for p in batch.values()))
-            if (started is None and window.started) or (ended is None and window.ended):
-                waits.append(_runqueue_s())
-        return ok
+    def committed(count: int) -> None:
+        started, ended = window.started, window.ended
+        window.add(count)
+        if (started is None and window.started) or (ended is None and window.ended):
+            waits.append(_runqueue_s())
 
-    role.loop.process = timed  # type: ignore[method-assign]  # this one instance, on purpose
+    role.loop.on_committed = committed
     return waits
 
 

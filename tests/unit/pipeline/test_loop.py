@@ -321,3 +321,70 @@ def test_backoff_stays_within_its_cap_after_thousands_of_failures() -> None:
     assert backoff.failures == 5_000
     assert all(0.1 <= d <= 30.1 for d in delays)
     assert max(delays[-100:]) > 15  # still spread over the whole capped range
+
+
+async def test_the_next_batch_is_handled_while_the_commit_is_in_flight_and_commits_keep_order() -> (
+    None
+):
+    """run(): a batch's commit goes out after its handler, and the next batch is handled
+    without waiting for its answer; the commits still go out one at a time, in order."""
+    consumer, handler, runner = make({TP0: [1, 2, 3]})
+    runner.max_records = 1
+    gates = [asyncio.Event() for _ in range(3)]
+    started: list[dict[TopicPartition, int]] = []
+    commit = consumer.commit
+
+    async def slow_commit(offsets: dict[TopicPartition, int]) -> None:
+        started.append(dict(offsets))
+        await gates[len(started) - 1].wait()
+        await commit(offsets)
+
+    consumer.commit = slow_commit  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    handler.stop, handler.stop_on_call = stop, 3
+    task = asyncio.create_task(runner.run(stop))
+
+    calls = [asyncio.Event() for _ in range(3)]
+    handle = runner.handler
+
+    async def counted(records: list[Record]) -> None:
+        await handle(records)
+        calls[len(handler.calls) - 1].set()
+
+    runner.handler = counted
+
+    async def handled(n: int) -> None:
+        await calls[n - 1].wait()
+
+    await asyncio.wait_for(handled(2), timeout=1)  # batch 2 handled, batch 1 not yet committed
+    assert started == [{TP0: 2}] and consumer.commits == []
+    gates[0].set()
+    await asyncio.wait_for(handled(3), timeout=1)
+    assert started == [{TP0: 2}, {TP0: 3}] and consumer.commits == [{TP0: 2}]
+    gates[1].set()
+    gates[2].set()
+    await asyncio.wait_for(task, timeout=1)
+
+    assert consumer.commits == [{TP0: 2}, {TP0: 3}, {TP0: 4}]
+    assert runner.records_committed == 3
+
+
+async def test_run_does_not_return_before_the_last_commit_is_answered() -> None:
+    consumer, handler, runner = make({TP0: [1]})
+    answered = asyncio.Event()
+    commit = consumer.commit
+
+    async def slow_commit(offsets: dict[TopicPartition, int]) -> None:
+        await answered.wait()
+        await commit(offsets)
+
+    consumer.commit = slow_commit  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    handler.stop, handler.stop_on_call = stop, 1
+    task = asyncio.create_task(runner.run(stop))
+    await asyncio.sleep(0.02)
+    assert not task.done()
+
+    answered.set()
+    await asyncio.wait_for(task, timeout=1)
+    assert consumer.commits == [{TP0: 2}]
