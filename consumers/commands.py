@@ -7,10 +7,11 @@ and from the Avro record. Timestamps are epoch milliseconds throughout.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from datetime import datetime
+from operator import attrgetter
 from typing import Any, ClassVar, Literal
 
 _COMMAND_KEY = b"cachesync.command"
@@ -54,11 +55,10 @@ class _Command:
     replay: bool = False
 
     def to_record(self) -> dict[str, Any]:
-        """The Avro record: the fields in the schema's order, lists where it has arrays."""
-        record = {name: getattr(self, name) for name in _fields(type(self))}
-        for name in self._lists:
-            record[name] = list(record[name])
-        return record
+        """The Avro record: every field by name (its arrays as tuples, which fastavro
+        writes as it writes lists)."""
+        names, values = _RECORD_FIELDS[type(self)]
+        return dict(zip(names, values(self), strict=True))
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Any:
@@ -100,12 +100,6 @@ class PurgeCommand(_Command):
     # later tiers wait for, is set only at the last part (0).
     parts_after: int = 0
 
-    def to_record(self) -> dict[str, Any]:
-        record = {name: getattr(self, name) for name in _PURGE_FIELDS}
-        for name in self._lists:
-            record[name] = list(record[name])
-        return record
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WarmCommand(_Command):
@@ -120,19 +114,17 @@ class WarmCommand(_Command):
     priority: int = 5
     deadline: int
 
-    def to_record(self) -> dict[str, Any]:
-        record = {name: getattr(self, name) for name in _WARM_FIELDS}
-        for name in self._lists:
-            record[name] = list(record[name])
-        return record
-
     @property
     def urls(self) -> tuple[str, ...]:
         return self.photo_urls + self.vendor_asset_urls + self.guest_portal_urls
 
 
-_PURGE_FIELDS = _fields(PurgeCommand)
-_WARM_FIELDS = _fields(WarmCommand)
+# Per command class: its fields' names and one getter of all their values.
+_RECORD_FIELDS: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]]]] = {
+    cls: (names, attrgetter(*names))
+    for cls in (PurgeCommand, WarmCommand)
+    for names in [_fields(cls)]
+}
 
 Command = PurgeCommand | WarmCommand
 COMMAND_TYPES: dict[str, type[PurgeCommand] | type[WarmCommand]] = {
