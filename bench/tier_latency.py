@@ -83,6 +83,18 @@ LABELS = {
 # Cloudflare plan of the stand-in's zones and of the sinks: Enterprise, 50 req/s, bucket 500.
 CLOUDFLARE_RATE = 50.0
 CLOUDFLARE_BURST = 500
+# Observed only on the events sampled for the edge probes (`--probe-every`).
+PROBED_TIERS = ("varnish", "warm")
+# EXISTS of each event's keys (ARGV[1] keys per event, in KEYS in order): a count per event.
+EXISTS_PER_EVENT = """
+local n, out = tonumber(ARGV[1]), {}
+for i = 1, #KEYS, n do
+    out[#out + 1] = redis.call('EXISTS', unpack(KEYS, i, i + n - 1))
+end
+return out
+"""
+# Invalidations per page of moto's listing.
+CLOUDFRONT_PAGE = 5
 # After the last event, how long observations may still come in.
 GRACE_S = 15.0
 # Events published at the same rate before the measured ones, not observed.
@@ -182,10 +194,13 @@ def _answers(port: int) -> bool:
 class Probe:
     """GETs on a few kept-alive connections to one edge, with the probe header: the page's
     cache status and origin generation, without ever filling the cache. Plain asyncio
-    streams: a probe every few milliseconds must cost the machine little."""
+    streams, and a pass's requests pipelined (one write per connection, the answers read
+    back in order): a probe per pending event every few milliseconds must cost the
+    machine little, here and at the edge."""
 
     def __init__(self, port: int, connections: int = 4) -> None:
         self.port = port
+        self.connections = connections
         self._idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
             asyncio.Queue()
         )
@@ -193,20 +208,35 @@ class Probe:
 
     async def get(self, path: str, *, probe: bool = True) -> tuple[int, str, str]:
         """(status, X-Cache, X-Origin-Generation) of `path`."""
+        (answer,) = await self._send([path], probe=probe)
+        return answer
+
+    async def many(self, paths: list[str]) -> list[tuple[int, str, str]]:
+        """What `get` says of each of `paths` (probing), spread over the connections."""
+        if not paths:
+            return []
+        lanes = min(self.connections, len(paths))
+        answers = await asyncio.gather(*(self._send(paths[i::lanes]) for i in range(lanes)))
+        out: list[tuple[int, str, str]] = [(0, "", "")] * len(paths)
+        for i, lane in enumerate(answers):
+            out[i::lanes] = lane
+        return out
+
+    async def _send(self, paths: list[str], *, probe: bool = True) -> list[tuple[int, str, str]]:
+        """`paths` pipelined on one connection; once more on a fresh one if it was closed."""
+        # The Host the warmer and the purger send: the edge's cache is keyed by it.
+        head = f"Host: 127.0.0.1:{self.port}\r\n" + ("x-cachesync-probe: 1\r\n" if probe else "")
+        payload = "".join(f"GET {path} HTTP/1.1\r\n{head}\r\n" for path in paths).encode()
         async with self._gate:
             conn = self._idle.get_nowait() if not self._idle.empty() else None
             for attempt in (0, 1):
                 if conn is None:
                     conn = await asyncio.open_connection("127.0.0.1", self.port)
                 reader, writer = conn
-                # The Host the warmer and the purger send: the edge's cache is keyed by it.
-                head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-                if probe:
-                    head += "x-cachesync-probe: 1\r\n"
-                writer.write((head + "\r\n").encode())
+                writer.write(payload)
                 try:
                     await writer.drain()
-                    answer = await _read_response(reader)
+                    answers = [await _read_response(reader) for _ in paths]
                 except (ConnectionError, asyncio.IncompleteReadError):
                     writer.close()
                     conn = None
@@ -214,7 +244,7 @@ class Probe:
                         raise
                     continue
                 self._idle.put_nowait(conn)
-                return answer
+                return answers
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
@@ -224,13 +254,17 @@ class Probe:
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str, str]:
-    line = await reader.readline()
-    if not line:  # the edge closed the idle connection
-        raise ConnectionResetError("connection closed")
-    status = int(line.split()[1])
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:  # the edge closed the idle connection
+            raise ConnectionResetError("connection closed") from exc
+        raise
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
     headers: dict[str, str] = {}
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode("latin-1").partition(":")
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     await reader.readexactly(int(headers.get("content-length", "0")))
     return status, headers.get("x-cache", ""), headers.get("x-origin-generation", "")
@@ -286,51 +320,72 @@ def now_ms() -> float:
 
 
 class Observers:
-    """Every tier's outside observation of the published events, each in its own task."""
+    """Every tier's outside observation of the published events, each in its own task.
+
+    Each tier keeps the events it still waits for, and drops one when it is seen: a pass
+    costs what is pending, not what was published, and takes few calls (one script for
+    Redis, one pipelined write per connection for the edge, the listing's newest page for
+    moto), so the observer takes little CPU from the pipeline it measures."""
 
     def __init__(self, run: Run, events: list[Tracked]) -> None:
         self.run = run
         self.events = events
-        self.published: list[Tracked] = []
+        self.pending: dict[str, dict[int, Tracked]] = {tier: {} for tier in TARGETS}
         self.done = asyncio.Event()
 
-    def pending(self, tier: str, *, probed: bool = False) -> list[Tracked]:
-        return [e for e in self.published if tier not in e.seen and (e.probed or not probed)]
+    def published(self, e: Tracked) -> None:
+        """`e` went out: every tier that observes it waits for it from now on."""
+        for tier, waiting in self.pending.items():
+            if e.probed or tier not in PROBED_TIERS:
+                waiting[e.index] = e
+
+    def waiting(self, tier: str) -> list[Tracked]:
+        """The published events `tier` has not been seen for (a copy: seeing one drops it)."""
+        return list(self.pending[tier].values())
+
+    def saw(self, tier: str, e: Tracked, at_ms: float) -> None:
+        e.see(tier, at_ms)
+        self.pending[tier].pop(e.index, None)
+
+    def outstanding(self) -> int:
+        """Observations still expected from the events published so far."""
+        return sum(len(waiting) for waiting in self.pending.values())
 
     async def redis(self, redis: Redis) -> None:
+        """EXISTS of each pending event's keys, every 2 ms: one script call per pass, not a
+        command per pending event for the client to pack and parse."""
+        exists = redis.register_script(EXISTS_PER_EVENT)
         while not self.done.is_set():
-            waiting = self.pending("redis")
+            waiting = self.waiting("redis")
             if waiting:
-                pipe = redis.pipeline(transaction=False)
-                for e in waiting:
-                    pipe.exists(*e.redis_keys)
-                counts = await pipe.execute()
+                keys = [k for e in waiting for k in e.redis_keys]
+                counts = await exists(keys=keys, args=[len(waiting[0].redis_keys)])
                 at = now_ms()
                 for e, n in zip(waiting, counts, strict=True):
                     if n == 0:
-                        e.see("redis", at)
+                        self.saw("redis", e, at)
             await asyncio.sleep(0.002)
 
     async def edge_purges(self, probe: Probe) -> None:
         """The album page: gone from the edge (504 to a probe) or another generation."""
         while not self.done.is_set():
-            waiting = self.pending("varnish", probed=True)
-            answers = await asyncio.gather(*(probe.get(e.album_path) for e in waiting))
+            waiting = self.waiting("varnish")
+            answers = await probe.many([e.album_path for e in waiting])
             at = now_ms()
             for e, (status, _, generation) in zip(waiting, answers, strict=True):
                 if status == 504 or generation != e.generation:
-                    e.see("varnish", at)
+                    self.saw("varnish", e, at)
             await asyncio.sleep(0.01)
 
     async def edge_warms(self, probe: Probe) -> None:
         """The photo page, which only the warmer fetches: a HIT at the edge."""
         while not self.done.is_set():
-            waiting = self.pending("warm", probed=True)
-            answers = await asyncio.gather(*(probe.get(e.photo_path) for e in waiting))
+            waiting = self.waiting("warm")
+            answers = await probe.many([e.photo_path for e in waiting])
             at = now_ms()
             for e, (status, cache, _) in zip(waiting, answers, strict=True):
                 if status == 200 and cache.startswith("HIT"):
-                    e.see("warm", at)
+                    self.saw("warm", e, at)
             await asyncio.sleep(0.05)
 
     async def cloudflare(self, stub: CloudflareStub) -> None:
@@ -357,35 +412,50 @@ class Observers:
                             got = parts.setdefault(e.index, set())
                             got.add(part)
                             if len(got) == 2:
-                                e.see("cloudflare", call.at * 1000 + offset_ms)
+                                self.saw("cloudflare", e, call.at * 1000 + offset_ms)
             await asyncio.sleep(0.005)
 
     async def cloudfront(self, endpoint: str, distribution: str) -> None:
+        """moto's listing of the distribution's invalidations, every 50 ms. moto lists them
+        oldest first, in pages whose marker names the next page's first one: a pass reads
+        on from the last full page it read, not the whole list again (serialized by moto and
+        parsed here every 50 ms, at a cost that grew with the run)."""
         session = aioboto3.Session(
             aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
         )
         known: set[str] = set()
-        by_path = {e.album_path: e for e in self.events}
+        resume: dict[str, str] = {}  # Marker: where the first page not yet read whole starts
         async with session.client("cloudfront", endpoint_url=endpoint) as client:
             while not self.done.is_set():
-                listed = await client.list_invalidations(
-                    DistributionId=distribution, MaxItems="1000"
-                )
-                at = now_ms()
-                for item in listed["InvalidationList"].get("Items", []):
-                    if item["Id"] in known:
-                        continue
-                    known.add(item["Id"])
-                    got = await client.get_invalidation(DistributionId=distribution, Id=item["Id"])
-                    paths = got["Invalidation"]["InvalidationBatch"]["Paths"].get("Items", [])
-                    for path in paths:
-                        if path.endswith("*"):
-                            for album_path, e in by_path.items():
-                                if album_path.startswith(path[:-1]) and e.occurred_ms:
-                                    e.see("cloudfront", at)
-                        elif (named := by_path.get(path)) is not None and named.occurred_ms:
-                            named.see("cloudfront", at)
+                while True:
+                    listed = (
+                        await client.list_invalidations(
+                            DistributionId=distribution, MaxItems=str(CLOUDFRONT_PAGE), **resume
+                        )
+                    )["InvalidationList"]
+                    at = now_ms()
+                    for item in listed.get("Items", []):
+                        if item["Id"] not in known:
+                            known.add(item["Id"])
+                            await self._invalidated(client, distribution, item["Id"], at)
+                    if not listed["IsTruncated"]:
+                        break
+                    resume = {"Marker": listed["NextMarker"]}
                 await asyncio.sleep(0.05)
+
+    async def _invalidated(self, client: Any, distribution: str, id_: str, at: float) -> None:
+        """The events a newly listed invalidation covers, seen at `at`."""
+        got = await client.get_invalidation(DistributionId=distribution, Id=id_)
+        paths = got["Invalidation"]["InvalidationBatch"]["Paths"].get("Items", [])
+        # Only the published events still waiting can be covered for the first time.
+        waiting = {e.album_path: e for e in self.waiting("cloudfront")}
+        for path in paths:
+            if path.endswith("*"):
+                for album_path, e in waiting.items():
+                    if album_path.startswith(path[:-1]):
+                        self.saw("cloudfront", e, at)
+            elif (named := waiting.get(path)) is not None:
+                self.saw("cloudfront", named, at)
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -507,7 +577,7 @@ async def _publish(
             e.occurred_ms = int(record["occurred_at"])
             e.published_mono = time.monotonic()
             if observers is not None:
-                observers.published.append(e)
+                observers.published(e)
             await publisher.publish("photo.uploaded", record, wait=False)
         await publisher.flush()
     finally:
@@ -532,7 +602,7 @@ async def _tasks(*coros: Any) -> AsyncIterator[None]:
 def summarize(events: list[Tracked], rate: float, seconds: float) -> dict[str, Any]:
     tiers: dict[str, Any] = {}
     for tier in TARGETS:
-        sample = [e for e in events if e.probed or tier not in ("varnish", "warm")]
+        sample = [e for e in events if e.probed or tier not in PROBED_TIERS]
         values = [e.seen[tier] - e.occurred_ms for e in sample if tier in e.seen]
         p50, p99 = TARGETS[tier]
         tiers[tier] = {
@@ -636,9 +706,7 @@ async def measure(rate: float, seconds: float, probe_every: int) -> dict[str, An
                 ):
                     achieved, took = await _publish(run, events, rate, observers)
                     deadline = time.monotonic() + GRACE_S
-                    while time.monotonic() < deadline and any(  # noqa: ASYNC110 (observations, not a flag)
-                        len(e.seen) < (5 if e.probed else 3) for e in events
-                    ):
+                    while time.monotonic() < deadline and observers.outstanding():  # noqa: ASYNC110 (observations, not a flag)
                         await asyncio.sleep(0.2)
                     observers.done.set()
             finally:

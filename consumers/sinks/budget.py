@@ -30,6 +30,7 @@ an upper bound on that wait, counted from the oldest command's write.
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 import time
 from collections import defaultdict
@@ -245,10 +246,17 @@ class RecentPurges:
         self.keep_ms = keep_s * 1000
         self.skew_ms = skew_ms
         self._sent: dict[tuple[Kind, str], float] = {}
+        # (sent at, item), oldest first: `expire` pops what it forgets instead of scanning
+        # every item remembered (a flush's cost grew with the last `keep_s` of traffic).
+        # An item purged again has one entry per purge; only its latest one forgets it.
+        self._by_time: list[tuple[float, tuple[Kind, str]]] = []
 
     def record(self, kind: Kind, items: Iterable[str], sent_at_ms: float) -> None:
         for item in items:
-            self._sent[(kind, item)] = max(self._sent.get((kind, item), 0.0), sent_at_ms)
+            key = (kind, item)
+            if sent_at_ms > self._sent.get(key, 0.0):
+                self._sent[key] = sent_at_ms
+                heapq.heappush(self._by_time, (sent_at_ms, key))
 
     def covers(self, kind: Kind, item: str, occurred_at_ms: float) -> bool:
         after = occurred_at_ms + self.skew_ms
@@ -260,8 +268,11 @@ class RecentPurges:
 
     def expire(self, now_ms: float) -> None:
         horizon = now_ms - self.keep_ms
-        for key in [k for k, t in self._sent.items() if t < horizon]:
-            del self._sent[key]
+        by_time, sent = self._by_time, self._sent
+        while by_time and by_time[0][0] < horizon:
+            at, key = heapq.heappop(by_time)
+            if sent.get(key) == at:  # not purged again since
+                del sent[key]
 
     def __len__(self) -> int:
         return len(self._sent)

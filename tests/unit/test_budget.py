@@ -175,3 +175,17 @@ def test_recent_purges_skip_items_purged_after_the_event_only() -> None:
     assert budget.plan([late], CF, recent=recent).count("tags") == 1  # within the skew: purge again
     recent.expire(now_ms=10_000 + 301_000)
     assert len(recent) == 0
+
+
+def test_recent_purges_forget_an_item_only_after_its_latest_purge_is_past_keeping() -> None:
+    """Purged at 1 s and again at 5 s: kept (and covering) until 5 s is older than keep_s."""
+    recent = budget.RecentPurges(keep_s=10, skew_ms=0)
+    recent.record("urls", ["/w/w1/rsvp"], sent_at_ms=1_000)
+    recent.record("urls", ["/w/w2/rsvp"], sent_at_ms=2_000)
+    recent.record("urls", ["/w/w1/rsvp"], sent_at_ms=5_000)
+    recent.expire(now_ms=12_500)  # 1 s and 2 s are past keeping; 5 s is not
+    assert len(recent) == 1
+    assert recent.covers("urls", "/w/w1/rsvp", occurred_at_ms=4_000)
+    assert not recent.covers("urls", "/w/w2/rsvp", occurred_at_ms=1_500)
+    recent.expire(now_ms=15_001)
+    assert len(recent) == 0
