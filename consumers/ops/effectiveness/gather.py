@@ -275,19 +275,27 @@ async def _from_cloudfront(
     metrics = CloudFrontMetrics.from_settings(settings, eff) if targets.cloudfront else None
     if metrics is None:
         return
-    for region, distribution in sorted(targets.cloudfront.items()):
-        try:
-            minutes = await metrics.minutes(distribution, data.since_ms, data.until_ms)
-        except (BotoCoreError, ClientError, OSError) as exc:
-            data.notes.append(f"CloudWatch of distribution {distribution}: {exc}")
-            continue
-        for m in minutes:
-            hits = m.requests * (m.hit_rate or 0.0) / 100
-            data.ratios.append(
-                RatioPoint(
-                    m.at_ms + 60_000, region, "cloudfront", hits, m.requests - hits, distribution
+    try:
+        for region, distribution in sorted(targets.cloudfront.items()):
+            try:
+                minutes = await metrics.minutes(distribution, data.since_ms, data.until_ms)
+            except (BotoCoreError, ClientError, OSError) as exc:
+                data.notes.append(f"CloudWatch of distribution {distribution}: {exc}")
+                continue
+            for m in minutes:
+                hits = m.requests * (m.hit_rate or 0.0) / 100
+                data.ratios.append(
+                    RatioPoint(
+                        m.at_ms + 60_000,
+                        region,
+                        "cloudfront",
+                        hits,
+                        m.requests - hits,
+                        distribution,
+                    )
                 )
-            )
+    finally:
+        await metrics.aclose()
         if not minutes:
             data.notes.append(
                 f"CloudWatch has no CloudFront metrics for {distribution} ({region}) in this range"

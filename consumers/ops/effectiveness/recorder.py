@@ -107,6 +107,8 @@ class Sampler:
     async def aclose(self) -> None:
         if self._cloudflare is not None:
             await self._cloudflare.aclose()
+        if self._cloudfront is not None:
+            await self._cloudfront.aclose()
 
     async def sample(self, now_ms: float | None = None) -> list[Interval]:
         now = now_ms if now_ms is not None else time.time() * 1000

@@ -66,6 +66,8 @@ async def read_tiers(settings: Settings) -> list[Reading]:
     finally:
         if cloudflare is not None:
             await cloudflare.aclose()
+        if cloudfront is not None:
+            await cloudfront.aclose()
 
 
 def hit_ratio_table(cur: Sequence[Reading], prev: Sequence[Reading] | None) -> Table:
