@@ -44,6 +44,12 @@ def surrogate_keys(path: str) -> list[str]:
 
 class Origin(BaseHTTPRequestHandler):
     server_version = "cachesync-origin/1"
+    # Keep-alive, as a real origin behind Varnish: a new connection (and thread) per page
+    # cost 0.45 ms of CPU per fetch, against 0.12 ms. Every answer has a Content-Length.
+    # Without Nagle's algorithm: the headers and the body go out as two writes, and with
+    # it the body waited for the delayed ACK, some 40 ms per page on a kept connection.
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
