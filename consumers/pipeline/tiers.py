@@ -8,7 +8,8 @@ says when to look at them again:
 
 - `TierAnnouncer`: after each flush, a purge sink's runner publishes the ids of the
   events it applied on the region's Redis, one channel per (region, sink)
-  (`keys.tier_applied`). One PUBLISH per flush, whatever the batch.
+  (`keys.tier_applied`). One PUBLISH per flush, whatever the batch, whose answer the
+  flush does not wait for.
 - `TierWatch`: the runner of a later tier subscribes to the channels of the tiers it
   follows. `wait` reads the markers once, then again only when an announcement names one
   of the events it waits for, until all are applied or its time is up. An announcement
@@ -47,19 +48,35 @@ class TierAnnouncer:
     def __init__(self, redis: Redis, region: str, sink: str) -> None:
         self.redis = redis
         self.channel = keys.tier_applied(region, sink)
+        self._announcing: asyncio.Task[None] | None = None
 
     async def applied(self, event_ids: Iterable[str]) -> None:
-        """Announce the events whose purges the flush applied; a failure is only logged (the
-        followers find the markers at their next re-check)."""
+        """Announce the events whose purges the flush applied. The PUBLISH has gone out when
+        this returns, but its answer is not waited for: a flush does not pay a round trip
+        for a wake-up call (the next announcement waits for it, so they stay in order, and
+        so does `close`). A failure is only logged: the followers find the markers at
+        their next re-check."""
         payload = "\n".join(sorted(set(event_ids)))
         if not payload:
             return
+        await self.answered()
+        self._announcing = asyncio.create_task(self._publish(payload), name=self.channel)
+        await asyncio.sleep(0)  # the task sends it now, not after the caller's next step
+
+    async def answered(self) -> None:
+        """Until the last announcement was answered (or failed)."""
+        if self._announcing is not None:
+            announcing, self._announcing = self._announcing, None
+            await announcing
+
+    async def _publish(self, payload: str) -> None:
         try:
             await self.redis.publish(self.channel, payload)
         except (RedisError, OSError) as exc:
             log.debug("%s: announcement not sent: %s", self.channel, exc)
 
     async def close(self) -> None:
+        await self.answered()
         await self.redis.aclose()
 
 

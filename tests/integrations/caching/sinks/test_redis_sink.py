@@ -451,3 +451,28 @@ async def test_a_split_purge_counts_as_applied_for_later_tiers_only_at_its_last_
         await apply(sink, *parts)
         assert await redis.exists(*(p.keys[0] for p in parts)) == 0
         assert await redis.exists(marker) == 1
+
+
+@pytest.mark.parametrize("max_keys", [redis_sink.MAX_KEYS_PER_CALL, 8])
+async def test_a_flush_loads_the_script_when_the_server_does_not_know_it(
+    settings: Settings, redis: Redis, run: str, monkeypatch: pytest.MonkeyPatch, max_keys: int
+) -> None:
+    """The sink calls its script by digest; a server without it (restarted, scripts flushed)
+    gets it loaded, and the flush applies every command (in one call, or in several)."""
+    # A script text of this run only, so the server cannot know its digest yet.
+    monkeypatch.setattr(redis_sink, "_PURGE_SCRIPT", f"{redis_sink._PURGE_SCRIPT}-- {run}\n")
+    monkeypatch.setattr(redis_sink, "MAX_KEYS_PER_CALL", max_keys)
+    sink = RedisSink(REGION, settings.region_redis_urls[REGION])
+    commands = [
+        purge(run, n, entity=f"wedding:{run}-{n}", version=n, keys=(f"wedding:{run}:k{n}",))
+        for n in range(3)
+    ]
+    for command in commands:
+        await redis.set(command.keys[0], "old")
+    try:
+        await apply(sink, *commands)
+    finally:
+        await sink.close()
+
+    assert await redis.exists(*(c.keys[0] for c in commands)) == 0
+    assert await redis.exists(*(keys.applied(RedisSink.kind, c.command_id) for c in commands)) == 3
