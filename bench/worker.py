@@ -36,7 +36,7 @@ import typer
 from bench.common import bench_settings, one_command_app, stack_env
 
 if TYPE_CHECKING:
-    from aiokafka import AIOKafkaProducer
+    from aiokafka import AIOKafkaProducer, TopicPartition
 
     from cachesync.consumers.pipeline.kafka import Record
     from cachesync.consumers.pipeline.roles import Role
@@ -147,9 +147,17 @@ def _build_roles(settings: Settings, specs: list[str]) -> list[Role]:
 
 
 def _time_batches(role: Role, window: Window) -> None:
-    """Count each batch `role` commits into `window` (commit-after-effect included), when
-    its commit is answered."""
-    role.loop.on_committed = window.add
+    """Count each batch `role` commits into `window` (commit-after-effect included)."""
+    loop = role.loop
+    process = loop.process
+
+    async def timed(batch: dict[TopicPartition, list[Record]]) -> bool:
+        ok = await process(batch)
+        if ok:
+            window.add(sum(len(p) for p in batch.values()))
+        return ok
+
+    loop.process = timed  # type: ignore[method-assign]  # this one instance, on purpose
 
 
 async def _run_until_done(task: asyncio.Task[None], stop: asyncio.Event, limit_s: float) -> None:
@@ -302,7 +310,7 @@ class MapperOutputs:
 
 class PartitionBatches:
     """Messages handed to the producer as one batch per partition (`create_batch` and
-    `send_batch`, each closed first, as the mapper's BatchedSends does), the partition the default
+    `send_batch`, as the mapper's BatchedSends does), the partition the default
     partitioner's: murmur2 of the key, memoized per key."""
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
@@ -314,8 +322,6 @@ class PartitionBatches:
 
     async def send(self, messages: list[Message]) -> None:
         """Send `messages` and wait until the broker acked every one."""
-        from cachesync.consumers.pipeline.sends import hand_over
-
         if not messages:
             return
         partitions: dict[str, list[int]] = {}
@@ -331,10 +337,10 @@ class PartitionBatches:
             batch = self.producer.create_batch()
             for _, key, value, headers in part:
                 if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                    acks.append(await hand_over(self.producer, batch, topic, partition))
+                    acks.append(await self.producer.send_batch(batch, topic, partition=partition))
                     batch = self.producer.create_batch()
                     batch.append(key=key, value=value, timestamp=None, headers=headers)
-            acks.append(await hand_over(self.producer, batch, topic, partition))
+            acks.append(await self.producer.send_batch(batch, topic, partition=partition))
         await asyncio.gather(*acks)
         self.sent += len(messages)
 
