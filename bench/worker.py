@@ -36,7 +36,7 @@ import typer
 from bench.common import bench_settings, one_command_app, stack_env
 
 if TYPE_CHECKING:
-    from aiokafka import AIOKafkaProducer, TopicPartition
+    from aiokafka import AIOKafkaProducer
 
     from cachesync.consumers.pipeline.kafka import Record
     from cachesync.consumers.pipeline.roles import Role
@@ -147,17 +147,9 @@ def _build_roles(settings: Settings, specs: list[str]) -> list[Role]:
 
 
 def _time_batches(role: Role, window: Window) -> None:
-    """Count each batch `role` commits into `window` (commit-after-effect included)."""
-    loop = role.loop
-    process = loop.process
-
-    async def timed(batch: dict[TopicPartition, list[Record]]) -> bool:
-        ok = await process(batch)
-        if ok:
-            window.add(sum(len(p) for p in batch.values()))
-        return ok
-
-    loop.process = timed  # type: ignore[method-assign]  # this one instance, on purpose
+    """Count each batch `role` commits into `window` (commit-after-effect included), when
+    its commit is answered."""
+    role.loop.on_committed = window.add
 
 
 async def _run_until_done(task: asyncio.Task[None], stop: asyncio.Event, limit_s: float) -> None:
