@@ -252,7 +252,7 @@ class AuditLog:
         the same outcome. `trace_id`: the command's trace (default: the current span's)."""
         if trace_id is None:
             trace_id = current_trace_id()
-        self._handled.append((command, sink, note, trace_id))
+        self.handled_all(sink, [(command, note, trace_id)])
 
     def handled_all(self, sink: str, handled: Iterable[tuple[Command, Note, str | None]]) -> None:
         """What `sink` did with each of a flush's commands (its note, its trace id or None),

@@ -294,12 +294,13 @@ async def _from_cloudfront(
                         distribution,
                     )
                 )
+            if not minutes:
+                data.notes.append(
+                    f"CloudWatch has no CloudFront metrics for {distribution} ({region}) "
+                    "in this range"
+                )
     finally:
         await metrics.aclose()
-        if not minutes:
-            data.notes.append(
-                f"CloudWatch has no CloudFront metrics for {distribution} ({region}) in this range"
-            )
 
 
 def _epoch_ms(value: str) -> int:
