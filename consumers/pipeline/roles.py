@@ -43,8 +43,8 @@ from cachesync.consumers.pipeline.audit import AuditLog
 from cachesync.consumers.pipeline.codecs import (
     close_codec,
     codec_for,
+    decode,
     decode_event,
-    resolve,
     start_codec,
 )
 from cachesync.consumers.pipeline.dead_letters import DeadLetters
@@ -60,7 +60,7 @@ from cachesync.consumers.pipeline.writer import CommandWriter
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.base import Note, Position, PurgeSink, Sink
 from cachesync.consumers.sinks.cdn import CdnPurgeSink
-from cachesync.schemas import Codec, Decoded, SingleObjectCodec
+from cachesync.schemas import Codec, Decoded
 
 log = logging.getLogger(__name__)
 
@@ -369,9 +369,6 @@ class SinkRole(_Role):
             region=sink.region,
         )
         self.sink = sink
-        # Whether a record's schema must be fetched before it decodes (a registry's ids);
-        # single-object encoding carries its own, and the await cost 1 us per command.
-        self._resolves = not isinstance(self.codec, SingleObjectCodec)
         region_redis = settings.region_redis_urls[sink.region]
         # Tier order: the tiers this sink follows announce what they applied, which wakes
         # its held batch (pipeline/tiers.py); their markers in the region's Redis decide.
@@ -410,11 +407,8 @@ class SinkRole(_Role):
     async def handle(self, records: list[Record]) -> None:
         candidates: list[tuple[Record, Command]] = []
         for record in records:
-            value = record.value or b""
             try:
-                if self._resolves:
-                    await resolve(self.codec, value)
-                command = self._command(value)
+                command = await self._decode(record)
             except BadInput as exc:
                 await self.dead_letters.send(record, exc)
                 self.stats.dead_lettered += 1
@@ -479,7 +473,6 @@ class SinkRole(_Role):
             )
         rejected = {r.command.command_id: r.error for r in result.rejected}
         applied = Note()
-        said = result.notes
         handled: list[tuple[Command, Note, str | None]] = []
         for command_id, a in accepted.items():
             if command_id in rejected:
@@ -487,7 +480,7 @@ class SinkRole(_Role):
                 await self.dead_letters.send(a.record, PermanentSinkError(rejected[command_id]))
                 self.stats.dead_lettered += 1
             else:
-                note = said.get(command_id, applied)
+                note = result.notes.get(command_id, applied)
             if a.span is not None:
                 a.span.set_attribute("cachesync.outcome", note.outcome)
                 if note.provider_ids:
@@ -562,9 +555,8 @@ class SinkRole(_Role):
             if command.origin_event_id in waiting:
                 self.sink.overdue(command)
 
-    def _command(self, value: bytes) -> Command:
-        """The command a record's value holds (its schema resolved first, `_resolves`)."""
-        decoded = self.codec.decode(value)
+    async def _decode(self, record: Record) -> Command:
+        decoded = await decode(self.codec, record.value or b"")
         model = COMMAND_TYPES.get(decoded.type_name)
         if model is None:
             raise BadInput(f"{decoded.type_name!r} is not a command")
