@@ -108,7 +108,7 @@ def _runqueue_s() -> float:
 
 
 def _time_batches(role: SinkRole, window: Window) -> list[float]:
-    """Count each batch the role commits into `window` (commit-after-effect included); the
+    """Count each batch the role handles into `window` (its effect applied); the
     run-queue waits where the window starts and ends go to the list returned."""
     waits: list[float] = []
 
@@ -118,7 +118,7 @@ def _time_batches(role: SinkRole, window: Window) -> list[float]:
         if (started is None and window.started) or (ended is None and window.ended):
             waits.append(_runqueue_s())
 
-    role.loop.on_committed = committed
+    role.loop.on_handled = committed
     return waits
 
 

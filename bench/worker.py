@@ -10,8 +10,9 @@ the same work with the same clients (bench/CEILINGS.md says what each includes a
 leaves out). `ceiling` runs after the mapper on the same topics and sends, for each
 input event, the very messages the mapper sent for it (read back from the topics
 before it starts). Each prints `READY` once its consumers have their partitions and,
-at the end, `RESULT {json}`: the timed window (records W..W+N, from the commit of the
-batch that crossed W to the commit of the batch that crossed W+N), the role counters
+at the end, `RESULT {json}`: the timed window (records W..W+N, from the batch that
+crossed W to the batch that crossed W+N, each counted once its effect is applied;
+offsets are committed every `commit_interval_ms` within it), the role counters
 and the process's peak RSS. `--cpu` pins the process to one core.
 """
 
@@ -36,7 +37,7 @@ import typer
 from bench.common import bench_settings, one_command_app, stack_env
 
 if TYPE_CHECKING:
-    from aiokafka import AIOKafkaProducer
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
     from cachesync.consumers.pipeline.kafka import Record
     from cachesync.consumers.pipeline.roles import Role
@@ -147,9 +148,9 @@ def _build_roles(settings: Settings, specs: list[str]) -> list[Role]:
 
 
 def _time_batches(role: Role, window: Window) -> None:
-    """Count each batch `role` commits into `window` (commit-after-effect included), when
-    its commit is answered."""
-    role.loop.on_committed = window.add
+    """Count each batch `role` handles into `window`, once its effect is applied (its
+    offsets are committed every `commit_interval_ms`, in the window's time)."""
+    role.loop.on_handled = window.add
 
 
 async def _run_until_done(task: asyncio.Task[None], stop: asyncio.Event, limit_s: float) -> None:
@@ -302,7 +303,7 @@ class MapperOutputs:
 
 class PartitionBatches:
     """Messages handed to the producer as one batch per partition (`create_batch` and
-    `send_batch`, as the mapper's BatchedSends does), the partition the default
+    `send_batch`, each closed first, as the mapper's BatchedSends does), the partition the default
     partitioner's: murmur2 of the key, memoized per key."""
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
@@ -314,6 +315,8 @@ class PartitionBatches:
 
     async def send(self, messages: list[Message]) -> None:
         """Send `messages` and wait until the broker acked every one."""
+        from cachesync.consumers.pipeline.sends import hand_over
+
         if not messages:
             return
         partitions: dict[str, list[int]] = {}
@@ -329,12 +332,34 @@ class PartitionBatches:
             batch = self.producer.create_batch()
             for _, key, value, headers in part:
                 if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                    acks.append(await self.producer.send_batch(batch, topic, partition=partition))
+                    acks.append(await hand_over(self.producer, batch, topic, partition))
                     batch = self.producer.create_batch()
                     batch.append(key=key, value=value, timestamp=None, headers=headers)
-            acks.append(await self.producer.send_batch(batch, topic, partition=partition))
+            acks.append(await hand_over(self.producer, batch, topic, partition))
         await asyncio.gather(*acks)
         self.sent += len(messages)
+
+
+class IntervalCommits:
+    """A ceiling's commits, as the roles' loop makes them (pipeline/loop.py): the offsets
+    of applied batches, at most once per `commit_interval_ms`, and the rest at the end."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, interval_ms: int) -> None:
+        self.consumer = consumer
+        self.interval_s = interval_ms / 1000
+        self.offsets: dict[TopicPartition, int] = {}
+        self.last = 0.0
+
+    async def applied(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        self.offsets.update({tp: part[-1].offset + 1 for tp, part in batch.items() if part})
+        if time.monotonic() - self.last >= self.interval_s:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.offsets:
+            self.last = time.monotonic()
+            offsets, self.offsets = self.offsets, {}
+            await self.consumer.commit(offsets)
 
 
 async def run_kafka_ceiling(
@@ -362,6 +387,7 @@ async def run_kafka_ceiling(
     stop = asyncio.Event()
     _stop_on_signals(stop)
     window = Window(warmup, count, stop)
+    commits = IntervalCommits(consumer, settings.commit_interval_ms)
     sent = {"commands": PartitionBatches(producer), "audit": PartitionBatches(producer)}
     await producer.start()
     await consumer.start()
@@ -386,8 +412,9 @@ async def run_kafka_ceiling(
             # say what was sent), and the offsets are committed once both are.
             await sent["commands"].send(commands)
             await sent["audit"].send(audit)
-            await consumer.commit({tp: part[-1].offset + 1 for tp, part in batch.items() if part})
             window.add(sum(len(p) for p in batch.values()))
+            await commits.applied(batch)
+        await commits.flush()
     finally:
         await consumer.stop()
         await producer.stop()
@@ -438,6 +465,7 @@ async def run_redis_ceiling(
     stop = asyncio.Event()
     _stop_on_signals(stop)
     window = Window(warmup, count, stop)
+    commits = IntervalCommits(consumer, settings.commit_interval_ms)
     deleted = 0
     await start_codec(codec)
     await consumer.start()
@@ -469,8 +497,9 @@ async def run_redis_ceiling(
             if tag_sets:
                 pipe.evalsha(delete_tagged, len(tag_sets), *tag_sets)
             deleted += sum(await pipe.execute())
-            await consumer.commit({tp: part[-1].offset + 1 for tp, part in batch.items() if part})
             window.add(sum(len(p) for p in batch.values()))
+            await commits.applied(batch)
+        await commits.flush()
     finally:
         await consumer.stop()
         await close_codec(codec)

@@ -156,6 +156,16 @@ class Settings(BaseSettings):
         alias="CACHESYNC_MAX_RECORDS",
         description="Records a consumer handles per batch (a sink may take more).",
     )
+    commit_interval_ms: int = Field(
+        default=1000,
+        ge=0,
+        alias="CACHESYNC_COMMIT_INTERVAL_MS",
+        description=(
+            "How often a consumer commits its offsets while batches keep coming (0: after "
+            "every batch); it commits at once when idle, on a rebalance and on stop. Only "
+            "applied batches are ever committed; a crash re-reads at most this interval."
+        ),
+    )
     group_prefix: str = Field(
         default="cachesync",
         alias="CACHESYNC_GROUP_PREFIX",

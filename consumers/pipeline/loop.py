@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from cachesync.consumers import telemetry
@@ -70,6 +70,7 @@ class CommitAfterEffect:
         backoff: Backoff | None = None,
         linger_ms: int = 0,
         group: str | None = None,
+        commit_interval_ms: int = 0,
     ) -> None:
         self.consumer = consumer
         self.group = group
@@ -86,10 +87,17 @@ class CommitAfterEffect:
         self._paused_until: dict[TopicPartition, float] = {}
         self._lag_observed_at = 0.0
         self.records_committed = 0
+        # Offsets are committed at most this often while batches keep coming (0: after
+        # every batch), and at once when a poll comes back empty, on a rebalance and on
+        # stop: every commit still covers only batches whose effect is applied.
+        self.commit_interval_ms = commit_interval_ms
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._uncommitted_count = 0
+        self._commit_started = 0.0
         self._committing: asyncio.Task[None] | None = None
-        # Called with a batch's number of records once its offsets are committed (a
-        # benchmark's window counts batches there).
-        self.on_committed: Callable[[int], None] | None = None
+        # Called with a batch's number of records once its effect is applied, before its
+        # offsets are committed (a benchmark's window counts batches there).
+        self.on_handled: Callable[[int], None] | None = None
         # When the loop last came back from a poll (monotonic): /healthz reads it from the
         # metrics server's thread (consumers/health.py). From creation, so that a loop that
         # never gets to poll is seen as stalled too.
@@ -102,10 +110,14 @@ class CommitAfterEffect:
     async def run(self, stop: asyncio.Event) -> None:
         """Runs until `stop` is set; the batch in hand is finished and committed first.
 
-        A batch's commit goes out as soon as its handler returned, and the loop polls and
-        handles the next batch while the broker answers it: the commit is a round trip to
-        the group coordinator (6 ms here) that nothing after it needs to wait for. Commits
-        still go out in order, one at a time, each after its own batch's effect.
+        A commit goes out once `commit_interval_ms` has passed since the last one, or at
+        once when a poll finds nothing, and the loop polls and handles the next batch
+        while the broker answers it: the commit is a round trip to the group coordinator
+        that nothing after it needs to wait for. At a steady trickle (100 events/s, a
+        batch of one or two) a commit per batch was most of the loop's requests to Kafka.
+        Commits go out in order, one at a time, each covering only batches whose effect
+        is applied; a crash re-reads at most the last interval, which the sinks apply at
+        most once in effect.
         """
         try:
             while not stop.is_set():
@@ -116,12 +128,19 @@ class CommitAfterEffect:
                 )
                 self.polled_at = time.monotonic()
                 if not batch:
+                    self._commit_now()
                     continue
                 if self.linger_ms > 0 or self.linger_for is not None:
                     batch = await self._linger(batch, stop)
-                await self.process(batch, wait_commit=False)
+                if await self.process(batch, wait_commit=False):
+                    self._commit_due()
         finally:
+            self._commit_now()
             await self.committed()
+
+    def rebalance_listener(self) -> ConsumerRebalanceListener:
+        """For `consumer.subscribe`: commits what is applied before partitions go away."""
+        return _CommitOnRevoke(self)
 
     async def _linger(
         self, batch: dict[TopicPartition, list[Record]], stop: asyncio.Event
@@ -181,17 +200,38 @@ class CommitAfterEffect:
             )
             return False
         self.backoff.reset()
-        await self.committed()
-        self._committing = asyncio.create_task(self._commit(batch))
+        for tp, part in batch.items():
+            if part:
+                self._uncommitted[tp] = part[-1].offset + 1
+                self._uncommitted_count += len(part)
+        if self.on_handled is not None:
+            self.on_handled(len(records))
         if wait_commit:
+            self._commit_now()
             await self.committed()
         return True
 
+    def _commit_due(self) -> None:
+        """Start a commit if the interval since the last one has passed."""
+        if time.monotonic() - self._commit_started >= self.commit_interval_ms / 1000:
+            self._commit_now()
+
+    def _commit_now(self) -> None:
+        """Start committing every applied batch's offsets, behind the commit in flight."""
+        if not self._uncommitted:
+            return
+        offsets, count = self._uncommitted, self._uncommitted_count
+        self._uncommitted, self._uncommitted_count = {}, 0
+        self._commit_started = time.monotonic()
+        self._committing = asyncio.create_task(self._commit(offsets, count, self._committing))
+
     async def committed(self) -> None:
-        """Until the last batch's commit (if one is in flight) has been answered."""
+        """Until every commit started so far has been answered."""
         if self._committing is not None:
-            committing, self._committing = self._committing, None
+            committing = self._committing
             await committing
+            if self._committing is committing:
+                self._committing = None
 
     @property
     def paused(self) -> set[TopicPartition]:
@@ -233,8 +273,14 @@ class CommitAfterEffect:
         if due:
             self.consumer.resume(*due)
 
-    async def _commit(self, batch: dict[TopicPartition, list[Record]]) -> None:
-        offsets = {tp: part[-1].offset + 1 for tp, part in batch.items() if part}
+    async def _commit(
+        self,
+        offsets: dict[TopicPartition, int],
+        count: int,
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        if previous is not None:
+            await previous  # one at a time, in order (it logs its own failure)
         try:
             await self.consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
@@ -245,7 +291,19 @@ class CommitAfterEffect:
         except KafkaError as exc:
             log.warning("%s: commit failed, batch will be re-read: %s", self.name, exc)
             return
-        count = sum(len(p) for p in batch.values())
         self.records_committed += count
-        if self.on_committed is not None:
-            self.on_committed(count)
+
+
+class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Before the group takes partitions away, the loop commits what it has applied, so
+    that their next owner does not apply the last interval's batches again."""
+
+    def __init__(self, loop: CommitAfterEffect) -> None:
+        self.loop = loop
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.loop._commit_now()
+        await self.loop.committed()
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        pass

@@ -103,7 +103,6 @@ class _Role:
         self.producer: AIOKafkaProducer = make_producer(self.kafka, client_id=client_id)
         self.consumer = make_consumer(
             self.kafka,
-            *topics,
             group_id=group,
             client_id=client_id,
             auto_offset_reset=auto_offset_reset,
@@ -117,7 +116,9 @@ class _Role:
             max_records=max_records,
             linger_ms=linger_ms,
             group=group,
+            commit_interval_ms=settings.commit_interval_ms,
         )
+        self.consumer.subscribe(topics, listener=self.loop.rebalance_listener())
 
     async def handle(self, records: list[Record]) -> None:
         raise NotImplementedError

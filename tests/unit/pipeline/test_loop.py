@@ -388,3 +388,53 @@ async def test_run_does_not_return_before_the_last_commit_is_answered() -> None:
     answered.set()
     await asyncio.wait_for(task, timeout=1)
     assert consumer.commits == [{TP0: 2}]
+
+
+async def test_with_an_interval_batches_share_a_commit_made_when_the_poll_comes_back_empty() -> (
+    None
+):
+    """run() with commit_interval_ms: the batches handled within the interval are committed
+    together (the last offset + 1 of each partition), at once when a poll finds nothing,
+    and each batch is reported to on_handled when its effect is applied."""
+    consumer, handler, runner = make({TP0: [1, 2, 3, 4], TP1: [7, 8]})
+    runner.max_records = 1
+    runner.commit_interval_ms = 60_000
+    handled: list[int] = []
+    runner.on_handled = handled.append
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    await asyncio.wait_for(consumer.idle.wait(), timeout=1)
+    await asyncio.sleep(0.01)
+
+    # The first batch's commit went out at once (no commit yet in the interval); the
+    # other five waited for the empty poll, and went out as one.
+    assert consumer.commits == [{TP0: 2}, {TP0: 5, TP1: 9}]
+    assert handled == [1] * 6
+    assert runner.records_committed == 6
+    assert max(handler.commits_seen) == 1
+    stop.set()
+    await asyncio.wait_for(task, timeout=1)
+    assert len(consumer.commits) == 2
+
+
+async def test_with_an_interval_what_is_applied_is_committed_on_stop_and_before_a_revoke() -> None:
+    """Batches applied within the interval are committed before run() returns, and before
+    the group takes the partitions away (the rebalance listener's revoke)."""
+    consumer, handler, runner = make({TP0: [1, 2, 3]})
+    runner.commit_interval_ms = 60_000
+    listener = runner.rebalance_listener()
+    await runner.process(await consumer.getmany(max_records=1), wait_commit=False)
+    runner._commit_due()  # the first commit of the interval goes out
+    await runner.process(await consumer.getmany(max_records=1), wait_commit=False)
+    runner._commit_due()  # within the interval: held
+    await runner.committed()
+    assert consumer.commits == [{TP0: 2}]
+
+    await listener.on_partitions_revoked([TP0])
+    assert consumer.commits == [{TP0: 2}, {TP0: 3}]
+
+    await runner.process(await consumer.getmany(max_records=1), wait_commit=False)
+    stop = asyncio.Event()
+    stop.set()
+    await asyncio.wait_for(runner.run(stop), timeout=1)
+    assert consumer.commits == [{TP0: 2}, {TP0: 3}, {TP0: 4}]

@@ -26,6 +26,9 @@ LIMIT = 100  # bytes per batch the fake broker accepts
 class FakeBatch:
     messages: list[bytes] = field(default_factory=list)
 
+    def close(self) -> None:  # a complete batch, as BatchedSends hands it over
+        pass
+
     def append(
         self, *, key: bytes | None, value: bytes, timestamp: int | None, headers: object
     ) -> object:

@@ -39,6 +39,9 @@ class FakeBatch:
         default_factory=list
     )
 
+    def close(self) -> None:  # a complete batch, as BatchedSends hands it over
+        pass
+
     def append(
         self,
         *,
