@@ -24,10 +24,9 @@ uncommitted (sinks/cdn.py). Any other refusal (405: not allowed) is final and th
 commands are returned as `Rejected`.
 
 The flush itself (ledger, budget plan, progress, retries) is the CDN template's
-(sinks/cdn.py); this module holds the edge's requests. Its ledger is `FlushLedger`, one
-script call per flush (sinks/flush_ledger.py). A flush's requests make one span (the
-edge, the mode, how many requests and items, how many answered, how many commands were
-refused), not one per request; a sampled command's own span is the runner's.
+(sinks/cdn.py), its ledger too (sinks/ledger.py); this module holds the edge's requests.
+A flush's requests make one span (the edge, the mode, how many requests and items, how
+many answered, how many commands were refused), not one per request; a sampled command's own span is the runner's.
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ from cachesync.consumers.settings import Settings, region_var
 from cachesync.consumers.sinks import budget
 from cachesync.consumers.sinks.cdn import CdnOptions, CdnPurgeSink, Sent
 from cachesync.consumers.sinks.edge_http import EdgeError, EdgeRequest, edge_client, wire_target
-from cachesync.consumers.sinks.flush_ledger import FlushLedger
 from cachesync.consumers.sinks.retry import Retries, with_retries
 
 log = logging.getLogger(__name__)
@@ -118,8 +116,6 @@ class HttpPurgeSink(CdnPurgeSink):
         self.limits = budget.Limits(
             provider=self.kind, max_items_per_request=hp.max_keys_per_request
         )
-        if self.redis is not None:
-            self.ledger = FlushLedger(self.redis, self.kind, region)
 
     @classmethod
     def unavailable(cls, settings: Settings, region: str) -> str | None:
