@@ -420,7 +420,7 @@ async def test_with_an_interval_batches_share_a_commit_made_when_the_poll_comes_
 async def test_with_an_interval_what_is_applied_is_committed_on_stop_and_before_a_revoke() -> None:
     """Batches applied within the interval are committed before run() returns, and before
     the group takes the partitions away (the rebalance listener's revoke)."""
-    consumer, handler, runner = make({TP0: [1, 2, 3]})
+    consumer, _handler, runner = make({TP0: [1, 2, 3]})
     runner.commit_interval_ms = 60_000
     listener = runner.rebalance_listener()
     await runner.process(await consumer.getmany(max_records=1), wait_commit=False)
