@@ -16,15 +16,18 @@ its key names another event.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from opentelemetry import trace
 
 from cachesync.consumers.commands import Command, to_millis
+from cachesync.consumers.errors import TransientError
 from cachesync.consumers.pipeline import headers
 from cachesync.consumers.pipeline.sends import BatchedSends
 from cachesync.consumers.sinks.base import Note
@@ -205,8 +208,9 @@ _Handled = tuple[Command, str, Note, str | None]
 
 
 class AuditLog:
-    """Produces audit records; `flush` writes the sinks' records gathered since the last
-    one and waits for every record's ack (called before a commit)."""
+    """Produces audit records. `flush` writes the records gathered since the last one and
+    waits for every record's ack; a sink uses `hand_over` per flush and `acked` before
+    its loop commits, so that one request carries the records of many flushes."""
 
     def __init__(self, producer: AIOKafkaProducer, topic: str, codec: Codec) -> None:
         self.producer = producer
@@ -214,6 +218,7 @@ class AuditLog:
         self.codec = codec
         self._batch = BatchedSends(producer)
         self._handled: list[_Handled] = []
+        self._in_flight: list[asyncio.Future[object]] = []
 
     async def mapped(
         self,
@@ -266,6 +271,35 @@ class AuditLog:
         if handled:
             await self._write_handled(handled)
         await self._batch.send()
+
+    async def hand_over(self) -> None:
+        """Write the records gathered since the last call and hand them to the producer,
+        without waiting for their acks: `acked` does, before the offsets of the batches
+        they are about are committed. Each goes through `producer.send`, so the records
+        of the flushes within the producer's linger travel in one request."""
+        handled, self._handled = self._handled, []
+        if handled:
+            await self._write_handled(handled)
+        try:
+            for topic, key, value, hdrs in self._batch.take():
+                self._in_flight.append(await self.producer.send(topic, value, key, headers=hdrs))
+        except KafkaError as exc:
+            raise TransientError(f"audit records not handed over: {type(exc).__name__}") from exc
+
+    async def acked(self) -> None:
+        """Until every record handed over so far is acknowledged; TransientError if one
+        was not (the batches it is about must then be read and audited again)."""
+        in_flight, self._in_flight = self._in_flight, []
+        if not in_flight:
+            return
+        await asyncio.wait(in_flight)
+        for future in in_flight:
+            if future.cancelled():
+                raise TransientError("audit records not acknowledged: the producer was closed")
+            if (error := future.exception()) is not None:
+                raise TransientError(
+                    f"audit records not acknowledged: {type(error).__name__}: {error}"
+                ) from error
 
     async def _write_handled(self, handled: list[_Handled]) -> None:
         """One record per (region, sink, kind, outcome, partition of the event id), of at

@@ -92,7 +92,15 @@ class CommitAfterEffect:
         # stop: every commit still covers only batches whose effect is applied.
         self.commit_interval_ms = commit_interval_ms
         self._uncommitted: dict[TopicPartition, int] = {}
+        # Where each partition's uncommitted batches start: read again from there if what
+        # must precede their commit fails (`before_commit`).
+        self._uncommitted_from: dict[TopicPartition, int] = {}
         self._uncommitted_count = 0
+        # Awaited before each commit: what the committed batches handed on must be safely
+        # taken (a sink's audit records acknowledged). If it raises TransientError or a
+        # KafkaError, nothing is committed and those batches are read again.
+        self.before_commit: Callable[[], Awaitable[None]] | None = None
+        self._read_again: dict[TopicPartition, int] = {}
         self._commit_started = 0.0
         self._committing: asyncio.Task[None] | None = None
         # Called with a batch's number of records once its effect is applied, before its
@@ -121,6 +129,8 @@ class CommitAfterEffect:
         """
         try:
             while not stop.is_set():
+                if self._read_again:
+                    await self._rewind()
                 self._resume_due()
                 await self._observe_lag()
                 batch = await self.consumer.getmany(
@@ -203,6 +213,7 @@ class CommitAfterEffect:
         for tp, part in batch.items():
             if part:
                 self._uncommitted[tp] = part[-1].offset + 1
+                self._uncommitted_from.setdefault(tp, part[0].offset)
                 self._uncommitted_count += len(part)
         if self.on_handled is not None:
             self.on_handled(len(records))
@@ -220,10 +231,12 @@ class CommitAfterEffect:
         """Start committing every applied batch's offsets, behind the commit in flight."""
         if not self._uncommitted:
             return
-        offsets, count = self._uncommitted, self._uncommitted_count
-        self._uncommitted, self._uncommitted_count = {}, 0
+        offsets, starts, count = self._uncommitted, self._uncommitted_from, self._uncommitted_count
+        self._uncommitted, self._uncommitted_from, self._uncommitted_count = {}, {}, 0
         self._commit_started = time.monotonic()
-        self._committing = asyncio.create_task(self._commit(offsets, count, self._committing))
+        self._committing = asyncio.create_task(
+            self._commit(offsets, starts, count, self._committing)
+        )
 
     async def committed(self) -> None:
         """Until every commit started so far has been answered."""
@@ -273,14 +286,40 @@ class CommitAfterEffect:
         if due:
             self.consumer.resume(*due)
 
+    async def _rewind(self) -> None:
+        """Read again the batches whose `before_commit` failed: once no commit is left in
+        flight (none of them may commit past them), each partition is sought back to the
+        first of them, and what was handled after them is forgotten (it comes again)."""
+        await self.committed()
+        read_again, self._read_again = self._read_again, {}
+        assigned = self.consumer.assignment()
+        for tp, offset in read_again.items():
+            self._uncommitted.pop(tp, None)
+            self._uncommitted_from.pop(tp, None)
+            if tp in assigned:
+                self.consumer.seek(tp, offset)
+
     async def _commit(
         self,
         offsets: dict[TopicPartition, int],
+        starts: dict[TopicPartition, int],
         count: int,
         previous: asyncio.Task[None] | None,
     ) -> None:
         if previous is not None:
             await previous  # one at a time, in order (it logs its own failure)
+        if self.before_commit is not None:
+            try:
+                await self.before_commit()
+            except (TransientError, KafkaError) as exc:
+                for tp, start in starts.items():
+                    self._read_again[tp] = min(start, self._read_again.get(tp, start))
+                log.warning("%s: not committed, its batches will be read again: %s", self.name, exc)
+                return
+        # A partition to be read again from before these offsets is not committed past them.
+        offsets = {tp: o for tp, o in offsets.items() if tp not in self._read_again}
+        if not offsets:
+            return
         try:
             await self.consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:

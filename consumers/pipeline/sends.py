@@ -100,13 +100,18 @@ class BatchedSends:
     def __len__(self) -> int:
         return len(self._messages)
 
+    def take(self) -> list[_Message]:
+        """The messages added since the last send, handed to the caller (and forgotten)."""
+        messages, self._messages = self._messages, []
+        return messages
+
     async def send(self) -> None:
         """Send everything added and wait until the broker acked it.
 
         TransientError if it did not ack all of it (nothing is known to be refused);
         ProduceRefused if it acked all but the messages it will never accept.
         """
-        messages, self._messages = self._messages, []
+        messages = self.take()
         if not messages:
             return
         try:

@@ -8,9 +8,11 @@ import random
 from dataclasses import dataclass, field, fields, replace
 
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 from aiokafka.partitioner import murmur2
 
 from cachesync.consumers.commands import PurgeCommand
+from cachesync.consumers.errors import TransientError
 from cachesync.consumers.pipeline import audit
 from cachesync.consumers.pipeline.audit import (
     AuditLog,
@@ -340,3 +342,40 @@ def test_a_record_about_several_commands_round_trips_and_expands() -> None:
             record.recorded_at,
         )
         assert r.latency_ms == record.recorded_at - h.occurred_at and r.handled == ()
+
+
+class SendProducer(FakeProducer):
+    """`producer.send` too, with acks the test answers (or fails) by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acks: list[asyncio.Future[object]] = []
+
+    async def send(
+        self, topic: str, value: bytes, key: bytes | None, *, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[object]:
+        self.sent.append((topic, key, value))
+        self.acks.append(asyncio.get_running_loop().create_future())
+        return self.acks[-1]
+
+
+async def test_hand_over_does_not_wait_for_acks_and_acked_raises_if_one_failed() -> None:
+    """A sink's records go out per flush without waiting; `acked` waits for every one and
+    says so when one was not acknowledged, so that its batch is not committed."""
+    producer = SendProducer()
+    log = AuditLog(producer, "test.cache.audit", CODEC)  # type: ignore[arg-type]
+    command = purge_command()
+    log.handled_all("redis", [(command, Note(), None)])
+    await log.hand_over()  # returns with the ack still open
+    log.handled_all("warmer", [(command, Note(outcome="skipped"), None)])
+    await log.hand_over()
+
+    assert [(t, k) for t, k, _ in producer.sent] == [("test.cache.audit", b"ev-1")] * 2
+    acked = asyncio.create_task(log.acked())
+    await asyncio.sleep(0.01)
+    assert not acked.done()  # waits for both
+    producer.acks[0].set_result(None)
+    producer.acks[1].set_exception(KafkaTimeoutError())
+    with pytest.raises(TransientError, match="not acknowledged"):
+        await acked
+    await log.acked()  # what failed is not waited for twice

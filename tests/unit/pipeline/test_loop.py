@@ -438,3 +438,35 @@ async def test_with_an_interval_what_is_applied_is_committed_on_stop_and_before_
     stop.set()
     await asyncio.wait_for(runner.run(stop), timeout=1)
     assert consumer.commits == [{TP0: 2}, {TP0: 3}, {TP0: 4}]
+
+
+async def test_batches_whose_before_commit_fails_are_read_again_and_never_committed_past() -> None:
+    """run(): when what must precede a commit fails (a sink's audit records not acked),
+    nothing is committed; the partitions are read again from the first batch of the
+    failed commit, and once it succeeds the offsets are committed."""
+    consumer, handler, runner = make({TP0: [1, 2, 3], TP1: [7]})
+    runner.max_records = 2
+    failures = [TransientError("audit records not acknowledged")]
+    checks: list[int] = []
+
+    async def before_commit() -> None:
+        checks.append(len(handler.calls))
+        if failures:
+            raise failures.pop(0)
+
+    runner.before_commit = before_commit
+    stop = asyncio.Event()
+    handler.stop, handler.stop_on_call = stop, 4
+    await asyncio.wait_for(runner.run(stop), timeout=5)
+
+    # Batch 1 (TP0 1-2) failed its commit: read again from offset 1 with what followed it.
+    assert handler.calls[0] == [(TP0, 1), (TP0, 2)]
+    assert (TP0, 1) in consumer.seeks
+    assert handler.calls.count([(TP0, 1), (TP0, 2)]) == 2
+    # TP0 is committed only after it was read again: never past the failed batch before.
+    assert [c[TP0] for c in consumer.commits if TP0 in c] == [3, 4]
+    committed: dict[TopicPartition, int] = {}
+    for c in consumer.commits:
+        committed.update(c)
+    assert committed == {TP0: 4, TP1: 8}
+    assert len(checks) == len(consumer.commits) + 1  # one check per commit, one failed
