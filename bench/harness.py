@@ -93,6 +93,8 @@ class Plan:
     cdn_events: int
     cdn_weddings: int
     profile: bool
+    run_rate: int  # `make run`'s demo rate (bench/make_run.py); 0: not measured
+    run_seconds: float
 
 
 FULL = Plan(
@@ -112,6 +114,8 @@ FULL = Plan(
     cdn_events=10_000,
     cdn_weddings=500,
     profile=True,
+    run_rate=200,
+    run_seconds=30,
 )
 SMOKE = Plan(
     reps=1,
@@ -130,6 +134,8 @@ SMOKE = Plan(
     cdn_events=0,  # the CDN burst brings up stubs and moto: too slow for the smoke run
     cdn_weddings=0,
     profile=False,
+    run_rate=0,  # a whole `run all` with its demo: too slow for the smoke run
+    run_seconds=0,
 )
 
 
@@ -911,6 +917,11 @@ async def run_all(plan: Plan, smoke: bool) -> dict[str, Any]:
         from bench.http_purge import bench_http_purge
 
         out["http_purge"] = await bench_http_purge(topics, run, smoke=smoke, reps=plan.reps)
+        say(f"make run at --rate {plan.run_rate}, one process (bench/make_run.py)")
+        from bench.make_run import bench_make_run
+
+        out["make_run"] = await bench_make_run(plan.run_rate, plan.run_seconds)
+        say(f"  {out['make_run']['status']}")
         out["summary"] = summarize(out)
         if plan.profile:
             out["profile"] = await _profile(plan, run, topics, say, out["summary"])

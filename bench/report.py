@@ -197,6 +197,26 @@ def _tier_rows(tiers: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _make_run_rows(r: dict[str, Any]) -> list[Row]:
+    """`make run`'s sustained demo rate, one process (bench/make_run.py)."""
+    if r.get("status") != "ok":
+        status = " ".join([r.get("status", "missing"), *r.get("detail", "").splitlines()[:1]])
+        return [_row("`make run` sustained demo rate (bench/make_run.py)", status)]
+    behind = [name for name, s in r["sinks"].items() if not s["kept_up"]]
+    note = f"; fell behind: {', '.join(behind)}" if behind else "; every sink kept up"
+    return [
+        _row(
+            f"`make run` sustained demo rate (events/s; `run all --demo --rate {r['rate']}`, "
+            f"every sink and the checker in one process at {r['cpu_share']:.0%} of a core; "
+            f"published {r['published_per_s']:.1f}/s, mapped {r['mapped_per_s']:.1f}/s over "
+            f"{r['seconds']:.0f} s{note})",
+            _num(r["sustained_per_s"], 1),
+            target="≥ 200",
+            met=_met(r["sustained_per_s"] >= 200),
+        )
+    ]
+
+
 def table(out: dict[str, Any]) -> list[Row]:
     return [
         *_throughput_rows(out["summary"]),
@@ -206,6 +226,7 @@ def table(out: dict[str, Any]) -> list[Row]:
         *_tier_rows(out.get("tiers", {"status": "skipped"})),
         # bench/http_purge.py's figures come with their rows.
         *out.get("http_purge", {}).get("rows", []),
+        *_make_run_rows(out.get("make_run", {"status": "skipped"})),
     ]
 
 

@@ -1,0 +1,198 @@
+"""`make run`'s sustained rate: `cachesync run all --demo` in one process, measured from outside.
+
+The process runs what `make run` runs: the mapper, every sink of every region the local
+stack can serve, the demo traffic (its guests and its event generator) and the
+consistency checker, on topics and groups of this run's own. After a warm-up, over a
+window, the broker says:
+
+- how many events the demo published (the content topics' end offsets);
+- how many of them the mapper handled (its group's committed offsets);
+- how far behind each sink's group is at the start and at the end of the window: a
+  backlog that grows is a rate not sustained.
+
+The sustained rate is what the mapper handled per second, if no sink fell further behind
+over the window (else the rate the slowest sink group kept up with). The process's CPU
+share comes from /proc.
+
+    .venv/bin/python -m bench.make_run [--rate 200] [--seconds 30]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bench.common import REPO, bench_settings, one_command_app, stack_env
+from bench.harness import Lag
+
+WARM_UP_S = 15.0
+
+
+def _cdn_env() -> dict[str, str]:
+    """What `make run` sources: the CDN stand-ins' addresses (.stack/cdn.env), if up."""
+    path = REPO / ".stack/cdn.env"
+    env: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, sep, value = line.partition("=")
+            if sep and not name.startswith("#"):
+                env[name.strip().removeprefix("export ")] = value.strip().strip("'\"")
+    return env
+
+
+def _runnable_sinks(env: dict[str, str]) -> list[tuple[str, str]]:
+    """The (region, sink) pairs `run all` runs with `env` (the stand-ins it can reach)."""
+    from cachesync.consumers.pipeline.assemble import runnable_sinks
+    from cachesync.consumers.settings import load_settings
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        return runnable_sinks(load_settings())[0]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _committed(lag: Lag, group: str, topics: list[str]) -> tuple[int, int]:
+    """(sum of the group's committed offsets, its lag) over `topics`."""
+    from cachesync.consumers.pipeline.kafka import partitions_of
+
+    parts = await partitions_of(lag.bootstrap, topics)
+    ends = await lag.consumer.end_offsets(parts)
+    committed = await lag.admin.list_consumer_group_offsets(group)
+    done = sum(committed[tp].offset for tp in parts if tp in committed)
+    return done, sum(ends.values()) - done
+
+
+async def bench_make_run(rate: int, seconds: float) -> dict[str, Any]:
+    """`cachesync run all --demo --rate RATE` for WARM_UP_S + `seconds`; its figures."""
+    if rate <= 0:
+        return {"status": "skipped", "detail": "not part of the smoke run"}
+    stack_env()
+    prefix = f"runall-{uuid.uuid4().hex[:8]}"
+    settings = bench_settings(prefix)
+    env = {
+        **os.environ,
+        **_cdn_env(),
+        "CACHESYNC_TOPIC_PREFIX": settings.topic_prefix,
+        "CACHESYNC_GROUP_PREFIX": settings.group_prefix,
+        "CACHESYNC_METRICS_PORT": "0",
+    }
+    cli = str(Path(sys.executable).with_name("cachesync"))
+    apply = await asyncio.create_subprocess_exec(
+        cli, "topology", "apply", env=env, stdout=asyncio.subprocess.DEVNULL
+    )
+    if await apply.wait() != 0:
+        return {"status": "failed", "detail": "cachesync topology apply failed"}
+    log = Path(REPO / ".stack" / f"{prefix}.log")
+    out = await asyncio.to_thread(log.open, "wb")
+    with out:
+        proc = await asyncio.create_subprocess_exec(
+            *(cli, "run", "all", "--demo", "--rate", str(rate)),
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        await asyncio.sleep(WARM_UP_S)
+        if proc.returncode is not None:
+            return {"status": "failed", "detail": f"run all exited: see {log}"}
+        sink_groups = {
+            f"{region}/{kind}": settings.group_id("sink", region, kind)
+            for region, kind in _runnable_sinks(env)
+        }
+        async with Lag(settings.kafka_bootstrap_servers) as lag:
+
+            async def sample() -> dict[str, tuple[int, int]]:
+                now = {
+                    "mapper": await _committed(
+                        lag, settings.group_id("mapper"), settings.content_topics
+                    )
+                }
+                for name, group in sink_groups.items():
+                    region = name.split("/")[0]
+                    now[name] = await _committed(lag, group, [settings.commands_topic(region)])
+                return now
+
+            cpu0, t0, first = _cpu_s(proc.pid), time.monotonic(), await sample()
+            await asyncio.sleep(seconds)
+            cpu1, t1, last = _cpu_s(proc.pid), time.monotonic(), await sample()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=60)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+    window = t1 - t0
+    mapper_done = last["mapper"][0] - first["mapper"][0]
+    published = mapper_done + last["mapper"][1] - first["mapper"][1]
+    sinks: dict[str, dict[str, Any]] = {
+        name: {"lag_start": first[name][1], "lag_end": last[name][1]}
+        for name in sink_groups
+        if name in first
+    }
+    # A sink group kept up if its backlog grew by less than 2 s of its own traffic (its
+    # offsets are committed once a second, so its backlog read from the broker swings by
+    # that much); otherwise the rate sustained is the mapper's scaled by the share of its
+    # commands that sink applied.
+    sustained = mapper_done / window
+    for name, s in sinks.items():
+        done = last[name][0] - first[name][0]
+        grew = s["lag_end"] - s["lag_start"]
+        s["kept_up"] = grew <= 2 * (done + grew) / window
+        if not s["kept_up"]:
+            sustained = min(sustained, mapper_done / window * done / (done + grew))
+    return {
+        "status": "ok",
+        "rate": rate,
+        "seconds": window,
+        "published_per_s": published / window,
+        "mapped_per_s": mapper_done / window,
+        "sustained_per_s": sustained,
+        "sinks": sinks,
+        "cpu_share": (cpu1 - cpu0) / window,
+    }
+
+
+app = one_command_app()
+
+
+@app.command()
+def main(
+    rate: Annotated[int, typer.Option(help="the demo's events per second")] = 200,
+    seconds: Annotated[float, typer.Option(help="the measured window")] = 30.0,
+) -> None:
+    """`make run`'s sustained demo rate, measured from the broker."""
+    r = asyncio.run(bench_make_run(rate, seconds))
+    if r["status"] != "ok":
+        raise SystemExit(f"{r['status']}: {r['detail']}")
+    print(
+        f"run all --demo --rate {rate}: published {r['published_per_s']:.1f}/s, mapped "
+        f"{r['mapped_per_s']:.1f}/s, sustained {r['sustained_per_s']:.1f}/s over "
+        f"{r['seconds']:.0f} s; one process at {r['cpu_share']:.0%} of a core"
+    )
+    for name, s in r["sinks"].items():
+        kept = "kept up" if s["kept_up"] else "fell behind"
+        print(f"  {name:28s} backlog {s['lag_start']:,} -> {s['lag_end']:,} ({kept})")
+
+
+if __name__ == "__main__":
+    app()
