@@ -95,7 +95,7 @@ class CommitAfterEffect:
         # Where each partition's uncommitted batches start: read again from there if what
         # must precede their commit fails (`before_commit`).
         self._uncommitted_from: dict[TopicPartition, int] = {}
-        self._uncommitted_count = 0
+        self._uncommitted_counts: dict[TopicPartition, int] = {}  # records, per partition
         # Awaited before each commit: what the committed batches handed on must be safely
         # taken (a sink's audit records acknowledged). If it raises TransientError or a
         # KafkaError, nothing is committed and those batches are read again.
@@ -214,7 +214,7 @@ class CommitAfterEffect:
             if part:
                 self._uncommitted[tp] = part[-1].offset + 1
                 self._uncommitted_from.setdefault(tp, part[0].offset)
-                self._uncommitted_count += len(part)
+                self._uncommitted_counts[tp] = self._uncommitted_counts.get(tp, 0) + len(part)
         if self.on_handled is not None:
             self.on_handled(len(records))
         if wait_commit:
@@ -231,11 +231,15 @@ class CommitAfterEffect:
         """Start committing every applied batch's offsets, behind the commit in flight."""
         if not self._uncommitted:
             return
-        offsets, starts, count = self._uncommitted, self._uncommitted_from, self._uncommitted_count
-        self._uncommitted, self._uncommitted_from, self._uncommitted_count = {}, {}, 0
+        offsets, starts, counts = (
+            self._uncommitted,
+            self._uncommitted_from,
+            self._uncommitted_counts,
+        )
+        self._uncommitted, self._uncommitted_from, self._uncommitted_counts = {}, {}, {}
         self._commit_started = time.monotonic()
         self._committing = asyncio.create_task(
-            self._commit(offsets, starts, count, self._committing)
+            self._commit(offsets, starts, counts, self._committing)
         )
 
     async def committed(self) -> None:
@@ -296,6 +300,7 @@ class CommitAfterEffect:
         for tp, offset in read_again.items():
             self._uncommitted.pop(tp, None)
             self._uncommitted_from.pop(tp, None)
+            self._uncommitted_counts.pop(tp, None)
             if tp in assigned:
                 self.consumer.seek(tp, offset)
 
@@ -303,7 +308,7 @@ class CommitAfterEffect:
         self,
         offsets: dict[TopicPartition, int],
         starts: dict[TopicPartition, int],
-        count: int,
+        counts: dict[TopicPartition, int],
         previous: asyncio.Task[None] | None,
     ) -> None:
         if previous is not None:
@@ -330,7 +335,7 @@ class CommitAfterEffect:
         except KafkaError as exc:
             log.warning("%s: commit failed, batch will be re-read: %s", self.name, exc)
             return
-        self.records_committed += count
+        self.records_committed += sum(counts.get(tp, 0) for tp in offsets)
 
 
 class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -469,4 +469,5 @@ async def test_batches_whose_before_commit_fails_are_read_again_and_never_commit
     for c in consumer.commits:
         committed.update(c)
     assert committed == {TP0: 4, TP1: 8}
+    assert runner.records_committed == 4  # each record counted once, when committed
     assert len(checks) == len(consumer.commits) + 1  # one check per commit, one failed
