@@ -1,10 +1,11 @@
 """The commit-after-effect loop: the project's at-least-once guarantee.
 
 Offsets of a batch are committed only after its handler returned, i.e. after every
-command was acked by the broker (mapper) or applied to the cache (sinks). A
-`TransientError` puts the batch back: its partitions are sought to the batch start
-and paused until the backoff (or the provider's Retry-After) passes, so the process
-keeps serving other partitions.
+command was acked by the broker (mapper) or applied to the cache (sinks), and after
+what it handed on was taken (`before_commit`: a sink's audit records acked); several
+batches share a commit within `commit_interval_ms`. A `TransientError` puts the batch
+back: its partitions are sought to the batch start and paused until the backoff (or the
+provider's Retry-After) passes, so the process keeps serving other partitions.
 """
 
 from __future__ import annotations
