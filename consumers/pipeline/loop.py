@@ -57,6 +57,16 @@ class Backoff:
         self.failures = 0
 
 
+@dataclass(slots=True)
+class _Applied:
+    """A partition's batches applied and not yet committed: the first offset of the first,
+    the offset to commit (the last one's last + 1), and how many records they hold."""
+
+    first: int
+    end: int
+    records: int
+
+
 class CommitAfterEffect:
     """consume a batch -> handler -> commit; on TransientError pause, seek back, retry."""
 
@@ -92,11 +102,9 @@ class CommitAfterEffect:
         # every batch), and at once when a poll comes back empty, on a rebalance and on
         # stop: every commit still covers only batches whose effect is applied.
         self.commit_interval_ms = commit_interval_ms
-        self._uncommitted: dict[TopicPartition, int] = {}
-        # Where each partition's uncommitted batches start: read again from there if what
-        # must precede their commit fails (`before_commit`).
-        self._uncommitted_from: dict[TopicPartition, int] = {}
-        self._uncommitted_counts: dict[TopicPartition, int] = {}  # records, per partition
+        # Per partition, its applied batches not yet committed; read again from their
+        # first offset if what must precede their commit fails (`before_commit`).
+        self._uncommitted: dict[TopicPartition, _Applied] = {}
         # Awaited before each commit: what the committed batches handed on must be safely
         # taken (a sink's audit records acknowledged). If it raises TransientError or a
         # KafkaError, nothing is committed and those batches are read again.
@@ -146,8 +154,7 @@ class CommitAfterEffect:
                 if await self.process(batch, wait_commit=False):
                     self._commit_due()
         finally:
-            self._commit_now()
-            await self.committed()
+            await self.commit_applied()
 
     def rebalance_listener(self) -> ConsumerRebalanceListener:
         """For `consumer.subscribe`: commits what is applied before partitions go away."""
@@ -212,16 +219,24 @@ class CommitAfterEffect:
             return False
         self.backoff.reset()
         for tp, part in batch.items():
-            if part:
-                self._uncommitted[tp] = part[-1].offset + 1
-                self._uncommitted_from.setdefault(tp, part[0].offset)
-                self._uncommitted_counts[tp] = self._uncommitted_counts.get(tp, 0) + len(part)
+            if not part:
+                continue
+            applied = self._uncommitted.get(tp)
+            if applied is None:
+                self._uncommitted[tp] = _Applied(part[0].offset, part[-1].offset + 1, len(part))
+            else:
+                applied.end = part[-1].offset + 1
+                applied.records += len(part)
         if self.on_handled is not None:
             self.on_handled(len(records))
         if wait_commit:
-            self._commit_now()
-            await self.committed()
+            await self.commit_applied()
         return True
+
+    async def commit_applied(self) -> None:
+        """Commit every batch applied so far now, and wait until every commit is answered."""
+        self._commit_now()
+        await self.committed()
 
     def _commit_due(self) -> None:
         """Start a commit if the interval since the last one has passed."""
@@ -232,16 +247,9 @@ class CommitAfterEffect:
         """Start committing every applied batch's offsets, behind the commit in flight."""
         if not self._uncommitted:
             return
-        offsets, starts, counts = (
-            self._uncommitted,
-            self._uncommitted_from,
-            self._uncommitted_counts,
-        )
-        self._uncommitted, self._uncommitted_from, self._uncommitted_counts = {}, {}, {}
+        applied, self._uncommitted = self._uncommitted, {}
         self._commit_started = time.monotonic()
-        self._committing = asyncio.create_task(
-            self._commit(offsets, starts, counts, self._committing)
-        )
+        self._committing = asyncio.create_task(self._commit(applied, self._committing))
 
     async def committed(self) -> None:
         """Until every commit started so far has been answered."""
@@ -300,17 +308,11 @@ class CommitAfterEffect:
         assigned = self.consumer.assignment()
         for tp, offset in read_again.items():
             self._uncommitted.pop(tp, None)
-            self._uncommitted_from.pop(tp, None)
-            self._uncommitted_counts.pop(tp, None)
             if tp in assigned:
                 self.consumer.seek(tp, offset)
 
     async def _commit(
-        self,
-        offsets: dict[TopicPartition, int],
-        starts: dict[TopicPartition, int],
-        counts: dict[TopicPartition, int],
-        previous: asyncio.Task[None] | None,
+        self, applied: dict[TopicPartition, _Applied], previous: asyncio.Task[None] | None
     ) -> None:
         if previous is not None:
             await previous  # one at a time, in order (it logs its own failure)
@@ -318,12 +320,12 @@ class CommitAfterEffect:
             try:
                 await self.before_commit()
             except (TransientError, KafkaError) as exc:
-                for tp, start in starts.items():
-                    self._read_again[tp] = min(start, self._read_again.get(tp, start))
+                for tp, a in applied.items():
+                    self._read_again[tp] = min(a.first, self._read_again.get(tp, a.first))
                 log.warning("%s: not committed, its batches will be read again: %s", self.name, exc)
                 return
         # A partition to be read again from before these offsets is not committed past them.
-        offsets = {tp: o for tp, o in offsets.items() if tp not in self._read_again}
+        offsets = {tp: a.end for tp, a in applied.items() if tp not in self._read_again}
         if not offsets:
             return
         try:
@@ -336,7 +338,7 @@ class CommitAfterEffect:
         except KafkaError as exc:
             log.warning("%s: commit failed, batch will be re-read: %s", self.name, exc)
             return
-        self.records_committed += sum(counts.get(tp, 0) for tp in offsets)
+        self.records_committed += sum(applied[tp].records for tp in offsets)
 
 
 class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -347,8 +349,7 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         self.loop = loop
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.loop._commit_now()
-        await self.loop.committed()
+        await self.loop.commit_applied()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         pass
