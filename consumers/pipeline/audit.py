@@ -29,7 +29,7 @@ from opentelemetry import trace
 from cachesync.consumers.commands import Command, to_millis
 from cachesync.consumers.errors import TransientError
 from cachesync.consumers.pipeline import headers
-from cachesync.consumers.pipeline.sends import BatchedSends
+from cachesync.consumers.pipeline.sends import BatchedSends, ack_error
 from cachesync.consumers.sinks.base import Note
 from cachesync.schemas import Codec, SerdeError
 
@@ -294,9 +294,7 @@ class AuditLog:
             return
         await asyncio.wait(in_flight)
         for future in in_flight:
-            if future.cancelled():
-                raise TransientError("audit records not acknowledged: the producer was closed")
-            if (error := future.exception()) is not None:
+            if (error := ack_error(future, "audit record")) is not None:
                 raise TransientError(
                     f"audit records not acknowledged: {type(error).__name__}: {error}"
                 ) from error

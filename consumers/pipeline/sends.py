@@ -209,10 +209,14 @@ async def hand_over(
     return future
 
 
+def ack_error(future: asyncio.Future[object], what: str) -> BaseException | None:
+    """Why the producer did not ack a send (done) of `what`; None if it did. A send the
+    producer was closed under is cancelled: a KafkaError."""
+    if future.cancelled():
+        cancelled: BaseException = KafkaError(f"{what} cancelled")
+        return cancelled
+    return future.exception()
+
+
 def _error(sent: _Sent) -> BaseException | None:
-    error: BaseException | None
-    if sent.future.cancelled():  # the producer was closed under it
-        error = KafkaError(f"batch to {sent.topic}[{sent.partition}] cancelled")
-    else:
-        error = sent.future.exception()
-    return error
+    return ack_error(sent.future, f"batch to {sent.topic}[{sent.partition}]")
