@@ -6,6 +6,10 @@ the platform; cachesync only deletes them. The keys below are cachesync's own.
 
 from __future__ import annotations
 
+# What every key below starts with: the keys in a region's Redis that are cachesync's
+# own, not the platform's cache (the effectiveness recorder leaves them out).
+OWN_PREFIX = "cachesync:"
+
 # Tag index, one set per tag in each region's Redis: the platform (or the vendor API
 # cache) SADDs every cache key it writes under each of the entry's tags, so a purge
 # by tag can find the keys. The Redis sink deletes the members and then the set.

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from cachesync.consumers import telemetry
+from cachesync.consumers import keys, telemetry
 from cachesync.consumers.ops.effectiveness.config import EffectivenessSettings
 from cachesync.consumers.ops.effectiveness.store import EffectivenessStore, Outcome, who
 from cachesync.consumers.ops.effectiveness.tiers import (
@@ -313,11 +313,7 @@ class VarnishLog:
         return rows
 
 
-# cachesync's own keys in a region's Redis (applied markers, fences, offsets) start so.
-OWN_PREFIX = "cachesync:"
-
-
-def key_patterns(db: int, own_prefix: str = OWN_PREFIX) -> list[str]:
+def key_patterns(db: int, own_prefix: str = keys.OWN_PREFIX) -> list[str]:
     """Keyspace channel patterns of every key but those starting with `own_prefix`: one
     per leading character of it (`c[^a]*`, `ca[^c]*`, ...), so that Redis itself drops
     the notifications of cachesync's own markers. Their SETs were most of the messages
