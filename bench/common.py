@@ -76,6 +76,16 @@ def stack_env() -> None:
     os.environ.setdefault("CACHESYNC_STATE_REDIS_URL", f"redis://127.0.0.1:{state_port}/0")
 
 
+def read_env_file(path: Path) -> dict[str, str]:
+    """The KEY=value lines of a file the stack writes (such as .stack/cdn.env)."""
+    out: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip():
+            out[key.strip()] = value.strip()
+    return out
+
+
 def bench_settings(prefix: str) -> Settings:
     """Settings whose topics and consumer groups belong to this bench scenario only."""
     return load_settings(topic_prefix=f"{prefix}.", group_prefix=prefix)

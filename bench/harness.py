@@ -311,6 +311,10 @@ class Lag:
         await self.admin.close()
 
     async def of(self, group: str, topics: list[str]) -> int:
+        return (await self.progress(group, topics))[1]
+
+    async def progress(self, group: str, topics: list[str]) -> tuple[int, int]:
+        """(records the group has committed, records it has still to) over `topics`."""
         from cachesync.consumers.pipeline.kafka import partitions_of
 
         key = tuple(topics)
@@ -319,11 +323,8 @@ class Lag:
         parts = self._parts[key]
         ends = await self.consumer.end_offsets(parts)
         committed = await self.admin.list_consumer_group_offsets(group)
-        return sum(
-            ends[tp] - (committed[tp].offset if tp in committed else 0)
-            for tp in parts
-            if ends[tp] > 0
-        )
+        done = sum(committed[tp].offset for tp in parts if tp in committed and ends[tp] > 0)
+        return done, sum(ends[tp] for tp in parts if ends[tp] > 0) - done
 
     async def drained(self, settings: Settings, sink_regions: list[str]) -> bool:
         if await self.of(settings.group_id("mapper"), settings.content_topics) > 0:

@@ -31,7 +31,7 @@ from typing import Annotated, Any
 
 import typer
 
-from bench.common import REPO, bench_settings, one_command_app, stack_env
+from bench.common import REPO, bench_settings, one_command_app, read_env_file, stack_env
 from bench.harness import Lag
 
 WARM_UP_S = 15.0
@@ -40,13 +40,7 @@ WARM_UP_S = 15.0
 def _cdn_env() -> dict[str, str]:
     """What `make run` sources: the CDN stand-ins' addresses (.stack/cdn.env), if up."""
     path = REPO / ".stack/cdn.env"
-    env: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            name, sep, value = line.partition("=")
-            if sep and not name.startswith("#"):
-                env[name.strip().removeprefix("export ")] = value.strip().strip("'\"")
-    return env
+    return read_env_file(path) if path.exists() else {}
 
 
 def _runnable_sinks(env: dict[str, str]) -> list[tuple[str, str]]:
@@ -67,17 +61,6 @@ def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (/proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def _committed(lag: Lag, group: str, topics: list[str]) -> tuple[int, int]:
-    """(sum of the group's committed offsets, its lag) over `topics`."""
-    from cachesync.consumers.pipeline.kafka import partitions_of
-
-    parts = await partitions_of(lag.bootstrap, topics)
-    ends = await lag.consumer.end_offsets(parts)
-    committed = await lag.admin.list_consumer_group_offsets(group)
-    done = sum(committed[tp].offset for tp in parts if tp in committed)
-    return done, sum(ends.values()) - done
 
 
 async def bench_make_run(rate: int, seconds: float) -> dict[str, Any]:
@@ -121,13 +104,13 @@ async def bench_make_run(rate: int, seconds: float) -> dict[str, Any]:
 
             async def sample() -> dict[str, tuple[int, int]]:
                 now = {
-                    "mapper": await _committed(
-                        lag, settings.group_id("mapper"), settings.content_topics
+                    "mapper": await lag.progress(
+                        settings.group_id("mapper"), settings.content_topics
                     )
                 }
                 for name, group in sink_groups.items():
                     region = name.split("/")[0]
-                    now[name] = await _committed(lag, group, [settings.commands_topic(region)])
+                    now[name] = await lag.progress(group, [settings.commands_topic(region)])
                 return now
 
             cpu0, t0, first = _cpu_s(proc.pid), time.monotonic(), await sample()

@@ -23,7 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.common import REPO
+from bench.common import REPO, read_env_file
 from cachesync.consumers.settings import region_env_var, region_var
 
 STACK_DIR = REPO / ".stack-chaos"
@@ -162,7 +162,7 @@ class ChaosStack:
         self._kafka_jars()
         await self._script("down.sh", "--wipe")
         await self._script("up.sh")
-        self.cdn = _read_env_file(self.dir / "cdn.env")
+        self.cdn = read_env_file(self.dir / "cdn.env")
         for region, port in EXTRA_EDGE_PORTS.items():
             if region in self.regions:
                 await self._start_edge(region, port)
@@ -296,15 +296,6 @@ def _http_ok(port: int) -> bool:
             return bool(r.status == 200)
     except OSError:
         return False
-
-
-def _read_env_file(path: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key.strip():
-            out[key.strip()] = value.strip()
-    return out
 
 
 def listeners(ports: list[int]) -> dict[int, list[int]]:
