@@ -151,13 +151,6 @@ def pack(items: Iterable[str]) -> bytes:
     return "".join(parts).encode()
 
 
-def _prefix(key_of: Callable[[str, str], str], sink: str) -> str:
-    """What `key_of(sink, x)` puts before x (the script adds it back to each packed item)."""
-    prefix = key_of(sink, "")
-    assert key_of(sink, "x") == prefix + "x", f"{key_of.__name__} is not a prefix and its item"
-    return prefix
-
-
 # A marker written before markers held the time they were applied holds "1".
 _EPOCH_MS_FLOOR = 10**12
 
@@ -263,9 +256,9 @@ class PurgeLedger:
         self._applied_script = redis.register_script(_APPLIED_BEFORE)
         # Markers (`keys.applied`, and `keys.applied_event` under it) and fences
         # (`keys.purge_version`) travel as what follows their sink's prefix.
-        self._marker_prefix = _prefix(keys.applied, sink)
+        self._marker_prefix = keys.prefix(lambda i: keys.applied(sink, i))
         self._event_marker = keys.APPLIED_EVENT.format(event_id="")
-        self._fence_prefix = _prefix(keys.purge_version, sink)
+        self._fence_prefix = keys.prefix(lambda i: keys.purge_version(sink, i))
 
     async def record(
         self,

@@ -188,22 +188,12 @@ class _KeyPrefixes:
     @functools.cache
     def of(cls, sink: str) -> _KeyPrefixes:
         return cls(
-            applied=_before_id(keys.applied(sink, _ID)),
-            applied_event=_before_id(keys.applied_event(sink, _ID)),
-            fence=_before_id(keys.purge_version(sink, _ID)),
-            url_fence=_before_id(keys.purge_version(sink, keys.url_target(_ID))),
-            tag_index=_before_id(keys.tag_index(_ID)),
+            applied=keys.prefix(lambda i: keys.applied(sink, i)),
+            applied_event=keys.prefix(lambda i: keys.applied_event(sink, i)),
+            fence=keys.prefix(lambda i: keys.purge_version(sink, i)),
+            url_fence=keys.prefix(lambda i: keys.purge_version(sink, keys.url_target(i))),
+            tag_index=keys.prefix(keys.tag_index),
         )
-
-
-_ID = "\x00"
-
-
-def _before_id(name: str) -> str:
-    prefix, found, rest = name.partition(_ID)
-    if not found or rest:
-        raise ValueError(f"{name!r}: a key name that does not end with its id")
-    return prefix
 
 
 def _calls(
