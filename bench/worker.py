@@ -304,13 +304,13 @@ class MapperOutputs:
 class PartitionBatches:
     """Messages handed to the producer as one batch per partition (`create_batch` and
     `send_batch`, each closed first, as the mapper's BatchedSends does), the partition the default
-    partitioner's: murmur2 of the key, memoized per key."""
+    partitioner's: murmur2 of the key."""
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
-        from cachesync.consumers.pipeline.kafka import CachedPartitioner
+        from cachesync.consumers.pipeline.kafka import Murmur2Partitioner
 
         self.producer = producer
-        self.partitioner = CachedPartitioner()
+        self.partitioner = Murmur2Partitioner()
         self.sent = 0
 
     async def send(self, messages: list[Message]) -> None:

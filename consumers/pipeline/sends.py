@@ -26,7 +26,7 @@ from aiokafka.errors import (
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from cachesync.consumers.errors import ProduceRefused, TransientError
-from cachesync.consumers.pipeline.kafka import CachedPartitioner
+from cachesync.consumers.pipeline.kafka import Murmur2Partitioner
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class BatchedSends:
     def __init__(self, producer: AIOKafkaProducer, *, renew: Renew | None = None) -> None:
         self.producer = producer
         self.renew = renew
-        self.partitioner = CachedPartitioner()
+        self.partitioner = Murmur2Partitioner()
         self._messages: list[_Message] = []
 
     def add(

@@ -7,7 +7,7 @@ import random
 
 from aiokafka.partitioner import murmur2 as reference
 
-from cachesync.consumers.pipeline.kafka import CachedPartitioner, murmur2
+from cachesync.consumers.pipeline.kafka import Murmur2Partitioner, murmur2
 
 
 def test_murmur2_matches_the_reference_for_keys_of_every_length() -> None:
@@ -20,7 +20,7 @@ def test_murmur2_matches_the_reference_for_keys_of_every_length() -> None:
 
 def test_the_partitioner_places_keys_as_the_default_partitioner() -> None:
     partitions = list(range(6))
-    ours = CachedPartitioner()
+    ours = Murmur2Partitioner()
     for n in range(500):
         key = f"event-{n}".encode()
         assert ours(key, partitions, partitions) == (reference(key) & 0x7FFFFFFF) % 6
