@@ -232,3 +232,25 @@ async def test_bytes_no_request_asked_for_never_pass_for_the_next_answer(serve) 
     assert (await client.request("GET", "/2")).body == b"second"
     await client.aclose()
     assert server.connections == 2
+
+
+def test_the_client_runs_on_uvloop() -> None:
+    """uvloop's transports are not asyncio.Transport subclasses: a client that insisted
+    got 'connection closed' for every request on a host application's uvloop."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> list[int]:
+        async def answer(head: bytes) -> bytes:
+            return ok(target(head).encode())
+
+        server = Server(answer)
+        server.server = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+        client = EdgeClient(server.url, connections=1, timeout_s=5)
+        try:
+            answers = await client.many([EdgeRequest("PURGE", f"/p/{n}") for n in range(3)])
+        finally:
+            await client.aclose()
+            server.server.close()
+        return [a.status for a in answers if isinstance(a, EdgeResponse)]
+
+    assert uvloop.run(scenario()) == [200, 200, 200]
