@@ -62,17 +62,25 @@ def _throughput_rows(s: dict[str, Any]) -> list[Row]:
 def _latency_rows(out: dict[str, Any]) -> list[Row]:
     """p50, p99 and max of each latency run: the plan's rate, and the lower one if it ran."""
     plan = out["plan"]
+    # Issue 13's p99 targets: < 100 ms at 1,000 events/s (its done-when), < 50 ms at 100/s
+    # (its table), the rate the low run uses.
     runs = [
-        (out["summary"]["latency"], plan["latency_rate"], plan["latency_seconds"], out["latency"])
+        (
+            out["summary"]["latency"],
+            plan["latency_rate"],
+            plan["latency_seconds"],
+            out["latency"],
+            100,
+        )
     ]
     if out.get("latency_low"):
         low = out["latency_low"]
         single = {
             q: {"median": low[q], "min": low[q], "max": low[q]} for q in ("p50", "p99", "max")
         }
-        runs.append((single, low["rate"], low["seconds"], [low]))
+        runs.append((single, low["rate"], low["seconds"], [low], 50))
     rows: list[Row] = []
-    for lat, rate, seconds, reps in runs:
+    for lat, rate, seconds, reps, target_ms in runs:
         missed = sum(r["incomplete"] for r in reps)
         events = sum(r["events"] + r["incomplete"] for r in reps)
         note = f"; {missed:,} of {events:,} not applied within the run" if missed else ""
@@ -83,9 +91,10 @@ def _latency_rows(out: dict[str, Any]) -> list[Row]:
                 f"regions, {rate:,}/s for {seconds:.0f} s{note})"
             )
             if q == "p99":
-                ratio = _num(p99 / 100, 2) + " of 100 ms"
+                ratio = f"{_num(p99 / target_ms, 2)} of {target_ms} ms"
+                met = _met(p99 < target_ms)
                 rows.append(
-                    _row(figure, _spread(lat[q]), ratio=ratio, target="< 100", met=_met(p99 < 100))
+                    _row(figure, _spread(lat[q]), ratio=ratio, target=f"< {target_ms}", met=met)
                 )
             else:
                 rows.append(_row(figure, _spread(lat[q])))
