@@ -277,8 +277,12 @@ class EventPublisher:
         self.settings = settings
         self.codec = codec or codec_for(settings)
         self.keys = EntityKeys(settings.topology, settings.catalog)
+        # No linger: an event goes out at once, and events published while a request is in
+        # flight travel together in the next. With aiokafka's linger some acks came far
+        # later (at 100 events/s over 5 topics, produce -> ack p99 466 ms with 5 ms of
+        # linger, 7 ms with none).
         self.producer = producer or make_producer(
-            KafkaConnection.of(settings), client_id="cachesync-publisher"
+            KafkaConnection.of(settings), client_id="cachesync-publisher", linger_ms=0
         )
         self._own_producer = producer is None
 
