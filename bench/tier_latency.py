@@ -651,6 +651,13 @@ def render(out: dict[str, Any]) -> str:
         f"p50 {w['after_varnish_p50']:.0f} ms, p99 {w['after_varnish_p99']:.0f} ms, "
         f"{w['within_2s_of_purge']:.1%} within 2 s",
     ]
+    if calls := out.get("provider_calls"):
+        per_s = {k: v / out["seconds"] for k, v in calls.items()}
+        lines.append(
+            f"provider calls while publishing, all regions: Cloudflare "
+            f"{calls['cloudflare']:,} ({per_s['cloudflare']:.1f}/s), CloudFront invalidations "
+            f"{calls['cloudfront']:,} ({per_s['cloudfront']:.1f}/s)"
+        )
     return "\n".join(lines)
 
 
@@ -694,7 +701,9 @@ async def measure(rate: float, seconds: float, probe_every: int) -> dict[str, An
                     observers.cloudflare(stub),
                     observers.cloudfront(distributions[OBSERVED]),
                 ):
+                    calls_before = _provider_calls(stub, distributions)
                     achieved, took = await _publish(run, events, rate, observers)
+                    calls = _provider_calls(stub, distributions, since=calls_before)
                     deadline = time.monotonic() + GRACE_S
                     while time.monotonic() < deadline and observers.outstanding():  # noqa: ASYNC110 (observations, not a flag)
                         await asyncio.sleep(0.2)
@@ -704,9 +713,26 @@ async def measure(rate: float, seconds: float, probe_every: int) -> dict[str, An
                 await redis.aclose()
                 await probe.close()
             ok = True
-            return summarize(events, achieved, took)
+            return {**summarize(events, achieved, took), "provider_calls": calls}
     finally:
         edges.stop(keep_logs=not ok)
+
+
+def _provider_calls(
+    stub: CloudflareStub, distributions: dict[str, str], since: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Calls the providers have taken (every region), less `since`: the cost of the latency.
+    Cloudflare: answered calls in the stand-in's ledger (429s too); CloudFront: the
+    invalidations moto holds."""
+    from moto.cloudfront.models import cloudfront_backends
+    from moto.core.models import DEFAULT_ACCOUNT_ID
+
+    backend = cloudfront_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    now = {
+        "cloudflare": len(stub.calls),
+        "cloudfront": sum(len(backend.invalidations.get(d, [])) for d in distributions.values()),
+    }
+    return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
 
 
 async def run_role(role: str) -> None:
