@@ -459,6 +459,8 @@ class Run:
     cloudflare_url: str
     moto_url: str
     distributions: dict[str, str]
+    # The regions whose sinks run (each with its edge): the observed one, or every one.
+    sink_regions: list[str]
 
     def zone(self, region: str) -> str:
         return f"zone-{region}-{self.run}"
@@ -488,22 +490,23 @@ class Run:
             "AWS_DEFAULT_REGION": "us-east-1",
         }
         for region in self.settings.topology.regions:
-            env[region_var("EDGE_URL_", region)] = self.edges.url(region)
+            if region in self.sink_regions:
+                env[region_var("EDGE_URL_", region)] = self.edges.url(region)
             env[region_var("CLOUDFLARE_ZONE_", region)] = self.zone(region)
             env[region_var("CLOUDFRONT_DISTRIBUTION_", region)] = self.distributions[region]
         return env
 
 
 class Pipeline:
-    """The mapper, and one process per region running that region's five sinks; each says
-    READY on stdout once its consumers hold their partitions."""
+    """The mapper, and one process per region of `sink_regions` running that region's five
+    sinks; each says READY on stdout once its consumers hold their partitions."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def start(self) -> None:
-        roles = ["mapper", *(f"sinks:{r}" for r in self.run.settings.topology.regions)]
+        roles = ["mapper", *(f"sinks:{r}" for r in self.run.sink_regions)]
         for role in roles:
             with (self.run.edges.dir / f"{role.replace(':', '-')}.log").open("wb") as log:
                 proc = await asyncio.create_subprocess_exec(
@@ -635,6 +638,7 @@ def render(out: dict[str, Any]) -> str:
         f"{out['seconds']:.0f}s, observed in {out['region']} from outside the pipeline "
         f"(edge probes on {out['probed']} of them); Cloudflare plan "
         f"{out['cloudflare_plan']['rate_per_s']:g} req/s, bucket {out['cloudflare_plan']['burst']}",
+        f"sinks running: {', '.join(out.get('sink_regions', []))} (the mapper writes every region's)",
         "",
         f"{'tier':<48} {'n':>10} {'p50 ms':>8} {'target':>7} {'p99 ms':>8} {'target':>7}",
     ]
@@ -661,20 +665,26 @@ def render(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def measure(rate: float, seconds: float, probe_every: int) -> dict[str, Any]:
+async def measure(
+    rate: float, seconds: float, probe_every: int, *, all_regions: bool = False
+) -> dict[str, Any]:
     stack_env()
     run_id = uuid.uuid4().hex[:8]
     settings = load_settings(topic_prefix=f"tiers-{run_id}.", group_prefix=f"tiers-{run_id}")
     await apply_topics(settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix)
     regions = list(settings.topology.regions)
-    edges = Edges(run_id, regions)
+    # A region's sinks run on that region's machines: only the observed region's share the
+    # machine with the mapper here, unless `all_regions` (the mapper still writes every
+    # region's commands; the others wait in their topics).
+    sink_regions = regions if all_regions else [OBSERVED]
+    edges = Edges(run_id, sink_regions)
     stub = CloudflareStub(token=TOKEN, rate_per_s=CLOUDFLARE_RATE, burst=CLOUDFLARE_BURST)
     edges.start()
     ok = False
     try:
         with serve(stub.app) as cf_url, moto_server() as moto_url:
             distributions = {r: create_distribution(moto_url, f"tiers {r}") for r in regions}
-            run = Run(run_id, settings, edges, cf_url, moto_url, distributions)
+            run = Run(run_id, settings, edges, cf_url, moto_url, distributions, sink_regions)
             events = [
                 Tracked(
                     i, f"w{run_id}-{i}", f"p{run_id}-{i}", f"a{run_id}-{i}", i % probe_every == 0
@@ -713,7 +723,11 @@ async def measure(rate: float, seconds: float, probe_every: int) -> dict[str, An
                 await redis.aclose()
                 await probe.close()
             ok = True
-            return {**summarize(events, achieved, took), "provider_calls": calls}
+            return {
+                **summarize(events, achieved, took),
+                "provider_calls": calls,
+                "sink_regions": sink_regions,
+            }
     finally:
         edges.stop(keep_logs=not ok)
 
@@ -807,14 +821,20 @@ def main(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="also write the figures here")
     ] = None,
+    all_regions: Annotated[
+        bool,
+        typer.Option(
+            help="run every region's sinks on this machine, not only the observed region's"
+        ),
+    ] = False,
     role: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
     if role is not None:  # one process of the pipeline this benchmark starts
         asyncio.run(run_role(role))
         return
-    # moto's server logs every request; the listing every 50 ms would drown the figures.
+    # moto's server logs every request.
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    out = asyncio.run(measure(rate, seconds, probe_every))
+    out = asyncio.run(measure(rate, seconds, probe_every, all_regions=all_regions))
     print(render(out))
     if json_path is not None:
         json_path.write_text(json.dumps(out, indent=2, default=str) + "\n")
