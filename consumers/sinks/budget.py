@@ -53,15 +53,25 @@ MIN_BURST_PAUSE_S = 0.2
 
 
 class TokenBucket:
-    """`rate` tokens per second, up to `burst`; one token per provider call."""
+    """`rate` tokens per second, up to `burst`; one token per provider call.
 
-    def __init__(self, rate: float, burst: int, *, clock: Any = time.monotonic) -> None:
+    Half the burst is a reserve that coalescing does not spend (`wait_s`): under it, a
+    flush waits for the refill, so a steady flow faster than `rate` is paced at `rate`
+    with its purges gathered, and the other half stays for a burst. Spending the whole
+    bucket first, then waiting a full token per call, gave the Cloudflare sink at 100
+    events/s (65 calls a second against a 50/s plan) a p99 of 863 ms once it ran dry.
+    """
+
+    def __init__(
+        self, rate: float, burst: int, *, clock: Any = time.monotonic, reserve: float = 0.5
+    ) -> None:
         self.rate = rate
         self.burst = burst
         self.clock = clock
         self.tokens = float(burst)
         self.updated = clock()
         self.blocked_until = 0.0
+        self.reserve = max(1.0, burst * reserve)
 
     def _refill(self) -> float:
         now = float(self.clock())
@@ -80,11 +90,13 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
     def wait_s(self) -> float:
-        """How long until a token is free (0: one is), taking none."""
+        """How long a flush should gather before it calls (0: not at all), taking none:
+        until a token is free, or, under the reserve, until the bucket is back at it."""
         now = self._refill()
         if now < self.blocked_until:
             return self.blocked_until - now
-        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+        need = 1.0 if self.tokens >= self.reserve else self.reserve
+        return 0.0 if self.tokens >= need else (need - self.tokens) / self.rate
 
     def block(self, seconds: float) -> None:
         """The provider said 429: nobody on this zone calls before `seconds` pass."""

@@ -103,3 +103,23 @@ def test_more_paths_than_one_invalidation_holds_go_in_parts_by_command() -> None
     sent = [p for _, paths in parts for p in paths]
     assert sorted(sent) == sorted(p for k in ("urls", "prefixes") for p in plan.items[k])
     assert all(len(paths) <= 5 for _, paths in parts)
+
+
+def test_under_its_reserve_the_bucket_paces_flushes_at_its_rate() -> None:
+    """Half the burst is kept for bursts: a steady flow that spent the other half gathers
+    until the refill is back at the reserve, rather than calling on every token."""
+    now = [0.0]
+    bucket = budget.TokenBucket(rate=50.0, burst=10, clock=lambda: now[0])
+    for _ in range(5):
+        assert bucket.wait_s() == 0
+        assert bucket.take() == 0
+    # 5 tokens left of 10: at the reserve, a flush still goes at once...
+    assert bucket.wait_s() == 0
+    assert bucket.take() == 0
+    # ...and under it, it waits until the bucket is back at 5 (1 token at 50/s).
+    assert bucket.wait_s() == pytest.approx(0.02)
+    now[0] = 0.02
+    assert bucket.wait_s() == pytest.approx(0.0)
+    # The call itself may still use the reserve: take() does not wait for it.
+    for _ in range(5):
+        assert bucket.take() == 0
