@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 BatchHandler = Callable[[list[Record]], Awaitable[None]]
 # Adaptive lingering: given the records gathered so far and those already written behind
 # them (the partitions' high-water marks), the oldest one's timestamp (epoch ms) and the
-# seconds since a poll last brought any, how many seconds more to gather (<= 0: hand the
-# batch over now). A CDN sink's purge budget decides (sinks/cdn.py `coalesce_for`).
+# seconds since a poll last brought any (0 while records are known to be written behind
+# them: a busy process that polls late has not seen a pause), how many seconds more to
+# gather (<= 0: hand the batch over now). A CDN sink's purge budget decides (sinks/cdn.py `coalesce_for`).
 Linger = Callable[[int, int, float], float]
 
 # 2 ** 62 times any sane base is past any cap: doubling further changes nothing.
@@ -170,8 +171,9 @@ class CommitAfterEffect:
         arrived = time.monotonic()
         while count < self.max_records and not stop.is_set():
             if self.linger_for is not None:
-                quiet_s = time.monotonic() - arrived
-                left_ms = int(self.linger_for(count + self._behind(merged), oldest, quiet_s) * 1000)
+                behind = self._behind(merged)
+                quiet_s = 0.0 if behind else time.monotonic() - arrived
+                left_ms = int(self.linger_for(count + behind, oldest, quiet_s) * 1000)
             else:
                 left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:

@@ -471,3 +471,29 @@ async def test_batches_whose_before_commit_fails_are_read_again_and_never_commit
     assert committed == {TP0: 4, TP1: 8}
     assert runner.records_committed == 4  # each record counted once, when committed
     assert len(checks) == len(consumer.commits) + 1  # one check per commit, one failed
+
+
+async def test_a_loop_that_polls_late_sees_no_pause_while_records_wait_behind(
+    clock: Clock,
+) -> None:
+    """A CDN sink gathers a burst until it pauses. A process too busy to poll for seconds
+    has not seen a pause while the partitions' high-water marks say records are written
+    behind the batch: its quiet time counts only once nothing is behind."""
+    consumer, _, runner = make({TP0: [0, 1, 2]})
+    behind = [True]
+    consumer.highwater = lambda tp: 20 if behind[0] else None  # type: ignore[method-assign]
+    seen: list[tuple[int, float]] = []
+
+    def linger_for(count: int, oldest_ms: int, quiet_s: float) -> float:
+        seen.append((count, quiet_s))
+        clock.now += 5.0  # busy elsewhere for 5 s before the next poll
+        if len(seen) == 2:
+            behind[0] = False
+        return 0.0 if len(seen) == 3 else 10.0
+
+    runner.linger_for = linger_for
+    await runner._linger(await take(consumer), asyncio.Event())
+
+    assert seen[0] == (3 + 17, 0.0)  # offsets 3..19 written behind the batch
+    assert seen[1] == (20, 0.0)  # 5 s without a record, but 17 wait behind: no pause
+    assert seen[2] == (3, 10.0)  # nothing behind any more: the quiet time counts
