@@ -49,8 +49,8 @@ from bench import report
 from bench.common import (
     REPO,
     RESULTS,
+    Topics,
     World,
-    bench_settings,
     encode_events,
     measured_commit,
     now_ms,
@@ -257,36 +257,6 @@ async def run_worker(
 
 
 # -- kafka helpers ----------------------------------------------------------------
-
-
-class Topics:
-    """Creates each scenario's topics and deletes every one of them at the end."""
-
-    def __init__(self, bootstrap: str) -> None:
-        self.bootstrap = bootstrap
-        self.created: list[str] = []
-
-    async def create(self, prefix: str) -> Settings:
-        from cachesync.topology.admin import apply_topics
-
-        settings = bench_settings(prefix)
-        changes = await apply_topics(
-            settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix
-        )
-        self.created += [c.topic for c in changes]
-        return settings
-
-    async def delete_all(self) -> None:
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        if not self.created:
-            return
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="cachesync-bench")
-        await admin.start()
-        try:
-            await admin.delete_topics(self.created)
-        finally:
-            await admin.close()
 
 
 class Lag:

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from bench.common import (
+    Topics,
     World,
     encode_events,
     measured_commit,
@@ -60,7 +61,6 @@ from bench.harness import (
     BenchError,
     Lag,
     Progress,
-    Topics,
     Worker,
     _applied_at,
     _cpu,

@@ -53,10 +53,9 @@ import typer
 import yaml
 from redis.asyncio import Redis
 
-from bench.common import REPO, first_line, one_command_app, percentile, stack_env
+from bench.common import REPO, Topics, first_line, one_command_app, percentile, stack_env
 from cachesync.consumers.ops.publish import EventPublisher, new_event
 from cachesync.consumers.settings import Settings, load_settings, region_var
-from cachesync.topology.admin import apply_topics
 from deploy.local.standins.aws import create_distribution, moto_server
 from deploy.local.standins.cloudflare import CloudflareStub
 from deploy.local.standins.serve import free_port, serve
@@ -670,8 +669,8 @@ async def measure(
 ) -> dict[str, Any]:
     stack_env()
     run_id = uuid.uuid4().hex[:8]
-    settings = load_settings(topic_prefix=f"tiers-{run_id}.", group_prefix=f"tiers-{run_id}")
-    await apply_topics(settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix)
+    topics = Topics(os.environ["KAFKA_BOOTSTRAP_SERVERS"])
+    settings = await topics.create(f"tiers-{run_id}")
     regions = list(settings.topology.regions)
     # A region's sinks run on that region's machines: only the observed region's share the
     # machine with the mapper here, unless `all_regions` (the mapper still writes every
@@ -730,6 +729,8 @@ async def measure(
             }
     finally:
         edges.stop(keep_logs=not ok)
+        with contextlib.suppress(Exception):
+            await topics.delete_all()
 
 
 def _provider_calls(
