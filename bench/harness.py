@@ -729,6 +729,8 @@ async def bench_cdn(plan: Plan) -> dict[str, Any]:
             "detail": "no 'total ... calls, minimum ...' lines",
             "output": text,
         }
+    # The run's whole output (it names its commit), which the report's CDN rows point to.
+    (RESULTS / "cdn_burst.txt").write_text(text)
     return {"status": "ok", "totals": totals, "output": text}
 
 
