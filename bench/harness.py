@@ -505,10 +505,8 @@ async def _produce_steadily(
     from cachesync.consumers.pipeline.kafka import make_producer
 
     codec = codec_for(settings)
-    # No linger, as a latency-minded platform producer is set: aiokafka's producer with a
-    # linger held some acks far longer (at 100 events/s over 5 topics, produce -> ack p99
-    # 466 ms with 5 ms, 7 ms with none), which the latency measured from `occurred_at`
-    # then blamed on the pipeline.
+    # No linger, as the platform's side publishes (EventPublisher says why): a lingering
+    # aiokafka producer's late acks would count in the latency from `occurred_at`.
     producer = make_producer(
         settings.kafka_bootstrap_servers, client_id="cachesync-bench-load", linger_ms=0
     )

@@ -315,9 +315,10 @@ class Observers:
     """Every tier's outside observation of the published events, each in its own task.
 
     Each tier keeps the events it still waits for, and drops one when it is seen: a pass
-    costs what is pending, not what was published, and takes few calls (one script for
-    Redis, one pipelined write per connection for the edge, none for moto and the
-    Cloudflare stand-in, whose records are read in this process), so the observer takes little CPU from the pipeline it measures."""
+    costs what is pending, not what was published, and takes few calls (one pipelined write
+    per connection for the edge; none for Redis, whose deletions it is told of, nor for moto
+    and the Cloudflare stand-in, whose records it reads in this process), so the observer
+    takes little CPU from the pipeline it measures."""
 
     def __init__(self, run: Run, events: list[Tracked]) -> None:
         self.run = run
@@ -429,10 +430,7 @@ class Observers:
         them through the API every 50 ms made moto serve 20 requests a second for the
         observer, each some milliseconds of CPU taken from the pipeline it measures, and
         put up to 50 ms of polling into each figure."""
-        from moto.cloudfront.models import cloudfront_backends
-        from moto.core.models import DEFAULT_ACCOUNT_ID
-
-        backend = cloudfront_backends[DEFAULT_ACCOUNT_ID]["aws"]
+        backend = _moto_cloudfront()
         read = 0
         while not self.done.is_set():
             # moto appends to this list in its request thread; a slice is a consistent copy.
@@ -748,16 +746,21 @@ async def measure(
             await topics.delete_all()
 
 
+def _moto_cloudfront() -> Any:
+    """moto's CloudFront, as it runs in this process (`moto_server`): its own records."""
+    from moto.cloudfront.models import cloudfront_backends
+    from moto.core.models import DEFAULT_ACCOUNT_ID
+
+    return cloudfront_backends[DEFAULT_ACCOUNT_ID]["aws"]
+
+
 def _provider_calls(
     stub: CloudflareStub, distributions: dict[str, str], since: dict[str, int] | None = None
 ) -> dict[str, int]:
     """Calls the providers have taken (every region), less `since`: the cost of the latency.
     Cloudflare: answered calls in the stand-in's ledger (429s too); CloudFront: the
     invalidations moto holds."""
-    from moto.cloudfront.models import cloudfront_backends
-    from moto.core.models import DEFAULT_ACCOUNT_ID
-
-    backend = cloudfront_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    backend = _moto_cloudfront()
     now = {
         "cloudflare": len(stub.calls),
         "cloudfront": sum(len(backend.invalidations.get(d, [])) for d in distributions.values()),
