@@ -114,6 +114,12 @@ class CloudFrontPolicy(_Strict):
     # a token is free; purges gather while it is empty (the API throttles faster callers).
     rate_per_s: float = Field(default=2.0, gt=0)
     burst: int = Field(default=5, ge=1)
+    # After a quiet spell (no call for as long as the bucket takes to refill), the first
+    # invalidation waits until its oldest purge is this old: the first commands of a burst
+    # look like a lone event, and an invalidation sent for them alone is one more call than
+    # the burst needs (of a minimum of 2 per distribution in the 10,000-event burst). A
+    # steady flow keeps the bucket from filling and never waits for it.
+    settle_ms: int = Field(default=1000, ge=0)
     # A warm through CloudFront waits for its invalidation to complete; GetInvalidation is
     # asked at most this often per distribution (the API's rate is low).
     completion_poll_s: float = Field(default=1.0, gt=0)

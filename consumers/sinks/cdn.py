@@ -123,6 +123,10 @@ class CdnPurgeSink(PurgeSink):
     # The provider's call budget, if it has one: calls wait for a token (`pace`), and
     # purges gather while it is empty (`coalesce_for`).
     bucket: budget.TokenBucket | None = None
+    # After a quiet spell (the bucket full), the first call waits until its oldest purge is
+    # this old, so that a burst just starting is seen as one (CloudFront: its calls are few
+    # and its minimum per burst is small, so one early call is a large share of it).
+    settle_s: float = 0.0
 
     def __init__(
         self, region: str, *, redis: Redis | str | None, **options: Unpack[CdnOptions]
@@ -286,16 +290,20 @@ class CdnPurgeSink(PurgeSink):
         self._recent.record(request.kind, request.items, sent_at_ms)
 
     # -- when to flush ----------------------------------------------------------
-    def coalesce_for(self, count: int, oldest_ms: int, quiet_s: float) -> float:
+    def coalesce_for(self, count: int, oldest_ms: int, newest_ms: int, quiet_s: float) -> float:
         """How much longer the runner gathers commands before this sink's flush (<= 0: now):
-        at once when the bucket has a token and no burst is arriving, never past the window."""
+        at once when the bucket has a token and no burst is arriving (after a quiet spell,
+        once the provider's settle time has passed), never past the window."""
+        bucket = self.bucket
         return budget.coalesce_s(
             count,
             oldest_ms,
+            newest_ms,
             quiet_s,
             window_ms=self.linger_ms,
-            budget_wait_s=self.bucket.wait_s() if self.bucket is not None else 0.0,
+            budget_wait_s=bucket.wait_s() if bucket is not None else 0.0,
             burst_per_s=self.policy.burst_records_per_s,
+            settle_s=self.settle_s if bucket is None or bucket.idle() else 0.0,
         )
 
     async def pace(self) -> None:

@@ -207,6 +207,7 @@ class CloudFrontSink(CdnPurgeSink):
         self._settling: set[str] = set()
         self._paths_free = cf.max_paths_in_progress  # at the last plan
         self.bucket = budget.TokenBucket(cf.rate_per_s, cf.burst)
+        self.settle_s = cf.settle_ms / 1000
         # This flush's commands' events, and the invalidations it made (or found), so that
         # their completion marks the right events; then those still in progress.
         self._events_of: dict[str, str] = {}

@@ -3,19 +3,32 @@ narrowest wildcards for CloudFront, and CloudFront's invalidations in parts."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
+from pydantic import SecretStr
 
 from cachesync.consumers.commands import PurgeCommand
 from cachesync.consumers.sinks import budget
-from cachesync.consumers.sinks.cloudfront import _parts
+from cachesync.consumers.sinks.cloudfront import CloudFrontSink, _parts
 
 NOW = 1_000_000.0
 
 
-def hold(count: int, age_ms: float, *, quiet_s: float = 0.0, wait_s: float = 0.0) -> float:
+def hold(
+    count: int,
+    age_ms: float,
+    *,
+    span_ms: float | None = None,
+    quiet_s: float = 0.0,
+    wait_s: float = 0.0,
+) -> float:
+    """`count` commands, the oldest written `age_ms` ago, over `span_ms` (all of the age
+    unless given: read as they were written)."""
     return budget.coalesce_s(
         count,
         NOW - age_ms,
+        NOW - age_ms + (age_ms if span_ms is None else span_ms),
         quiet_s,
         window_ms=1000,
         budget_wait_s=wait_s,
@@ -44,10 +57,80 @@ def test_a_burst_gathers_until_it_pauses() -> None:
     assert hold(400, 100, quiet_s=0.2) == 0  # paused: over
     assert hold(600, 950) == pytest.approx(0.05)
     longer = budget.coalesce_s(
-        400, NOW - 100, 0.5, window_ms=10_000, budget_wait_s=0, burst_per_s=500, now_ms=NOW
+        400, NOW - 100, NOW, 0.5, window_ms=10_000, budget_wait_s=0, burst_per_s=500, now_ms=NOW
     )
-    assert longer == pytest.approx(0.5)  # a 10 s window: a burst pauses after 1 s
+    assert longer == pytest.approx(1.5)  # a 10 s window: a burst pauses after 2 s
     assert hold(10, 300) == 0  # 33/s: not a burst
+
+
+def test_a_burst_read_late_is_still_a_burst() -> None:
+    """The rate is the commands' own, over the span in which they were written: a sink's
+    process busy elsewhere that reads a burst seconds late does not take it for a trickle."""
+    # 300 commands, the oldest 700 ms old (430/s by age), written within 100 ms: 3,000/s.
+    assert hold(300, 700, span_ms=100) == budget.MIN_BURST_PAUSE_S
+    assert hold(300, 700, span_ms=650) == 0  # written at 460/s: not a burst
+    assert hold(1, 700, span_ms=0) == 0  # one command is no rate
+
+
+def test_after_a_quiet_spell_the_first_call_settles_first() -> None:
+    """A provider with a settle time waits until its oldest purge is that old, within
+    the window, however few purges it holds; without one, a lone purge goes at once."""
+
+    def settle(age_ms: float, settle_s: float, window_ms: float = 10_000) -> float:
+        return budget.coalesce_s(
+            1,
+            NOW - age_ms,
+            NOW - age_ms,
+            0.0,
+            window_ms=window_ms,
+            budget_wait_s=0,
+            burst_per_s=500,
+            settle_s=settle_s,
+            now_ms=NOW,
+        )
+
+    assert settle(100, 1.0) == pytest.approx(0.9)
+    assert settle(1000, 1.0) == 0
+    assert settle(100, 0.0) == 0
+    assert settle(100, 1.0, window_ms=500) == pytest.approx(0.4)  # the window bounds it
+
+
+def test_cloudfront_settles_only_after_a_quiet_spell() -> None:
+    """The settle time applies while the bucket is full (no call for as long as it takes
+    to refill): a steady flow keeps it from filling and never waits for it."""
+    now = [0.0]
+    sink = CloudFrontSink(
+        "eu-west",
+        distribution="E1",
+        redis="redis://127.0.0.1:1/0",  # never connected: coalescing reads no Redis
+        aws_access_key_id=SecretStr("testing"),
+        aws_secret_access_key=SecretStr("testing"),
+    )
+    assert sink.settle_s == sink.policy.cloudfront.settle_ms / 1000 > 0
+    sink.bucket = budget.TokenBucket(rate=2.0, burst=5, clock=lambda: now[0])
+    written = time.time() * 1000 - 100
+    assert sink.coalesce_for(1, int(written), int(written), 0.0) == pytest.approx(
+        sink.settle_s - 0.1, abs=0.05
+    )
+    assert sink.bucket.take() == 0  # a call: the bucket is no longer full
+    assert sink.coalesce_for(1, int(written), int(written), 0.0) == 0
+    now[0] = 0.5  # refilled: quiet again
+    assert sink.coalesce_for(1, int(written), int(written), 0.0) > 0
+
+
+def test_the_bucket_is_idle_once_refilled() -> None:
+    now = [0.0]
+    bucket = budget.TokenBucket(rate=2.0, burst=5, clock=lambda: now[0])
+    assert bucket.idle()
+    assert bucket.take() == 0
+    assert not bucket.idle()
+    now[0] = 0.49
+    assert not bucket.idle()
+    now[0] = 0.5
+    assert bucket.idle()
+    bucket.block(3.0)
+    now[0] = 10.0
+    assert bucket.idle()
 
 
 def test_the_bucket_says_how_long_until_a_token_without_taking_one() -> None:

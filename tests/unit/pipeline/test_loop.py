@@ -6,6 +6,7 @@ import asyncio
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
@@ -56,13 +57,14 @@ class FakeConsumer:
         self.seeks: list[tuple[TopicPartition, int]] = []
         self.pauses: list[tuple[TopicPartition, ...]] = []
         self.resumes: list[tuple[TopicPartition, ...]] = []
+        self.fetch_size: int | None = None  # records one poll hands out at most
 
     async def getmany(
         self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[TopicPartition, list[Record]]:
         self.polls += 1
         batch: dict[TopicPartition, list[Record]] = {}
-        budget = max_records or 10**9
+        budget = min(max_records or 10**9, self.fetch_size or 10**9)
         for tp in sorted(self.assigned - self.paused, key=lambda t: t.partition):
             part = [r for r in self.logs[tp] if r.offset >= self.positions[tp]][:budget]
             if part:
@@ -484,7 +486,7 @@ async def test_a_loop_that_polls_late_sees_no_pause_while_records_wait_behind(
     consumer.highwater = lambda tp: 20 if behind[0] else None  # type: ignore[method-assign]
     seen: list[tuple[int, float]] = []
 
-    def linger_for(count: int, oldest_ms: int, quiet_s: float) -> float:
+    def linger_for(count: int, oldest_ms: int, newest_ms: int, quiet_s: float) -> float:
         seen.append((count, quiet_s))
         clock.now += 5.0  # busy elsewhere for 5 s before the next poll
         if len(seen) == 2:
@@ -497,3 +499,29 @@ async def test_a_loop_that_polls_late_sees_no_pause_while_records_wait_behind(
     assert seen[0] == (3 + 17, 0.0)  # offsets 3..19 written behind the batch
     assert seen[1] == (20, 0.0)  # 5 s without a record, but 17 wait behind: no pause
     assert seen[2] == (3, 10.0)  # nothing behind any more: the quiet time counts
+
+
+async def test_a_batch_that_is_due_first_takes_the_records_written_behind_it(
+    clock: Clock,
+) -> None:
+    """Records already written when the batch is due are fetched into it, and only
+    those: a steady stream writing more on every poll cannot hold it."""
+    consumer, _, runner = make({TP0: list(range(20))})
+    consumer.fetch_size = 5  # a fetch brings 5: 15 wait behind the first
+    consumer.highwater = lambda tp: len(consumer.logs[tp])  # type: ignore[method-assign]
+    fetch = consumer.getmany
+
+    async def streaming(*args: Any, **kwargs: Any) -> dict[TopicPartition, list[Record]]:
+        got = await fetch(*args, **kwargs)
+        consumer.logs[TP0].append(record(TP0, len(consumer.logs[TP0])))  # one more written
+        return got
+
+    consumer.getmany = streaming  # type: ignore[method-assign]
+    runner.linger_for = lambda count, oldest_ms, newest_ms, quiet_s: 0.0  # due at once
+    merged = await runner._linger(await take(consumer), asyncio.Event())
+
+    # Due after the first poll, when offsets 0..20 were written: all of them, and no
+    # more than the last fetch brought with them (the stream wrote one more per poll).
+    offsets = [r.offset for r in merged[TP0]]
+    assert offsets[:21] == list(range(21))
+    assert len(offsets) < 21 + consumer.fetch_size
