@@ -117,9 +117,13 @@ class CloudFrontPolicy(_Strict):
     # After a quiet spell (no call for as long as the bucket takes to refill), the first
     # invalidation waits until its oldest purge is this old: the first commands of a burst
     # look like a lone event, and an invalidation sent for them alone is one more call than
-    # the burst needs (of a minimum of 2 per distribution in the 10,000-event burst). A
-    # steady flow keeps the bucket from filling and never waits for it.
-    settle_ms: int = Field(default=1000, ge=0)
+    # the burst needs (of a minimum of 2 per distribution in the 10,000-event burst). On
+    # this project's 2-core bench, the mapper wrote a region's first ~200 commands of that
+    # burst over a second (not yet a burst by rate), so 1 s still let one such call out
+    # (1 run in 4); by 2 s its batches are large. A steady flow keeps the bucket from
+    # filling and never waits for it; a lone event's invalidation is created 2 s later,
+    # against the minutes CloudFront takes to complete it.
+    settle_ms: int = Field(default=2000, ge=0)
     # A warm through CloudFront waits for its invalidation to complete; GetInvalidation is
     # asked at most this often per distribution (the API's rate is low).
     completion_poll_s: float = Field(default=1.0, gt=0)
