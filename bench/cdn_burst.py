@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import math
 import os
 import random
@@ -44,6 +45,7 @@ from pydantic import SecretStr
 
 from bench.common import (
     REPO,
+    delete_topics_under,
     first_line,
     measured_commit,
     one_command_app,
@@ -682,6 +684,14 @@ async def run_burst(opts: Options) -> str:
     run = uuid.uuid4().hex[:8]
     settings = load_settings(topic_prefix=f"bench-{run}.", group_prefix=f"bench-{run}")
     await apply_topics(settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix)
+    try:
+        return await _run_burst(opts, run, settings)
+    finally:
+        with contextlib.suppress(Exception):
+            await delete_topics_under(settings.kafka_bootstrap_servers, settings.topic_prefix)
+
+
+async def _run_burst(opts: Options, run: str, settings: Settings) -> str:
     policy = CdnPolicy(
         window_ms=opts.window_ms,
         max_batch_records=20_000,
