@@ -169,7 +169,7 @@ class _Mapped:
 
 # aiokafka keeps each partition's last fetch until it is consumed and fetches a drained
 # partition on its own, so what a consumer holds is bounded by its partitions times this,
-# not by fetch_max_bytes. The mapper reads every content topic (dozens of partitions): at
+# not by fetch_max_bytes. The mapper reads every content topic (18 partitions here): at
 # the consumers' 2 MiB, a 100,000-event backlog held some 20 MB of fetched records
 # (tracemalloc; peak RSS 97 MB at a 10,000-event backlog, 122-124 at 100,000); at 512 KiB,
 # 97 and 116. The drain time did not measurably change: 57-72 s at 2 MiB, 72-74 s at
