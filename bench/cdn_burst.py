@@ -45,7 +45,6 @@ from pydantic import SecretStr
 
 from bench.common import (
     REPO,
-    delete_topics_under,
     first_line,
     measured_commit,
     one_command_app,
@@ -64,7 +63,7 @@ from cachesync.consumers.sinks.http_purge import HttpPurgeSink
 from cachesync.consumers.sinks.ledger import PurgeAck
 from cachesync.consumers.sinks.redis import RedisSink
 from cachesync.topology import render_all
-from cachesync.topology.admin import apply_topics
+from cachesync.topology.admin import apply_topics, delete_topics
 from cachesync.topology.model import CdnPolicy, CloudflarePolicy, Topology
 from deploy.local.standins.aws import create_distribution, moto_server
 from deploy.local.standins.cloudflare import CloudflareStub
@@ -688,7 +687,7 @@ async def run_burst(opts: Options) -> str:
         return await _run_burst(opts, run, settings)
     finally:
         with contextlib.suppress(Exception):
-            await delete_topics_under(settings.kafka_bootstrap_servers, settings.topic_prefix)
+            await delete_topics(settings.kafka_bootstrap_servers, settings.topic_prefix)
 
 
 async def _run_burst(opts: Options, run: str, settings: Settings) -> str:

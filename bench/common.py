@@ -184,21 +184,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(ordered[rank - 1])
 
 
-async def delete_topics_under(bootstrap: str, prefix: str) -> None:
-    """Delete every topic whose name starts with `prefix` (a run's own), so that runs do not
-    pile topics on the local broker (the CDN burst and `make run` benchmarks had left 256)."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="cachesync-bench")
-    await admin.start()
-    try:
-        names = [n for n in await admin.list_topics() if n.startswith(prefix)]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
-
-
 class Topics:
     """Creates each scenario's topics and deletes every one of them at the end."""
 

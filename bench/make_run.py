@@ -34,12 +34,12 @@ import typer
 from bench.common import (
     REPO,
     bench_settings,
-    delete_topics_under,
     one_command_app,
     read_env_file,
     stack_env,
 )
 from bench.harness import Lag
+from cachesync.topology.admin import delete_topics
 
 WARM_UP_S = 15.0
 
@@ -132,7 +132,7 @@ async def bench_make_run(rate: int, seconds: float) -> dict[str, Any]:
             proc.kill()
             await proc.wait()
         with contextlib.suppress(Exception):
-            await delete_topics_under(settings.kafka_bootstrap_servers, settings.topic_prefix)
+            await delete_topics(settings.kafka_bootstrap_servers, settings.topic_prefix)
     window = t1 - t0
     mapper_done = last["mapper"][0] - first["mapper"][0]
     published = mapper_done + last["mapper"][1] - first["mapper"][1]

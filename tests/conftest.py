@@ -103,21 +103,13 @@ async def topics(settings: Settings) -> AsyncIterator[list[str]]:
     """The session's topics; at its end, every topic under its prefix is deleted (the tests'
     own prefixes are under it too), so repeated runs do not pile topics on the local broker
     (1,118 had accumulated)."""
-    from cachesync.consumers.pipeline.kafka import KafkaConnection, make_admin
-    from cachesync.topology.admin import apply_topics
+    from cachesync.topology.admin import apply_topics, delete_topics
 
     changes = await apply_topics(
         settings.kafka_bootstrap_servers, settings.topology, settings.topic_prefix
     )
     yield [c.topic for c in changes]
-    admin = make_admin(KafkaConnection.of(settings), client_id="cachesync-tests")
-    await admin.start()
-    try:
-        names = [n for n in await admin.list_topics() if n.startswith(settings.topic_prefix)]
-        if names:
-            await admin.delete_topics(names)
-    finally:
-        await admin.close()
+    await delete_topics(settings.kafka_bootstrap_servers, settings.topic_prefix)
 
 
 @pytest.fixture

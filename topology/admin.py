@@ -1,4 +1,4 @@
-"""Create or alter the topology's topics on a Kafka cluster, idempotently."""
+"""Create or alter the topology's topics on a Kafka cluster, idempotently; delete a prefix's."""
 
 from __future__ import annotations
 
@@ -54,9 +54,7 @@ async def apply_topics(
     `cluster` is a broker list (PLAINTEXT) or a Kafka client's options, address and login
     (`KafkaConnection.client_options()`); `region` narrows the topics to those of a
     region's own cluster (`desired_topics`)."""
-    options = {"bootstrap_servers": cluster} if isinstance(cluster, str) else dict(cluster)
-    admin = AIOKafkaAdminClient(**options, client_id="cachesync-admin")
-    await admin.start()
+    admin = await _admin(cluster)
     try:
         wanted = desired_topics(topology, prefix, region=region)
 
@@ -98,3 +96,25 @@ async def apply_topics(
         return changes
     finally:
         await admin.close()
+
+
+async def delete_topics(cluster: str | Mapping[str, Any], prefix: str) -> list[str]:
+    """Delete every topic whose name starts with `prefix` (non-empty: a run's or a test's
+    own topics, never a whole cluster's); the names deleted. `cluster` as for `apply_topics`."""
+    if not prefix:
+        raise ValueError("delete_topics needs a prefix")
+    admin = await _admin(cluster)
+    try:
+        names = [n for n in await admin.list_topics() if n.startswith(prefix)]
+        if names:
+            await admin.delete_topics(names)
+        return names
+    finally:
+        await admin.close()
+
+
+async def _admin(cluster: str | Mapping[str, Any]) -> AIOKafkaAdminClient:
+    options = {"bootstrap_servers": cluster} if isinstance(cluster, str) else dict(cluster)
+    admin = AIOKafkaAdminClient(**options, client_id="cachesync-admin")
+    await admin.start()
+    return admin

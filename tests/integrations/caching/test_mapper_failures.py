@@ -35,7 +35,7 @@ from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.redis import RedisSink
 from cachesync.schemas import Codec
-from cachesync.topology.admin import apply_topics
+from cachesync.topology.admin import apply_topics, delete_topics
 from tests.conftest import metric_points
 from tests.helpers import eventually
 
@@ -61,13 +61,7 @@ async def own_topics(settings: Settings) -> AsyncIterator[Callable[[str], Any]]:
 
     yield make
     for own in made:
-        admin = await _admin(own)
-        try:
-            names = [n for n in await admin.list_topics() if n.startswith(own.topic_prefix)]
-            if names:
-                await admin.delete_topics(names)
-        finally:
-            await admin.close()
+        await delete_topics(own.kafka_bootstrap_servers, own.topic_prefix)
 
 
 async def _admin(settings: Settings) -> AIOKafkaAdminClient:
