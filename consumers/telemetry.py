@@ -307,6 +307,9 @@ class MessageTrace:
     trace_id: str | None  # hex, when the message carries a trace (for audit records)
 
 
+_NO_CONTEXT = MessageTrace(Context(), None)
+
+
 def message_trace(headers: Sequence[tuple[str, bytes]] | None) -> MessageTrace:
     """What a message's trace context says: its trace and whether that trace is sampled.
 
@@ -315,7 +318,11 @@ def message_trace(headers: Sequence[tuple[str, bytes]] | None) -> MessageTrace:
     one none, and reading that costs a header scan rather than a full extract. A message
     without a context starts a new trace, sampled as the sampler decides for a root.
     """
-    if headers and _reads_traceparent():
+    if not headers:
+        # Nothing to extract: an empty context starts a trace, what a full extract of an
+        # empty carrier returns, at a fraction of its cost.
+        return _NO_CONTEXT
+    if _reads_traceparent():
         for key, value in headers:
             if key == "traceparent":
                 match = _TRACEPARENT.match(value)

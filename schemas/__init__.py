@@ -4,7 +4,7 @@
 turns records into bytes and back (single-object encoding by default).
 """
 
-from cachesync.schemas.catalog import SchemaCatalog, SchemaVersion
+from cachesync.schemas.catalog import SchemaCatalog, SchemaVersion, is_timestamp
 from cachesync.schemas.compat import CompatProblem, can_read, check_catalog
 from cachesync.schemas.registry import ConfluentCodec, RegistryUnavailable
 from cachesync.schemas.serde import (
@@ -32,4 +32,5 @@ __all__ = [
     "UnknownSchema",
     "can_read",
     "check_catalog",
+    "is_timestamp",
 ]

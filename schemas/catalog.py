@@ -7,9 +7,11 @@ writer schema so that events written before an evolution still decode.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +33,48 @@ class SchemaVersion:
     parsed: Any  # fastavro's parsed schema
     fingerprint: bytes  # 8-byte CRC-64-AVRO, little-endian, as the spec lays it on the wire
     path: Path
+    # What decoding reads with: the same schema with timestamps as epoch milliseconds,
+    # the unit the pipeline works in. fastavro turns a `timestamp-millis` long into a
+    # timezone-aware datetime that every consumer turned back into milliseconds: a purge
+    # command (three timestamps) decoded in 17.9 us with them and 11.2 us without.
+    # Writing keeps `parsed`, which takes either form.
+    reading: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reading", fastavro.parse_schema(_millis_as_longs(self.raw)))
+
+    def with_datetimes(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """A decoded record with its top-level timestamps as UTC datetimes, for people to
+        read (decoding gives epoch milliseconds)."""
+        out = dict(record)
+        for f in self.raw["fields"]:
+            value = out.get(f["name"])
+            if isinstance(value, int) and not isinstance(value, bool) and is_timestamp(f["type"]):
+                out[f["name"]] = dt.datetime.fromtimestamp(value / 1000, dt.UTC)
+        return out
 
     @property
     def field_names(self) -> frozenset[str]:
         return frozenset(f["name"] for f in self.raw["fields"])
+
+
+def is_timestamp(avro_type: Any) -> bool:
+    """Whether a field of this type holds a `timestamp-millis` (alone or in a union)."""
+    types = avro_type if isinstance(avro_type, list) else [avro_type]
+    return any(isinstance(t, dict) and t.get("logicalType") == "timestamp-millis" for t in types)
+
+
+def _millis_as_longs(schema: Any) -> Any:
+    """`schema` with every `timestamp-millis` logical type dropped (its longs stay)."""
+    if isinstance(schema, list):
+        return [_millis_as_longs(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {
+        key: _millis_as_longs(value)
+        for key, value in schema.items()
+        if not (key == "logicalType" and value == "timestamp-millis")
+    }
 
 
 class SchemaCatalog:
@@ -63,6 +103,8 @@ class SchemaCatalog:
             )
             self._versions.setdefault(sv.type_name, {})[sv.version] = sv
             self._by_fingerprint[fp] = sv
+        # Looked up for every message encoded and decoded.
+        self._latest = {t: vs[max(vs)] for t, vs in self._versions.items()}
 
     def types(self, kind: str | None = None) -> list[str]:
         return sorted(
@@ -70,10 +112,7 @@ class SchemaCatalog:
         )
 
     def latest(self, type_name: str) -> SchemaVersion:
-        versions = self._versions.get(type_name)
-        if not versions:
-            raise KeyError(type_name)
-        return versions[max(versions)]
+        return self._latest[type_name]  # KeyError for a type it lacks
 
     def versions(self, type_name: str) -> list[SchemaVersion]:
         return [v for _, v in sorted(self._versions[type_name].items())]

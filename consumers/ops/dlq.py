@@ -305,7 +305,8 @@ class _DeadLetterTopic(ToolClients):
         except BadInput:
             return
         record = decoded.record
-        letter.record = record
+        # Shown to people: its times as times.
+        letter.record = self.settings.catalog.latest(decoded.type_name).with_datetimes(record)
         if decoded.type_name in COMMAND_TYPES:
             letter.kind = decoded.type_name
             letter.event_type = _str_or_none(record.get("origin_event_type"))

@@ -32,7 +32,7 @@ from cachesync.consumers.mapping.validation import validate_event
 from cachesync.consumers.pipeline.codecs import close_codec, codec_for, start_codec
 from cachesync.consumers.pipeline.kafka import KafkaConnection, make_producer
 from cachesync.consumers.settings import Settings
-from cachesync.schemas import Codec, SchemaCatalog
+from cachesync.schemas import Codec, SchemaCatalog, is_timestamp
 from cachesync.topology import Topology, load_topology
 from cachesync.topology.model import ContentTopic
 from cachesync.topology.templates import MissingField, fields_of, render_all
@@ -164,7 +164,9 @@ def prepare_event(
         raise InvalidEvent(event_type, [str(exc).removeprefix(f"{event_type}: ")]) from None
     codec = codec or codec_for(settings)
     value = codec.encode(event_type, record)
-    decoded = dict(codec.decode(value).record)  # as the mapper reads it: defaults filled in
+    # As the mapper reads it (defaults filled in), its times shown as times: decoding
+    # gives them as epoch milliseconds, the unit the pipeline works in.
+    decoded = schema.with_datetimes(codec.decode(value).record)
     try:
         topic = settings.topology.content_topic_for(event_type)
     except KeyError:
@@ -236,9 +238,7 @@ _PRIMITIVES = {
 
 def _iso_to_millis(avro_type: Any, value: Any) -> Any:
     """ISO 8601 text for a timestamp field, as epoch milliseconds; anything else as is."""
-    types = avro_type if isinstance(avro_type, list) else [avro_type]
-    is_time = any(isinstance(t, dict) and t.get("logicalType") == "timestamp-millis" for t in types)
-    if not is_time or not isinstance(value, str):
+    if not is_timestamp(avro_type) or not isinstance(value, str):
         return value
     try:
         parsed = dt.datetime.fromisoformat(value)
