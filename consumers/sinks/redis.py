@@ -39,7 +39,9 @@ from cachesync.consumers.sinks.ledger import Applied, applied_at, redelivered
 #   with it;
 # - the partition's applied offset moves to this record (also when it is skipped for its
 #   marker: it is done);
-# - each fence (per entity, per URL) is raised to this version if it is lower:
+# - each entity's fence is raised to this version if it is lower (no URL fences: they
+#   fence warms, and warms go through a region's front tier, never Redis; writing them
+#   was a fifth of the script's Redis time in the sink benchmark):
 #   versions only grow, whatever order commands of different entities come in.
 # The call reads and writes as few times as it can, for Redis' time is most of a flush's
 # (each command it runs costs a few microseconds; the flush waits for all of them): the
@@ -181,7 +183,6 @@ class _KeyPrefixes:
     applied: str  # + command id
     applied_event: str  # + event id
     fence: str  # + entity
-    url_fence: str  # + URL
     tag_index: str  # + tag
 
     @classmethod
@@ -191,7 +192,6 @@ class _KeyPrefixes:
             applied=keys.prefix(lambda i: keys.applied(sink, i)),
             applied_event=keys.prefix(lambda i: keys.applied_event(sink, i)),
             fence=keys.prefix(lambda i: keys.purge_version(sink, i)),
-            url_fence=keys.prefix(lambda i: keys.purge_version(sink, keys.url_target(i))),
             tag_index=keys.prefix(keys.tag_index),
         )
 
@@ -203,7 +203,7 @@ def _calls(
     MAX_KEYS_PER_CALL keys unless one command alone has more."""
     names = _KeyPrefixes.of(sink)
     applied, applied_event, tag_index = names.applied, names.applied_event, names.tag_index
-    fence, url_fence = names.fence, names.url_fence
+    fence = names.fence
     calls: list[_Call] = []
     offset_keys: dict[tuple[str, int], int] = {}  # (topic, partition) -> its KEYS index
     command_keys: list[str] = []
@@ -229,9 +229,8 @@ def _calls(
     # first still checks whether that position is covered: if so, all of it was applied.
     last = {cmd.command_id: i for i, cmd in enumerate(pending)}
     for i, cmd in enumerate(pending):
-        urls = cmd.urls
         nk, nt = len(cmd.keys), len(cmd.tags)
-        size = 2 + nk + nt + 1 + len(urls)  # markers, keys, tag sets, and its fences if new
+        size = 2 + nk + nt + 1  # markers, keys, tag sets, and its fence if new
         if command_args and len(offset_keys) + len(command_keys) + len(fences) + size + 1 > (
             MAX_KEYS_PER_CALL
         ):
@@ -256,10 +255,6 @@ def _calls(
         target = fence + cmd.entity
         if fences.get(target, -1) < version:
             fences[target] = version
-        for url in urls:
-            target = url_fence + url
-            if fences.get(target, -1) < version:
-                fences[target] = version
     close()
     return calls
 
