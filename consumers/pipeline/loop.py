@@ -126,6 +126,11 @@ class CommitAfterEffect:
         # metrics server's thread (consumers/health.py). From creation, so that a loop that
         # never gets to poll is seen as stalled too.
         self.polled_at = time.monotonic()
+        # Read-ahead (`_read_ahead`): when set, the next batch is fetched while the handler
+        # waits on its backend, and given to this (a decode into a cache, say); it is
+        # handled next, unless the batch before it is put back.
+        self.read_ahead: Callable[[list[Record]], None] | None = None
+        self._ahead: dict[TopicPartition, list[Record]] = {}
 
     def since_poll(self) -> float:
         """Seconds since the loop last polled (or was created)."""
@@ -149,19 +154,58 @@ class CommitAfterEffect:
                     await self._rewind()
                 self._resume_due()
                 await self._observe_lag()
-                batch = await self.consumer.getmany(
-                    timeout_ms=self.poll_timeout_ms, max_records=self.max_records
-                )
+                batch, self._ahead = self._ahead, {}
+                if not batch:
+                    batch = await self.consumer.getmany(
+                        timeout_ms=self.poll_timeout_ms, max_records=self.max_records
+                    )
                 self.polled_at = time.monotonic()
                 if not batch:
                     self._commit_now()
                     continue
                 if self.linger_ms > 0 or self.linger_for is not None:
                     batch = await self._linger(batch, stop)
-                if await self.process(batch, wait_commit=False):
+                if self.read_ahead is None:
+                    handled = await self.process(batch, wait_commit=False)
+                else:
+                    handled = await self._process_reading_ahead(batch, self.read_ahead)
+                if handled:
                     self._commit_due()
         finally:
+            self._ahead = {}
             await self.commit_applied()
+
+    async def _process_reading_ahead(
+        self, batch: dict[TopicPartition, list[Record]], prepare: Callable[[list[Record]], None]
+    ) -> bool:
+        """`process`, with the next batch fetched and prepared while the handler waits on
+        its backend (the Redis sink: a fifth of its time was waiting for its script, and
+        decoding the next batch is two fifths of its CPU).
+
+        What is read ahead is only fetched, never handled or committed before this batch
+        is: if this batch is put back, the partitions read ahead are sought back to where
+        the read-ahead began (those of this batch already are, to its start).
+        """
+        handling = asyncio.ensure_future(self.process(batch, wait_commit=False))
+        await asyncio.sleep(0)  # the handler runs up to its first wait
+        if not handling.done():
+            ahead = await self.consumer.getmany(timeout_ms=0, max_records=self.max_records)
+            if ahead:
+                prepare([r for part in ahead.values() for r in part])
+                self._ahead = ahead
+        handled = await handling
+        if not handled:
+            self._forget_ahead()
+        return handled
+
+    def _forget_ahead(self) -> None:
+        """Drop the batch read ahead, its partitions sought back to its first records but
+        those just put back (paused, and sought back further)."""
+        ahead, self._ahead = self._ahead, {}
+        assigned = self.consumer.assignment()
+        for tp, part in ahead.items():
+            if part and tp not in self._paused_until and tp in assigned:
+                self.consumer.seek(tp, part[0].offset)
 
     def rebalance_listener(self) -> ConsumerRebalanceListener:
         """For `consumer.subscribe`: commits what is applied before partitions go away."""
@@ -342,6 +386,9 @@ class CommitAfterEffect:
         first of them, and what was handled after them is forgotten (it comes again)."""
         await self.committed()
         read_again, self._read_again = self._read_again, {}
+        # Their records read ahead come again after the rewound ones.
+        for tp in read_again:
+            self._ahead.pop(tp, None)
         assigned = self.consumer.assignment()
         for tp, offset in read_again.items():
             self._uncommitted.pop(tp, None)
@@ -386,6 +433,10 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         self.loop = loop
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        # Records read ahead from partitions going away are their next owner's; those of
+        # partitions that stay are kept (their position is past them).
+        for tp in revoked:
+            self.loop._ahead.pop(tp, None)
         await self.loop.commit_applied()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:

@@ -7,6 +7,7 @@ starts any set of them in one process and stops them cleanly on a signal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -424,6 +425,11 @@ class SinkRole(_Role):
             # Adaptive coalescing: the loop gathers records only while the provider's budget
             # says to wait (a call in flight, its bucket empty, a burst), within the window.
             self.loop.linger_for = sink.coalesce_for
+        elif not sink.after and not sink.linger_ms:
+            # A sink that waits for no other tier decodes its next batch while its backend
+            # applies this one (a sink after others would mostly decode batches that are
+            # put back to wait for them).
+            self.loop.read_ahead = self._decode_ahead
 
     async def _open(self) -> None:
         await self.sink.setup()
@@ -586,11 +592,23 @@ class SinkRole(_Role):
             if command.origin_event_id in waiting:
                 self.sink.overdue(command)
 
+    def _decode_ahead(self, records: list[Record]) -> None:
+        """Decode a batch read ahead into the process's command cache, where `_decode` finds
+        it; what does not decode is left to `_decode` to dead-letter."""
+        for record in records:
+            value = record.value or b""
+            if _COMMANDS.get(value) is None:
+                with contextlib.suppress(BadInput):
+                    self._decoded(value, self.codec.decode(value))
+
     async def _decode(self, record: Record) -> Command:
         value = record.value or b""
         if (known := _COMMANDS.get(value)) is not None:
             return known
-        decoded = await decode(self.codec, value)
+        return self._decoded(value, await decode(self.codec, value))
+
+    def _decoded(self, value: bytes, decoded: Decoded) -> Command:
+        """The command a decoded message holds, remembered by its bytes; BadInput if none."""
         model = COMMAND_TYPES.get(decoded.type_name)
         if model is None:
             raise BadInput(f"{decoded.type_name!r} is not a command")

@@ -525,3 +525,52 @@ async def test_a_batch_that_is_due_first_takes_the_records_written_behind_it(
     offsets = [r.offset for r in merged[TP0]]
     assert offsets[:21] == list(range(21))
     assert len(offsets) < 21 + consumer.fetch_size
+
+
+async def test_with_read_ahead_the_next_batch_is_prepared_while_the_handler_waits() -> None:
+    """run() with `read_ahead`: each batch after the first is fetched and prepared while the
+    handler of the one before waits on its backend, then handled next, in order; every
+    record is handled once and committed only after its batch."""
+    consumer, handler, runner = make({TP0: [1, 2, 3, 4, 5], TP1: [9]})
+    runner.max_records = 2
+    prepared: list[tuple[list[tuple[TopicPartition, int]], int, int]] = []
+
+    def prepare(records: list[Record]) -> None:
+        # What is prepared, how many batches were handed to the handler by then, and how
+        # many of them had been committed.
+        seen = [(TopicPartition(r.topic, r.partition), r.offset) for r in records]
+        prepared.append((seen, len(handler.calls), len(consumer.commits)))
+
+    runner.read_ahead = prepare
+    stop = asyncio.Event()
+    handler.stop, handler.stop_on_call = stop, 3
+
+    await asyncio.wait_for(runner.run(stop), timeout=5)
+
+    assert handler.calls == [[(TP0, 1), (TP0, 2)], [(TP0, 3), (TP0, 4)], [(TP0, 5), (TP1, 9)]]
+    # Batch n+1 was prepared while batch n was in the handler, and handled right after.
+    assert [(seen, calls) for seen, calls, _ in prepared] == [
+        (handler.calls[1], 1),
+        (handler.calls[2], 2),
+    ]
+    assert consumer.commits[-1] == {TP0: 6, TP1: 10}
+
+
+async def test_a_batch_put_back_with_read_ahead_loses_nothing_read_ahead() -> None:
+    """The batch is put back after the next was read ahead: the partitions read ahead are
+    sought back to where the read-ahead began, so their records are handled all the same."""
+    consumer, handler, runner = make({TP0: [1, 2], TP1: [5, 6]}, TransientError("redis down"))
+    runner.max_records = 2
+    runner.read_ahead = lambda records: None
+    stop = asyncio.Event()
+    handler.stop, handler.stop_on_call = stop, 3
+
+    await asyncio.wait_for(runner.run(stop), timeout=5)
+
+    assert handler.calls[0] == [(TP0, 1), (TP0, 2)]  # put back
+    assert (TP1, 5) in consumer.seeks  # what was read ahead of it, sought back
+    assert sorted(handler.calls[1:]) == [[(TP0, 1), (TP0, 2)], [(TP1, 5), (TP1, 6)]]
+    committed: dict[TopicPartition, int] = {}
+    for offsets in consumer.commits:
+        committed.update(offsets)
+    assert committed == {TP0: 3, TP1: 7}
