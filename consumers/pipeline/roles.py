@@ -599,25 +599,13 @@ class SinkRole(_Role):
             value = record.value or b""
             if _COMMANDS.get(value) is None:
                 with contextlib.suppress(BadInput):
-                    self._decoded(value, self.codec.decode(value))
+                    _command_of(value, self.codec.decode(value))
 
     async def _decode(self, record: Record) -> Command:
         value = record.value or b""
         if (known := _COMMANDS.get(value)) is not None:
             return known
-        return self._decoded(value, await decode(self.codec, value))
-
-    def _decoded(self, value: bytes, decoded: Decoded) -> Command:
-        """The command a decoded message holds, remembered by its bytes; BadInput if none."""
-        model = COMMAND_TYPES.get(decoded.type_name)
-        if model is None:
-            raise BadInput(f"{decoded.type_name!r} is not a command")
-        try:
-            command: Command = model.from_record(decoded.record)
-        except ValueError as exc:
-            raise InvalidRecord(f"{decoded.type_name}: {exc}") from exc
-        _COMMANDS.put(value, command)
-        return command
+        return _command_of(value, await decode(self.codec, value))
 
 
 Role = MapperRole | SinkRole
@@ -648,6 +636,19 @@ class CommandCache:
 
 
 _COMMANDS = CommandCache()
+
+
+def _command_of(value: bytes, decoded: Decoded) -> Command:
+    """The command a decoded message holds, remembered by its bytes; BadInput if none."""
+    model = COMMAND_TYPES.get(decoded.type_name)
+    if model is None:
+        raise BadInput(f"{decoded.type_name!r} is not a command")
+    try:
+        command: Command = model.from_record(decoded.record)
+    except ValueError as exc:
+        raise InvalidRecord(f"{decoded.type_name}: {exc}") from exc
+    _COMMANDS.put(value, command)
+    return command
 
 
 async def run_roles(roles: list[Role], stop: asyncio.Event) -> None:
