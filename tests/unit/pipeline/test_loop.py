@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -574,3 +575,23 @@ async def test_a_batch_put_back_with_read_ahead_loses_nothing_read_ahead() -> No
     for offsets in consumer.commits:
         committed.update(offsets)
     assert committed == {TP0: 3, TP1: 7}
+
+
+@pytest.mark.parametrize(("age_ms", "first_batch"), [(60_000, 4), (0, 2)], ids=["stale", "fresh"])
+async def test_a_stale_batch_takes_the_records_written_since_in_one_more_poll(
+    age_ms: int, first_batch: int
+) -> None:
+    """A batch whose newest record is older than TOP_UP_MS was fetched while the last one
+    was handled: one more poll adds what came since, instead of leaving it a batch behind.
+    A fresh batch goes as it is."""
+    consumer, handler, runner = make({TP0: [1, 2, 3, 4, 5, 6]})
+    written = int(time.time() * 1000) - age_ms
+    consumer.logs[TP0] = [replace(r, timestamp=written) for r in consumer.logs[TP0]]
+    consumer.fetch_size = 2
+    runner.max_records = 10
+    stop = asyncio.Event()
+    handler.stop, handler.stop_on_call = stop, 1
+
+    await asyncio.wait_for(runner.run(stop), timeout=5)
+
+    assert handler.calls[0] == [(TP0, o) for o in range(1, 1 + first_batch)]
