@@ -11,11 +11,13 @@ from collections.abc import Callable, Iterable
 from aiokafka import AIOKafkaProducer
 
 from cachesync.consumers import telemetry
-from cachesync.consumers.commands import Command
+from cachesync.consumers.commands import COMMAND_TYPES, Command
 from cachesync.consumers.errors import ProduceRefused
 from cachesync.consumers.pipeline import headers
 from cachesync.consumers.pipeline.sends import BatchedSends, Renew
 from cachesync.schemas import Codec
+
+_KIND_HEADERS = {kind: (headers.KIND, kind.encode()) for kind in COMMAND_TYPES}
 
 
 class CommandWriter:
@@ -65,20 +67,23 @@ class CommandWriter:
         else:
             context = trace
         topics = self._topics
+        shared = [*context, *self._marks]
+        event_ids: dict[str, tuple[str, bytes]] = {}  # one event's commands share theirs
         for command in commands:
             topic = topics.get(command.region)
             if topic is None:
                 topic = topics[command.region] = self.topic_for(command.region)
+            event_id = event_ids.get(command.origin_event_id)
+            if event_id is None:
+                event_id = event_ids[command.origin_event_id] = (
+                    headers.EVENT_ID,
+                    command.origin_event_id.encode(),
+                )
             self._sends.add(
                 topic,
                 command.entity.encode(),
                 self.codec.encode(command.schema_type, command.to_record()),
-                [
-                    (headers.KIND, command.kind.encode()),
-                    (headers.EVENT_ID, command.origin_event_id.encode()),
-                    *context,
-                    *self._marks,
-                ],
+                [_KIND_HEADERS[command.kind], event_id, *shared],
             )
             self._origins.append(origin)
 
