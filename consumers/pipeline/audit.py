@@ -44,8 +44,8 @@ DETAIL_CHARS = 2000
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HandledCommand:
-    """One command of a sink-stage record about several; mirrors `HandledCommand` in
-    `schemas/avro/audit/audit.v2.avsc` (times in epoch milliseconds)."""
+    """One event (stage mapper) or command (stage sink) of a record about several; mirrors
+    `HandledCommand` in `schemas/avro/audit/audit.v3.avsc` (times in epoch milliseconds)."""
 
     command_id: str
     event_id: str
@@ -57,6 +57,7 @@ class HandledCommand:
     keys: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     urls: tuple[str, ...] = ()
+    commands: tuple[str, ...] = ()  # stage mapper: what the event produced (its command_id "")
     trace_id: str | None = None
 
     def to_record(self) -> dict[str, Any]:
@@ -71,6 +72,7 @@ class HandledCommand:
             "keys": list(self.keys),
             "tags": list(self.tags),
             "urls": list(self.urls),
+            "commands": list(self.commands),
             "trace_id": self.trace_id,
         }
 
@@ -87,19 +89,20 @@ class HandledCommand:
             keys=tuple(record.get("keys", ())),
             tags=tuple(record.get("tags", ())),
             urls=tuple(record.get("urls", ())),
+            commands=tuple(record.get("commands", ())),
             trace_id=record.get("trace_id"),
         )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuditRecord:
-    """One record of the audit topic; mirrors `schemas/avro/audit/audit.v2.avsc`.
+    """One record of the audit topic; mirrors `schemas/avro/audit/audit.v3.avsc`.
 
-    Times are epoch milliseconds. `stage` is "mapper" (one record per event, with the
-    `commands` it produced) or "sink" (about one command a sink handled, with its
-    `command_id`, `region`, `sink`, and for purges the `keys`, `tags` and `urls` it
-    named; or, with `handled`, about several commands of one flush with one outcome:
-    `expand` gives one record per command).
+    Times are epoch milliseconds. `stage` is "mapper" (about an event, with the `commands`
+    it produced) or "sink" (about one command a sink handled, with its `command_id`,
+    `region`, `sink`, and for purges the `keys`, `tags` and `urls` it named). With
+    `handled`, a record is about several: a mapper batch's events, or one flush's commands
+    with one outcome; `expand` gives one record per event or command.
     """
 
     event_id: str
@@ -154,7 +157,8 @@ class AuditRecord:
                 self,
                 event_id=h.event_id,
                 event_type=h.event_type,
-                command_id=h.command_id,
+                command_id=h.command_id or None,
+                commands=h.commands,
                 detail=h.detail,
                 provider_ids=h.provider_ids,
                 cache_status=h.cache_status,
@@ -172,10 +176,22 @@ class AuditRecord:
 
 _FIELDS = tuple(f.name for f in fields(AuditRecord) if f.name != "handled")
 _ARRAYS = ("provider_ids", "commands", "keys", "tags", "urls")
-# Every field of a record at its default: what the mapper's records start from.
-_EMPTY_RECORD = AuditRecord(
-    event_id="", event_type="", stage="", kind="", outcome="", occurred_at=0, recorded_at=0
-).to_record()
+# Every field of an entry at its default: what the mapper's entries start from.
+_EMPTY_ENTRY = HandledCommand(command_id="", event_id="", event_type="", occurred_at=0).to_record()
+# An event's commands per entry of a mapper record: some 50 bytes each, so that a fan-out to
+# 50,000 weddings does not make a record too large for the audit topic (`trace` joins them).
+COMMANDS_PER_ENTRY = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class MappedEvent:
+    """What the mapper made of one event, for its audit entry."""
+
+    event_id: str
+    event_type: str
+    occurred_at: int
+    commands: Sequence[Command]
+    trace_id: str | None
 
 
 def decode_audit(codec: Codec, value: bytes) -> AuditRecord | None:
@@ -219,36 +235,47 @@ class AuditLog:
         self._batch = BatchedSends(producer)
         self._handled: list[_Handled] = []
         self._in_flight: list[asyncio.Future[object]] = []
+        self._partitions: list[int] = []
 
-    async def mapped(
-        self,
-        *,
-        event_id: str,
-        event_type: str,
-        occurred_at: int,
-        commands: Sequence[Command],
-        outcome: str = "mapped",
-        detail: str = "",
-    ) -> None:
-        # The Avro record built directly: through an AuditRecord and `to_record` it cost
-        # as much as encoding it, once per event.
+    def mapped_all(self, events: Iterable[MappedEvent]) -> None:
+        """What a batch's events became, written at the next `flush`: one record per audit
+        partition of their event ids (of at most ENTRIES_PER_RECORD events and RECORD_BYTES;
+        an event's commands in entries of at most COMMANDS_PER_ENTRY), not one per event:
+        encoding and producing a record per event was a tenth of the mapper's work."""
+        partitions = self._partitions
+        partition_of = self._batch.partitioner
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for e in events:
+            where = partition_of(e.event_id.encode(), partitions, partitions)
+            refs = [f"{c.region}/{c.kind}/{c.command_id}" for c in e.commands]
+            for start in range(0, max(len(refs), 1), COMMANDS_PER_ENTRY):
+                groups.setdefault(where, []).append(
+                    {
+                        **_EMPTY_ENTRY,
+                        "event_id": e.event_id,
+                        "event_type": e.event_type,
+                        "occurred_at": e.occurred_at,
+                        "commands": refs[start : start + COMMANDS_PER_ENTRY],
+                        "trace_id": e.trace_id,
+                    }
+                )
         now = int(time.time() * 1000)
-        record = {
-            **_EMPTY_RECORD,
-            "event_id": event_id,
-            "event_type": event_type,
+        shared = {
             "stage": "mapper",
+            "command_id": None,
+            "region": None,
+            "sink": None,
             "kind": "event",
-            "outcome": outcome,
-            "detail": detail,
-            "commands": [f"{c.region}/{c.kind}/{c.command_id}" for c in commands],
-            "occurred_at": occurred_at,
+            "outcome": "mapped",
             "recorded_at": now,
-            "latency_ms": max(0, now - int(occurred_at)),
-            "trace_id": current_trace_id(),
         }
-        value = self.codec.encode("audit", record)
-        self._batch.add(self.topic, event_id.encode(), value, [])
+        for entries in groups.values():
+            for start in range(0, len(entries), ENTRIES_PER_RECORD):
+                self._write_entries(shared, entries[start : start + ENTRIES_PER_RECORD])
+
+    async def load_partitions(self) -> None:
+        """The audit topic's partitions, which records are grouped by (`mapped_all`)."""
+        self._partitions = sorted(await self.producer.partitions_for(self.topic))
 
     async def handled(
         self, command: Command, *, sink: str, note: Note, trace_id: str | None = None
@@ -302,7 +329,8 @@ class AuditLog:
     async def _write_handled(self, handled: list[_Handled]) -> None:
         """One record per (region, sink, kind, outcome, partition of the event id), of at
         most ENTRIES_PER_RECORD commands and RECORD_BYTES (a command alone may be more)."""
-        partitions = sorted(await self.producer.partitions_for(self.topic))
+        await self.load_partitions()
+        partitions = self._partitions
         partition_of = self._batch.partitioner
         groups: dict[tuple[str, str, str, str, int], list[dict[str, Any]]] = {}
         for command, sink, note, trace_id in handled:

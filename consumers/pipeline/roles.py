@@ -40,7 +40,7 @@ from cachesync.consumers.errors import (
 from cachesync.consumers.mapping.index import RelationshipIndex
 from cachesync.consumers.mapping.mapper import Mapper
 from cachesync.consumers.pipeline import headers
-from cachesync.consumers.pipeline.audit import AuditLog
+from cachesync.consumers.pipeline.audit import AuditLog, MappedEvent
 from cachesync.consumers.pipeline.codecs import (
     close_codec,
     codec_for,
@@ -153,10 +153,6 @@ class _Role:
         """The role's own connections, closed after it stopped consuming and producing."""
 
 
-# Command refs per mapper audit record: some 50 bytes each, so a record stays near 100 KB.
-AUDIT_COMMANDS_PER_RECORD = 2_000
-
-
 @dataclass(slots=True)
 class _Mapped:
     """One event of a batch that mapped: where it was, what it yielded, its span."""
@@ -166,6 +162,7 @@ class _Mapped:
     item: Decoded
     commands: list[Command]
     span: Span | None  # None when its trace is not sampled
+    trace_id: str | None  # its trace's, sampled or not (for its audit entry)
 
 
 # aiokafka keeps each partition's last fetch until it is consumed and fetches a drained
@@ -282,19 +279,37 @@ class MapperRole(_Role):
                             }
                         )
                     writer.add(commands, origin=position, trace=passed_on)
-                    mapped.append(_Mapped(position, record, item, commands, span))
+                    trace_id = (
+                        format(span.get_span_context().trace_id, "032x")
+                        if span is not None
+                        else trace.trace_id
+                    )
+                    mapped.append(_Mapped(position, record, item, commands, span, trace_id))
             refused = await self._send(writer)
             out: Counter[tuple[str, str]] = Counter()
+            audited: list[MappedEvent] = []
             for m in mapped:
-                with use_span(m.span) if m.span is not None else nullcontext():
-                    if m.position in refused:
+                if m.position in refused:
+                    with use_span(m.span) if m.span is not None else nullcontext():
                         if m.span is not None:
                             m.span.set_status(Status(StatusCode.ERROR, CommandRefused.reason))
                         await self._dead_letter(m.record, CommandRefused(refused[m.position]))
-                        continue
-                    for command in m.commands:
-                        out[command.kind, command.region] += 1
-                    await self._audit_mapped(m)
+                    continue
+                for command in m.commands:
+                    out[command.kind, command.region] += 1
+                audited.append(
+                    MappedEvent(
+                        event_id=str(m.item.record["event_id"]),
+                        event_type=m.item.type_name,
+                        occurred_at=to_millis(m.item.record["occurred_at"]),
+                        commands=m.commands,
+                        trace_id=m.trace_id,
+                    )
+                )
+            # The audit records of the batch's events, one per audit partition: they say
+            # what was sent, so they are written once the commands are acked.
+            await self.audit.load_partitions()
+            self.audit.mapped_all(audited)
             for (kind, region), n in out.items():
                 self.stats.produced[region] += n
                 telemetry.commands_out.add(n, {"kind": kind, "region": region})
@@ -317,20 +332,6 @@ class MapperRole(_Role):
     async def _dead_letter(self, record: Record, error: BadInput) -> None:
         await self.dead_letters.send(record, error)
         self.stats.dead_lettered += 1
-
-    async def _audit_mapped(self, m: _Mapped) -> None:
-        """The event's audit record; one per AUDIT_COMMANDS_PER_RECORD commands, so that a
-        fan-out to 50,000 weddings does not make a record too large for the audit topic
-        (`trace` joins them)."""
-        event_id = str(m.item.record["event_id"])
-        occurred_at = to_millis(m.item.record["occurred_at"])
-        for start in range(0, max(len(m.commands), 1), AUDIT_COMMANDS_PER_RECORD):
-            await self.audit.mapped(
-                event_id=event_id,
-                event_type=m.item.type_name,
-                occurred_at=occurred_at,
-                commands=m.commands[start : start + AUDIT_COMMANDS_PER_RECORD],
-            )
 
     async def _renew_producer(self) -> AIOKafkaProducer:
         """Replace the role's producer. After the broker refused one of its batches, the

@@ -18,6 +18,7 @@ from cachesync.consumers.pipeline.audit import (
     AuditLog,
     AuditRecord,
     HandledCommand,
+    MappedEvent,
     decode_audit,
     decode_audits,
 )
@@ -379,3 +380,58 @@ async def test_hand_over_does_not_wait_for_acks_and_acked_raises_if_one_failed()
     with pytest.raises(TransientError, match="not acknowledged"):
         await acked
     await log.acked()  # what failed is not waited for twice
+
+
+async def test_a_mapper_batch_writes_one_record_per_partition_and_expands_to_one_per_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The mapper's batch of 20 events becomes one record per audit partition of their
+    event ids (keyed by one of them, marked when about several), which expand to one
+    mapper record per event with the commands it produced; an event with more commands
+    than an entry holds is in several entries, which together list them all."""
+    monkeypatch.setattr(audit, "COMMANDS_PER_ENTRY", 4)
+    producer = FakeProducer()
+    log = AuditLog(producer, "test.cache.audit", CODEC)  # type: ignore[arg-type]
+    commands = purges(30)
+    events = [
+        MappedEvent(
+            event_id=f"ev-{i}",
+            event_type="photo.uploaded",
+            occurred_at=1_764_000_000_000 + i,
+            commands=commands[i : i + (10 if i == 7 else 2)],
+            trace_id=f"{i:0>32}" if i % 2 else None,
+        )
+        for i in range(20)
+    ]
+    await log.load_partitions()
+    log.mapped_all(events)
+    await log.flush()
+
+    def partition_of(event_id: str) -> int:
+        return (murmur2(event_id.encode()) & 0x7FFFFFFF) % 3
+
+    assert len(producer.sent) == len({partition_of(e.event_id) for e in events})
+    by_event: dict[str, list[AuditRecord]] = {}
+    for (_, key, value), partition, hdrs in zip(
+        producer.sent, producer.partitions, producer.headers, strict=True
+    ):
+        assert key is not None and partition == partition_of(key.decode())
+        records = decode_audits(CODEC, value)
+        assert {partition_of(r.event_id) for r in records} == {partition}
+        assert (len(records) > 1) == (hdrs == [("cachesync.audit-batch", b"1")])
+        for r in records:
+            by_event.setdefault(r.event_id, []).append(r)
+    assert set(by_event) == {e.event_id for e in events}
+    for e in events:
+        records = by_event[e.event_id]
+        assert len(records) == (3 if e.event_id == "ev-7" else 1)  # 10 commands, 4 an entry
+        for r in records:
+            assert (r.stage, r.kind, r.outcome, r.command_id) == ("mapper", "event", "mapped", None)
+            assert (r.event_type, r.occurred_at, r.trace_id) == (
+                e.event_type,
+                e.occurred_at,
+                e.trace_id,
+            )
+        assert [ref for r in records for ref in r.commands] == [
+            f"{c.region}/{c.kind}/{c.command_id}" for c in e.commands
+        ]
