@@ -379,12 +379,14 @@ class CommitAfterEffect:
         now = time.monotonic()
         if now - self._lag_observed_at < 1.0:
             return
-        self._lag_observed_at = now
         group = self.group or self.name
         for tp in self.consumer.assignment():
             highwater = self.consumer.highwater(tp)
             if highwater is None:
                 continue
+            # Until a fetch brought a partition's high-water mark, there is nothing to
+            # observe: the next poll tries again, so the lag shows from the first fetch.
+            self._lag_observed_at = now
             position = await self.consumer.position(tp)
             telemetry.record_lag(group, tp.topic, tp.partition, max(0, highwater - position))
 
