@@ -1,14 +1,16 @@
 """Audit records: where each event's cache work went, on the audit topic.
 
-The mapper writes one record per event (the commands it produced). Each sink says what
-became of every command it handled (applied, skipped, fenced, rejected), with provider
-ids and, for warms, the edge's cache status, in one record per flush and outcome rather
-than one per command: a record about one command carries it in its own fields (as
-`audit.v1` did), a record about several lists them in `handled`. Readers see one
-`AuditRecord` per command either way (`decode_audits`, `AuditRecord.expand`).
+The mapper says what each event became (the commands it produced), in one record per
+batch rather than one per event. Each sink says what became of every command it handled
+(applied, skipped, fenced, rejected), with provider ids and, for warms, the edge's cache
+status, in one record per flush and outcome rather than one per command. A record about
+one event or command carries it in its own fields (as `audit.v1` did), a record about
+several lists them in `handled`. Readers see one `AuditRecord` per event (mapper) or
+command (sink) either way (`decode_audits`, `AuditRecord.expand`).
 
 Records are keyed by the origin event id, so `cachesync trace EVENT_ID` reads a single
-partition: a flush's commands are grouped by the partition their event id hashes to, and
+partition: a batch's events and a flush's commands are grouped by the partition their
+event id hashes to, and
 a record about several is keyed by its first event id (the others share its partition)
 and marked with the `headers.AUDIT_BATCH` header, so that `trace` decodes it although
 its key names another event.
