@@ -220,9 +220,9 @@ def current_trace_id() -> str | None:
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
-# A sink's record about one command, gathered until the flush: the command, the sink, what
-# it said, the command's trace id.
-_Handled = tuple[Command, str, Note, str | None]
+# A sink's record about one command, gathered until it is written: the command, the sink,
+# what it said, the command's trace id, when it was handled (epoch ms).
+_Handled = tuple[Command, str, Note, str | None, int]
 
 
 class AuditLog:
@@ -238,6 +238,11 @@ class AuditLog:
         self._handled: list[_Handled] = []
         self._in_flight: list[asyncio.Future[object]] = []
         self._partitions: list[int] = []
+        # Handing over and taking what was handed over for `acked` go one at a time: a
+        # commit must not miss records another task is still writing.
+        self._handing = asyncio.Lock()
+        # Why records of batches already handled were not handed over, for `acked`.
+        self._lost: TransientError | None = None
 
     def mapped_all(self, events: Iterable[MappedEvent]) -> None:
         """What a batch's events became, written at the next `flush`: one record per audit
@@ -290,8 +295,15 @@ class AuditLog:
 
     def handled_all(self, sink: str, handled: Iterable[tuple[Command, Note, str | None]]) -> None:
         """What `sink` did with each of a flush's commands (its note, its trace id or None),
-        written at the next `flush`: `handled` for many at once, without an await each."""
-        self._handled += [(command, sink, note, trace_id) for command, note, trace_id in handled]
+        written at the next `flush` or hand-over: `handled` for many at once, without an
+        await each. Their records are stamped now, however late they are written."""
+        at = int(time.time() * 1000)
+        self._handled += [(c, sink, note, trace_id, at) for c, note, trace_id in handled]
+
+    @property
+    def pending(self) -> int:
+        """Commands handled whose records are not written yet."""
+        return len(self._handled)
 
     async def flush(self) -> None:
         """Write the sinks' records gathered since the last flush, then send every record
@@ -305,20 +317,42 @@ class AuditLog:
         """Write the records gathered since the last call and hand them to the producer,
         without waiting for their acks: `acked` does, before the offsets of the batches
         they are about are committed. Each goes through `producer.send`, so the records
-        of the flushes within the producer's linger travel in one request."""
-        handled, self._handled = self._handled, []
-        if handled:
-            await self._write_handled(handled)
-        try:
-            for topic, key, value, hdrs in self._batch.take():
-                self._in_flight.append(await self.producer.send(topic, value, key, headers=hdrs))
-        except KafkaError as exc:
-            raise TransientError(f"audit records not handed over: {type(exc).__name__}") from exc
+        of the flushes within the producer's linger travel in one request. TransientError
+        if the producer refused them: the caller's batch is put back."""
+        await self._hand_over(earlier=False)
+
+    async def hand_over_earlier(self) -> None:
+        """`hand_over`, for records of batches already handled (a sink writes them while
+        its next flush runs): a failure is kept for `acked`, which makes the loop read
+        those batches again, since the caller's own batch is not the one they are about."""
+        await self._hand_over(earlier=True)
+
+    async def _hand_over(self, *, earlier: bool) -> None:
+        async with self._handing:
+            handled, self._handled = self._handled, []
+            try:
+                if handled:
+                    await self._write_handled(handled)
+                for topic, key, value, hdrs in self._batch.take():
+                    self._in_flight.append(
+                        await self.producer.send(topic, value, key, headers=hdrs)
+                    )
+            except KafkaError as exc:
+                error = TransientError(f"audit records not handed over: {type(exc).__name__}")
+                if not earlier:
+                    raise error from exc
+                self._lost = self._lost or error
 
     async def acked(self) -> None:
-        """Until every record handed over so far is acknowledged; TransientError if one
-        was not (the batches it is about must then be read and audited again)."""
-        in_flight, self._in_flight = self._in_flight, []
+        """Hand over what is still gathered, then wait until every record handed over so
+        far is acknowledged; TransientError if one was not, or was not handed over (the
+        batches it is about must then be read and audited again)."""
+        await self.hand_over()
+        async with self._handing:
+            in_flight, self._in_flight = self._in_flight, []
+            lost, self._lost = self._lost, None
+        if lost is not None:
+            raise lost
         if not in_flight:
             return
         await asyncio.wait(in_flight)
@@ -335,12 +369,22 @@ class AuditLog:
         partitions = self._partitions
         partition_of = self._batch.partitioner
         groups: dict[tuple[str, str, str, str, int], list[dict[str, Any]]] = {}
-        for command, sink, note, trace_id in handled:
+        # A record's time: when the last of its commands was handled (they are written
+        # once per flush, at most a flush later).
+        handled_at: dict[tuple[str, str, str, str, int], int] = {}
+        for command, sink, note, trace_id, at in handled:
             where = partition_of(command.origin_event_id.encode(), partitions, partitions)
-            group = (command.region, sink, command.kind, note.outcome, where)
+            group: tuple[str, str, str, str, int] = (
+                command.region,
+                sink,
+                command.kind,
+                note.outcome,
+                where,
+            )
             groups.setdefault(group, []).append(_entry(command, note, trace_id))
-        now = int(time.time() * 1000)
-        for (region, sink, kind, outcome, _), entries in groups.items():
+            handled_at[group] = max(at, handled_at.get(group, at))
+        for (region, sink, kind, outcome, where), entries in groups.items():
+            now = handled_at[region, sink, kind, outcome, where]
             shared = {
                 "stage": "sink",
                 "region": region,

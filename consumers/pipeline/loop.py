@@ -140,6 +140,10 @@ class CommitAfterEffect:
         self.read_ahead: Callable[[list[Record]], None] | None = None
         self._ahead: dict[TopicPartition, list[Record]] = {}
 
+    def has_read_ahead(self) -> bool:
+        """Whether the next batch is already read (`read_ahead`): records are waiting."""
+        return bool(self._ahead)
+
     def since_poll(self) -> float:
         """Seconds since the loop last polled (or was created)."""
         return time.monotonic() - self.polled_at

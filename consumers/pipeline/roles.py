@@ -59,7 +59,7 @@ from cachesync.consumers.pipeline.loop import CommitAfterEffect
 from cachesync.consumers.pipeline.tiers import TierAnnouncer, TierWatch
 from cachesync.consumers.pipeline.writer import CommandWriter
 from cachesync.consumers.settings import Settings
-from cachesync.consumers.sinks.base import Note, Position, PurgeSink, Sink
+from cachesync.consumers.sinks.base import FlushResult, Note, Position, PurgeSink, Sink
 from cachesync.consumers.sinks.cdn import CdnPurgeSink
 from cachesync.schemas import Codec, Decoded
 
@@ -496,7 +496,7 @@ class SinkRole(_Role):
                     "cachesync.sampled": len(spans),
                 },
             ):
-                result = await self.sink.flush()
+                result = await self._flush()
         except BaseException as exc:
             for span in spans:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
@@ -527,9 +527,25 @@ class SinkRole(_Role):
                     a.span.set_status(Status(StatusCode.ERROR, "rejected"))
                 a.span.end()
             handled.append((a.command, note, a.trace_id))
-        # Every command's outcome, in one record per outcome and audit partition (audit.py).
+        # Every command's outcome, in one record per outcome and audit partition (audit.py):
+        # written now, or, when the next batch is already read, while its flush runs.
         self.audit.handled_all(self.sink.kind, handled)
-        await self.audit.hand_over()
+        if not self.loop.has_read_ahead():
+            await self.audit.hand_over()
+
+    async def _flush(self) -> FlushResult:
+        """The sink's flush; the audit records of the batch before, if still unwritten,
+        are written while it runs (the Redis sink waits a fifth of its time for its
+        script, and writing a batch's records is a sixth of its CPU)."""
+        if not self.audit.pending:
+            return await self.sink.flush()
+        flushing = asyncio.ensure_future(self.sink.flush())
+        try:
+            await self.audit.hand_over_earlier()
+            return await flushing
+        finally:
+            if not flushing.done():
+                flushing.cancel()
 
     def _command_span(self, command: Command, parent: Context) -> Span:
         """The command's own span, in the trace of the event that caused it."""

@@ -435,3 +435,62 @@ async def test_a_mapper_batch_writes_one_record_per_partition_and_expands_to_one
         assert [ref for r in records for ref in r.commands] == [
             f"{c.region}/{c.kind}/{c.command_id}" for c in e.commands
         ]
+
+
+class RefusingProducer(SendProducer):
+    """Refuses its next `refuse` sends, as a producer whose broker is gone."""
+
+    def __init__(self, refuse: int) -> None:
+        super().__init__()
+        self.refuse = refuse
+
+    async def send(
+        self, topic: str, value: bytes, key: bytes | None, *, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[object]:
+        if self.refuse:
+            self.refuse -= 1
+            raise KafkaTimeoutError()
+        return await super().send(topic, value, key, headers=headers)
+
+
+async def test_records_written_later_keep_when_they_were_handled_and_acked_takes_them_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flush's records may be written during the next flush: they keep the time their
+    commands were handled (the latency they report is the sink's, not the wait), and a
+    commit's `acked` hands over whatever is still gathered before it waits."""
+    producer = SendProducer()
+    log = AuditLog(producer, "test.cache.audit", CODEC)  # type: ignore[arg-type]
+    clock = [1_764_000_000.0]
+    monkeypatch.setattr(audit.time, "time", lambda: clock[0])
+    command = purge_command()
+    log.handled_all("redis", [(command, Note(), None)])
+    assert log.pending == 1
+    clock[0] += 5.0
+
+    acked = asyncio.create_task(log.acked())
+    await asyncio.sleep(0.01)
+    assert log.pending == 0 and len(producer.sent) == 1 and not acked.done()
+    producer.acks[0].set_result(None)
+    await acked
+    (record,) = decode_audits(CODEC, producer.sent[0][2])
+    assert record.recorded_at == 1_764_000_000_000
+
+
+async def test_a_failed_hand_over_of_earlier_records_is_raised_by_acked_not_by_the_caller() -> None:
+    """Records of an earlier batch that the producer refuses do not fail the batch that
+    happened to write them (its flush is already running): `acked` raises, so that the
+    loop reads the earlier batches again instead of committing them unaudited."""
+    producer = RefusingProducer(refuse=1)
+    log = AuditLog(producer, "test.cache.audit", CODEC)  # type: ignore[arg-type]
+    log.handled_all("redis", [(purge_command(), Note(), None)])
+
+    await log.hand_over_earlier()  # refused: kept, not raised
+
+    with pytest.raises(TransientError, match="not handed over"):
+        await log.acked()
+    await log.acked()  # reported once
+    log.handled_all("redis", [(purge_command(), Note(), None)])
+    producer.refuse = 1
+    with pytest.raises(TransientError, match="not handed over"):
+        await log.hand_over()  # the caller's own records: its batch is put back
