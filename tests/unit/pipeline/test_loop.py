@@ -577,17 +577,22 @@ async def test_a_batch_put_back_with_read_ahead_loses_nothing_read_ahead() -> No
     assert committed == {TP0: 3, TP1: 7}
 
 
-@pytest.mark.parametrize(("age_ms", "first_batch"), [(60_000, 4), (0, 2)], ids=["stale", "fresh"])
+@pytest.mark.parametrize(
+    ("age_ms", "fetched", "first_batch"),
+    [(60_000, 2, 4), (0, 2, 2), (60_000, 1, 1)],
+    ids=["stale", "fresh", "stale-but-small"],
+)
 async def test_a_stale_batch_takes_the_records_written_since_in_one_more_poll(
-    age_ms: int, first_batch: int
+    monkeypatch: pytest.MonkeyPatch, age_ms: int, fetched: int, first_batch: int
 ) -> None:
-    """A batch whose newest record is older than TOP_UP_MS was fetched while the last one
-    was handled: one more poll adds what came since, instead of leaving it a batch behind.
-    A fresh batch goes as it is."""
+    """A batch of TOP_UP_RECORDS or more whose newest record is older than TOP_UP_MS was
+    fetched while the last one was handled: one more poll adds what came since, instead of
+    leaving it a batch behind. A fresh batch, or a trickle's record or two, goes as it is."""
+    monkeypatch.setattr(loop_module, "TOP_UP_RECORDS", 2)
     consumer, handler, runner = make({TP0: [1, 2, 3, 4, 5, 6]})
     written = int(time.time() * 1000) - age_ms
     consumer.logs[TP0] = [replace(r, timestamp=written) for r in consumer.logs[TP0]]
-    consumer.fetch_size = 2
+    consumer.fetch_size = fetched
     runner.max_records = 10
     stop = asyncio.Event()
     handler.stop, handler.stop_on_call = stop, 1
