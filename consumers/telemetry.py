@@ -310,6 +310,11 @@ class MessageTrace:
 _NO_CONTEXT = MessageTrace(Context(), None)
 
 
+def trace_id_hex(span: trace.Span) -> str:
+    """A span's trace id as the W3C trace context and the audit records write it."""
+    return format(span.get_span_context().trace_id, "032x")
+
+
 def message_trace(headers: Sequence[tuple[str, bytes]] | None) -> MessageTrace:
     """What a message's trace context says: its trace and whether that trace is sampled.
 
@@ -340,7 +345,7 @@ def message_trace(headers: Sequence[tuple[str, bytes]] | None) -> MessageTrace:
     span_context = trace.get_current_span(context).get_span_context()
     if not span_context.is_valid:
         return MessageTrace(context, None)
-    trace_id = format(span_context.trace_id, "032x")
+    trace_id = format(span_context.trace_id, "032x")  # as trace_id_hex
     return MessageTrace(context if span_context.trace_flags.sampled else None, trace_id)
 
 

@@ -33,6 +33,7 @@ from cachesync.consumers.errors import TransientError
 from cachesync.consumers.pipeline import headers
 from cachesync.consumers.pipeline.sends import BatchedSends, ack_error
 from cachesync.consumers.sinks.base import Note
+from cachesync.consumers.telemetry import trace_id_hex
 from cachesync.schemas import Codec, SerdeError
 
 # What one record about several commands may hold: at most this many, in at most this
@@ -216,8 +217,8 @@ def decode_audits(codec: Codec, value: bytes) -> list[AuditRecord]:
 
 
 def current_trace_id() -> str | None:
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+    span = trace.get_current_span()
+    return trace_id_hex(span) if span.get_span_context().is_valid else None
 
 
 # A sink's record about one command, gathered until it is written: the command, the sink,
@@ -237,19 +238,18 @@ class AuditLog:
         self._batch = BatchedSends(producer)
         self._handled: list[_Handled] = []
         self._in_flight: list[asyncio.Future[object]] = []
-        self._partitions: list[int] = []
         # Handing over and taking what was handed over for `acked` go one at a time: a
         # commit must not miss records another task is still writing.
         self._handing = asyncio.Lock()
         # Why records of batches already handled were not handed over, for `acked`.
         self._lost: TransientError | None = None
 
-    def mapped_all(self, events: Iterable[MappedEvent]) -> None:
+    async def mapped_all(self, events: Iterable[MappedEvent]) -> None:
         """What a batch's events became, written at the next `flush`: one record per audit
         partition of their event ids (of at most ENTRIES_PER_RECORD events and RECORD_BYTES;
         an event's commands in entries of at most COMMANDS_PER_ENTRY), not one per event:
         encoding and producing a record per event was a tenth of the mapper's work."""
-        partitions = self._partitions
+        partitions = await self._partitions()
         partition_of = self._batch.partitioner
         groups: dict[int, list[dict[str, Any]]] = {}
         for e in events:
@@ -277,12 +277,11 @@ class AuditLog:
             "recorded_at": now,
         }
         for entries in groups.values():
-            for start in range(0, len(entries), ENTRIES_PER_RECORD):
-                self._write_entries(shared, entries[start : start + ENTRIES_PER_RECORD])
+            self._write_records(shared, entries)
 
-    async def load_partitions(self) -> None:
-        """The audit topic's partitions, which records are grouped by (`mapped_all`)."""
-        self._partitions = sorted(await self.producer.partitions_for(self.topic))
+    async def _partitions(self) -> list[int]:
+        """The audit topic's partitions, which records are grouped by."""
+        return sorted(await self.producer.partitions_for(self.topic))
 
     async def handled(
         self, command: Command, *, sink: str, note: Note, trace_id: str | None = None
@@ -365,8 +364,7 @@ class AuditLog:
     async def _write_handled(self, handled: list[_Handled]) -> None:
         """One record per (region, sink, kind, outcome, partition of the event id), of at
         most ENTRIES_PER_RECORD commands and RECORD_BYTES (a command alone may be more)."""
-        await self.load_partitions()
-        partitions = self._partitions
+        partitions = await self._partitions()
         partition_of = self._batch.partitioner
         groups: dict[tuple[str, str, str, str, int], list[dict[str, Any]]] = {}
         # A record's time: when the last of its commands was handled (they are written
@@ -383,8 +381,9 @@ class AuditLog:
             )
             groups.setdefault(group, []).append(_entry(command, note, trace_id))
             handled_at[group] = max(at, handled_at.get(group, at))
-        for (region, sink, kind, outcome, where), entries in groups.items():
-            now = handled_at[region, sink, kind, outcome, where]
+        for group, entries in groups.items():
+            region, sink, kind, outcome, _ = group
+            now = handled_at[group]
             shared = {
                 "stage": "sink",
                 "region": region,
@@ -394,8 +393,12 @@ class AuditLog:
                 "commands": [],
                 "recorded_at": now,
             }
-            for start in range(0, len(entries), ENTRIES_PER_RECORD):
-                self._write_entries(shared, entries[start : start + ENTRIES_PER_RECORD])
+            self._write_records(shared, entries)
+
+    def _write_records(self, shared: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+        """Records about `entries`, each about at most ENTRIES_PER_RECORD of them."""
+        for start in range(0, len(entries), ENTRIES_PER_RECORD):
+            self._write_entries(shared, entries[start : start + ENTRIES_PER_RECORD])
 
     def _write_entries(self, shared: dict[str, Any], entries: list[dict[str, Any]]) -> None:
         """One record about `entries` (in halves while it is over RECORD_BYTES)."""

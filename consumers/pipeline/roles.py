@@ -279,11 +279,7 @@ class MapperRole(_Role):
                             }
                         )
                     writer.add(commands, origin=position, trace=passed_on)
-                    trace_id = (
-                        format(span.get_span_context().trace_id, "032x")
-                        if span is not None
-                        else trace.trace_id
-                    )
+                    trace_id = telemetry.trace_id_hex(span) if span is not None else trace.trace_id
                     mapped.append(_Mapped(position, record, item, commands, span, trace_id))
             refused = await self._send(writer)
             out: Counter[tuple[str, str]] = Counter()
@@ -308,8 +304,7 @@ class MapperRole(_Role):
                 )
             # The audit records of the batch's events, one per audit partition: they say
             # what was sent, so they are written once the commands are acked.
-            await self.audit.load_partitions()
-            self.audit.mapped_all(audited)
+            await self.audit.mapped_all(audited)
             for (kind, region), n in out.items():
                 self.stats.produced[region] += n
                 telemetry.commands_out.add(n, {"kind": kind, "region": region})
@@ -469,7 +464,7 @@ class SinkRole(_Role):
             if carried.parent is not None:
                 span = self._command_span(command, carried.parent)
                 if span.is_recording():
-                    trace_id = format(span.get_span_context().trace_id, "032x")
+                    trace_id = telemetry.trace_id_hex(span)
                 else:
                     span = None
             accepted[command.command_id] = _Accepted(record, command, span, trace_id)

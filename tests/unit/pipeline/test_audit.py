@@ -220,6 +220,26 @@ def purges(n: int) -> list[PurgeCommand]:
     ]
 
 
+def partition_of(event_id: str) -> int:
+    """The audit partition (of FakeProducer's 3) the default partitioner gives an event id."""
+    return (murmur2(event_id.encode()) & 0x7FFFFFFF) % 3
+
+
+def expand_sent(producer: FakeProducer) -> list[AuditRecord]:
+    """Every record the producer was given, expanded, after checking each message: sent to
+    its key's partition, about events of that partition only, marked when about several."""
+    expanded: list[AuditRecord] = []
+    for (_, key, value), partition, hdrs in zip(
+        producer.sent, producer.partitions, producer.headers, strict=True
+    ):
+        assert key is not None and partition == partition_of(key.decode())
+        records = decode_audits(CODEC, value)
+        assert {partition_of(r.event_id) for r in records} == {partition}
+        assert (len(records) > 1) == (hdrs == [("cachesync.audit-batch", b"1")])
+        expanded += records
+    return expanded
+
+
 async def test_a_flush_writes_one_record_per_outcome_and_partition_keeping_every_command() -> None:
     """A sink's 30 commands (27 applied, 3 rejected) become one record per (outcome, audit
     partition), each keyed by an event of its partition and marked when about several, and
@@ -237,20 +257,9 @@ async def test_a_flush_writes_one_record_per_outcome_and_partition_keeping_every
         await log.handled(c, sink="redis", note=note, trace_id=f"{c.command_id:0>32}")
     await log.flush()
 
-    def partition_of(event_id: str) -> int:
-        return (murmur2(event_id.encode()) & 0x7FFFFFFF) % 3
-
     groups = {(c.command_id in rejected, partition_of(c.origin_event_id)) for c in commands}
     assert len(producer.sent) == len(groups) < len(commands)
-    expanded: list[AuditRecord] = []
-    for (_, key, value), partition, hdrs in zip(
-        producer.sent, producer.partitions, producer.headers, strict=True
-    ):
-        assert key is not None and partition == partition_of(key.decode())
-        records = decode_audits(CODEC, value)
-        assert {partition_of(r.event_id) for r in records} == {partition}
-        assert (len(records) > 1) == (hdrs == [("cachesync.audit-batch", b"1")])
-        expanded += records
+    expanded = expand_sent(producer)
     by_command = {r.command_id: r for r in expanded}
     assert len(expanded) == len(by_command) == 30
     for c in commands:
@@ -403,24 +412,13 @@ async def test_a_mapper_batch_writes_one_record_per_partition_and_expands_to_one
         )
         for i in range(20)
     ]
-    await log.load_partitions()
-    log.mapped_all(events)
+    await log.mapped_all(events)
     await log.flush()
-
-    def partition_of(event_id: str) -> int:
-        return (murmur2(event_id.encode()) & 0x7FFFFFFF) % 3
 
     assert len(producer.sent) == len({partition_of(e.event_id) for e in events})
     by_event: dict[str, list[AuditRecord]] = {}
-    for (_, key, value), partition, hdrs in zip(
-        producer.sent, producer.partitions, producer.headers, strict=True
-    ):
-        assert key is not None and partition == partition_of(key.decode())
-        records = decode_audits(CODEC, value)
-        assert {partition_of(r.event_id) for r in records} == {partition}
-        assert (len(records) > 1) == (hdrs == [("cachesync.audit-batch", b"1")])
-        for r in records:
-            by_event.setdefault(r.event_id, []).append(r)
+    for r in expand_sent(producer):
+        by_event.setdefault(r.event_id, []).append(r)
     assert set(by_event) == {e.event_id for e in events}
     for e in events:
         records = by_event[e.event_id]
