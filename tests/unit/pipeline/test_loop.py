@@ -59,6 +59,7 @@ class FakeConsumer:
         self.pauses: list[tuple[TopicPartition, ...]] = []
         self.resumes: list[tuple[TopicPartition, ...]] = []
         self.fetch_size: int | None = None  # records one poll hands out at most
+        self.end_offset_asks = 0
 
     async def getmany(
         self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
@@ -99,6 +100,13 @@ class FakeConsumer:
 
     def highwater(self, tp: TopicPartition) -> int | None:
         return None
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        self.end_offset_asks += 1
+        logs = self.logs
+        return {
+            tp: logs[tp][-1].offset + 1 if logs[tp] else self.positions[tp] for tp in partitions
+        }
 
     async def position(self, tp: TopicPartition) -> int:
         return self.positions[tp]
@@ -526,6 +534,23 @@ async def test_a_batch_that_is_due_first_takes_the_records_written_behind_it(
     offsets = [r.offset for r in merged[TP0]]
     assert offsets[:21] == list(range(21))
     assert len(offsets) < 21 + consumer.fetch_size
+
+
+async def test_a_batch_due_with_stale_high_water_marks_asks_the_broker_what_is_behind(
+    clock: Clock,
+) -> None:
+    """A process kept from polling holds the high-water marks of its last fetch (here:
+    none). Before a batch that looks complete is handed over, the broker's end offsets
+    say what is written behind it, in its partitions and in those it has no record of
+    yet, and the batch takes those records: no flush of its own for them (a CDN call)."""
+    consumer, _, runner = make({TP0: list(range(10)), TP1: [20, 21, 22, 23, 24]})
+    consumer.fetch_size = 3  # the first fetch brings TP0's first 3 only
+    runner.linger_for = lambda count, oldest_ms, newest_ms, quiet_s: 0.0  # due at once
+    merged = await runner._linger(await take(consumer), asyncio.Event())
+
+    assert [r.offset for r in merged[TP0]] == list(range(10))
+    assert [r.offset for r in merged.get(TP1, [])] == [20, 21, 22, 23, 24]
+    assert consumer.end_offset_asks == 1  # asked once per batch, not per poll
 
 
 async def test_with_read_ahead_the_next_batch_is_prepared_while_the_handler_waits() -> None:
