@@ -212,3 +212,22 @@ class Topics:
             await admin.delete_topics(self.created)
         finally:
             await admin.close()
+
+
+def cdn_env() -> dict[str, str]:
+    """What `make run` sources: the CDN stand-ins' addresses (.stack/cdn.env), if up."""
+    path = REPO / ".stack/cdn.env"
+    return read_env_file(path) if path.exists() else {}
+
+
+def runnable_sinks(env: dict[str, str]) -> list[tuple[str, str]]:
+    """The (region, sink) pairs `run all` runs with `env` (the stand-ins it can reach)."""
+    from cachesync.consumers.pipeline.assemble import runnable_sinks as runnable
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        return runnable(load_settings())[0]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

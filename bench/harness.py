@@ -10,7 +10,8 @@
    sending, per event, the very messages the mapper sent, batched per partition with
    the same producer (bench/worker.py `ceiling`);
 2. end-to-end latency, event produced -> purge applied in all three regions' Redis,
-   at a steady rate, from the audit topic's sink records;
+   at a steady rate, from the audit topic's sink records; at the plan's rate once more
+   with every sink running (`latency_every_sink`, reported, not a target);
 3. Redis sink apply rate vs the smallest correct sink: consume the same command topic,
    decode, delete the keys and tagged keys in one pipeline per batch, commit
    (bench/worker.py `redis-ceiling`);
@@ -51,6 +52,7 @@ from bench.common import (
     RESULTS,
     Topics,
     World,
+    cdn_env,
     encode_events,
     measured_commit,
     now_ms,
@@ -58,6 +60,7 @@ from bench.common import (
     percentile,
     platform_trace,
     produce_all,
+    runnable_sinks,
     stack_env,
 )
 from cachesync.consumers.settings import Settings
@@ -88,6 +91,7 @@ class Plan:
     latency_reps: int
     latency_low_rate: int
     latency_low_seconds: float
+    latency_every_sink: bool  # the plan's rate again, with every sink running (reported only)
     drain_cap_s: float
     backlog_sizes: tuple[int, int]
     cdn_events: int
@@ -109,6 +113,7 @@ FULL = Plan(
     latency_reps=1,
     latency_low_rate=100,
     latency_low_seconds=20,
+    latency_every_sink=True,
     drain_cap_s=20,
     backlog_sizes=(10_000, 100_000),
     cdn_events=10_000,
@@ -129,6 +134,7 @@ SMOKE = Plan(
     latency_reps=1,
     latency_low_rate=0,
     latency_low_seconds=0,
+    latency_every_sink=False,
     drain_cap_s=15,
     backlog_sizes=(500, 2_000),
     cdn_events=0,  # the CDN burst brings up stubs and moto: too slow for the smoke run
@@ -147,10 +153,17 @@ class Worker:
 
     live: ClassVar[set[Worker]] = set()
 
-    def __init__(self, name: str, *args: object, module: str = "bench.worker") -> None:
+    def __init__(
+        self,
+        name: str,
+        *args: object,
+        module: str = "bench.worker",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.module = module  # the script it runs (`python -m <module> <args>`)
         self.args = [str(a) for a in args]
+        self.env = env or {}  # on top of this process's environment
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = asyncio.Event()
         self.result: dict[str, Any] | None = None
@@ -168,7 +181,11 @@ class Worker:
             cwd=REPO,
             stdout=asyncio.subprocess.PIPE,
             stderr=self.log,
-            env={**os.environ, "OTEL_SDK_DISABLED": os.environ.get("OTEL_SDK_DISABLED", "")},
+            env={
+                **os.environ,
+                "OTEL_SDK_DISABLED": os.environ.get("OTEL_SDK_DISABLED", ""),
+                **self.env,
+            },
         )
         self._reader = asyncio.create_task(self._read())
         Worker.live.add(self)
@@ -476,13 +493,24 @@ async def bench_sink(
     }
 
 
-def _pipeline(prefix: str, regions: list[str], *, limit_s: float = 600.0) -> list[Worker]:
-    """One process per role, as deployed (`cachesync run mapper`, `cachesync run sink`);
-    each stops by itself after `limit_s` (the worker's safety cap: a run longer than that
-    must raise it, or its pipeline stops mid-run)."""
+def _pipeline(
+    prefix: str, regions: list[str], *, limit_s: float = 600.0, every_sink: bool = False
+) -> list[Worker]:
+    """One process per role, as deployed (`cachesync run mapper`, `cachesync run sink`):
+    the mapper and each region's Redis sink, and with `every_sink` each other sink `run
+    all` would run against the local stack's stand-ins (.stack/cdn.env). Each stops by
+    itself after `limit_s` (the worker's safety cap: a run longer than that must raise it,
+    or its pipeline stops mid-run)."""
+    roles = [("mapper", "mapper"), *((f"sink.{r}", f"redis:{r}") for r in regions)]
+    env: dict[str, str] = {}
+    if every_sink:
+        env = cdn_env()
+        if not env:
+            raise BenchError("every sink: the CDN stand-ins are not up (no .stack/cdn.env)")
+        roles += [(f"sink.{k}.{r}", f"{k}:{r}") for r, k in runnable_sinks(env) if k != "redis"]
     return [
-        Worker(name, "roles", "--prefix", prefix, "--roles", roles, "--timeout", limit_s)
-        for name, roles in [("mapper", "mapper"), *((f"sink.{r}", f"redis:{r}") for r in regions)]
+        Worker(name, "roles", "--prefix", prefix, "--roles", spec, "--timeout", limit_s, env=env)
+        for name, spec in roles
     ]
 
 
@@ -595,15 +623,23 @@ def _latency_series(
 
 
 async def bench_latency(
-    plan: Plan, run: str, topics: Topics, rep: int, rate: int, seconds: float
+    plan: Plan,
+    run: str,
+    topics: Topics,
+    rep: int,
+    rate: int,
+    seconds: float,
+    *,
+    every_sink: bool = False,
 ) -> dict[str, Any]:
     """Events at a steady `rate`; each one's latency is the last region's audit `recorded_at`
     (written right after that sink's flush) minus its `occurred_at` (stamped at produce).
-    An event not applied in all regions within `drain_cap_s` of the end counts as infinite."""
+    An event not applied in all regions within `drain_cap_s` of the end counts as infinite.
+    With `every_sink`, every other sink runs too (`_pipeline`), each in its own process."""
     prefix = f"bench-{run}-l{rep}"
     settings = await topics.create(prefix)
     regions = list(settings.topology.regions)
-    pipeline = _pipeline(prefix, regions)
+    pipeline = _pipeline(prefix, regions, every_sink=every_sink)
     try:
         for w in pipeline:
             await w.start()
@@ -626,6 +662,7 @@ async def bench_latency(
     return {
         "rate": rate,
         "seconds": seconds,
+        "processes": [w.name for w in pipeline],
         "p50": percentile(latencies, 0.50),
         "p99": percentile(latencies, 0.99),
         "max": max(latencies),
@@ -844,6 +881,22 @@ async def _latency_low(plan: Plan, run: str, topics: Topics, say: Progress) -> d
     return low
 
 
+async def _latency_every_sink(
+    plan: Plan, run: str, topics: Topics, say: Progress
+) -> dict[str, Any]:
+    """The plan's rate once more with every sink running, each in its own process: the
+    same figure (purge applied in every region's Redis), reported, not a target."""
+    say(
+        f"end-to-end latency at {plan.latency_rate:,}/s for {plan.latency_seconds:.0f}s "
+        "with every sink running"
+    )
+    r = await bench_latency(
+        plan, run, topics, 60, plan.latency_rate, plan.latency_seconds, every_sink=True
+    )
+    say(f"  {_lat_line(r)}; {len(r['processes'])} processes")
+    return r
+
+
 async def _backlogs(plan: Plan, run: str, topics: Topics, say: Progress) -> list[dict[str, Any]]:
     backlog: list[dict[str, Any]] = []
     for size in plan.backlog_sizes:
@@ -894,6 +947,8 @@ async def run_all(plan: Plan, smoke: bool) -> dict[str, Any]:
         latency = await _latency(plan, run, topics, say)
         if plan.latency_low_rate:
             out["latency_low"] = await _latency_low(plan, run, topics, say)
+        if plan.latency_every_sink:
+            out["latency_every_sink"] = await _latency_every_sink(plan, run, topics, say)
         out["latency"] = latency
         out["backlog"] = await _backlogs(plan, run, topics, say)
         say("CDN burst (bench/cdn_burst.py)")

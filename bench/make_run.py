@@ -34,34 +34,15 @@ import typer
 from bench.common import (
     REPO,
     bench_settings,
+    cdn_env,
     one_command_app,
-    read_env_file,
+    runnable_sinks,
     stack_env,
 )
 from bench.harness import Lag
 from cachesync.topology.admin import delete_topics
 
 WARM_UP_S = 15.0
-
-
-def _cdn_env() -> dict[str, str]:
-    """What `make run` sources: the CDN stand-ins' addresses (.stack/cdn.env), if up."""
-    path = REPO / ".stack/cdn.env"
-    return read_env_file(path) if path.exists() else {}
-
-
-def _runnable_sinks(env: dict[str, str]) -> list[tuple[str, str]]:
-    """The (region, sink) pairs `run all` runs with `env` (the stand-ins it can reach)."""
-    from cachesync.consumers.pipeline.assemble import runnable_sinks
-    from cachesync.consumers.settings import load_settings
-
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        return runnable_sinks(load_settings())[0]
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _cpu_s(pid: int) -> float:
@@ -79,7 +60,7 @@ async def bench_make_run(rate: int, seconds: float) -> dict[str, Any]:
     settings = bench_settings(prefix)
     env = {
         **os.environ,
-        **_cdn_env(),
+        **cdn_env(),
         "CACHESYNC_TOPIC_PREFIX": settings.topic_prefix,
         "CACHESYNC_GROUP_PREFIX": settings.group_prefix,
         "CACHESYNC_METRICS_PORT": "0",
@@ -105,7 +86,7 @@ async def bench_make_run(rate: int, seconds: float) -> dict[str, Any]:
             return {"status": "failed", "detail": f"run all exited: see {log}"}
         sink_groups = {
             f"{region}/{kind}": settings.group_id("sink", region, kind)
-            for region, kind in _runnable_sinks(env)
+            for region, kind in runnable_sinks(env)
         }
         async with Lag(settings.kafka_bootstrap_servers) as lag:
 

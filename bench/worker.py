@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from cachesync.consumers.pipeline.kafka import Record
     from cachesync.consumers.pipeline.roles import Role
     from cachesync.consumers.settings import Settings
+    from cachesync.consumers.sinks.base import Sink
     from cachesync.schemas import Codec
 
 
@@ -131,19 +132,24 @@ async def _wait_assigned(consumers: list[Any], task: asyncio.Task[Any] | None = 
 
 
 def _build_roles(settings: Settings, specs: list[str]) -> list[Role]:
-    """`mapper` is the MapperRole; `redis:REGION` a SinkRole with that region's RedisSink."""
+    """`mapper` is the MapperRole; `redis:REGION` a SinkRole with that region's RedisSink;
+    `KIND:REGION` any other sink as `cachesync run sink` builds it (the registry)."""
     from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
     from cachesync.consumers.sinks.redis import RedisSink
+    from cachesync.consumers.sinks.registry import build_sink
 
     roles: list[Role] = []
     for spec in specs:
         if spec == "mapper":
             roles.append(MapperRole(settings))
-        else:
-            kind, _, region = spec.partition(":")
-            assert kind == "redis", spec
+            continue
+        kind, _, region = spec.partition(":")
+        sink: Sink
+        if kind == "redis":
             sink = RedisSink(region, settings.region_redis_urls[region])
-            roles.append(SinkRole(settings, sink))
+        else:
+            sink = build_sink(settings, region, kind)
+        roles.append(SinkRole(settings, sink))
     return roles
 
 
