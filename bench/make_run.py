@@ -43,6 +43,8 @@ from bench.harness import Lag
 from cachesync.topology.admin import delete_topics
 
 WARM_UP_S = 15.0
+# How long the idle CPU of `run all` (no traffic) is measured.
+IDLE_S = 10.0
 
 
 def _cpu_s(pid: int) -> float:
@@ -72,14 +74,8 @@ async def bench_make_run(rate: int, seconds: float) -> dict[str, Any]:
     if await apply.wait() != 0:
         return {"status": "failed", "detail": "cachesync topology apply failed"}
     log = Path(REPO / ".stack" / f"{prefix}.log")
-    out = await asyncio.to_thread(log.open, "wb")
-    with out:
-        proc = await asyncio.create_subprocess_exec(
-            *(cli, "run", "all", "--demo", "--rate", str(rate)),
-            env=env,
-            stdout=out,
-            stderr=out,
-        )
+    idle = await _idle_cpu_share(cli, env, log.with_suffix(".idle.log"))
+    proc = await _start(cli, ("run", "all", "--demo", "--rate", str(rate)), env, log)
     try:
         await asyncio.sleep(WARM_UP_S)
         if proc.returncode is not None:
@@ -105,13 +101,7 @@ async def bench_make_run(rate: int, seconds: float) -> dict[str, Any]:
             await asyncio.sleep(seconds)
             cpu1, t1, last = _cpu_s(proc.pid), time.monotonic(), await sample()
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)
-        try:
-            await asyncio.wait_for(proc.wait(), timeout=60)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        await _stop(proc)
         with contextlib.suppress(Exception):
             await delete_topics(settings.kafka_bootstrap_servers, settings.topic_prefix)
     window = t1 - t0
@@ -142,7 +132,43 @@ async def bench_make_run(rate: int, seconds: float) -> dict[str, Any]:
         "sustained_per_s": sustained,
         "sinks": sinks,
         "cpu_share": (cpu1 - cpu0) / window,
+        "idle_cpu_share": idle,
+        "idle_seconds": IDLE_S,
     }
+
+
+async def _start(
+    cli: str, args: tuple[str, ...], env: dict[str, str], log: Path
+) -> asyncio.subprocess.Process:
+    out = await asyncio.to_thread(log.open, "wb")
+    with out:
+        return await asyncio.create_subprocess_exec(cli, *args, env=env, stdout=out, stderr=out)
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGINT (drain), then SIGKILL if it has not exited within a minute."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGINT)
+    try:
+        await asyncio.wait_for(proc.wait(), timeout=60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+async def _idle_cpu_share(cli: str, env: dict[str, str], log: Path) -> float | None:
+    """`run all` without traffic (every sink and the checker on): its share of a core over
+    IDLE_S, once started (WARM_UP_S). None if it exited."""
+    proc = await _start(cli, ("run", "all"), env, log)
+    try:
+        await asyncio.sleep(WARM_UP_S)
+        if proc.returncode is not None:
+            return None
+        cpu0, t0 = _cpu_s(proc.pid), time.monotonic()
+        await asyncio.sleep(IDLE_S)
+        return (_cpu_s(proc.pid) - cpu0) / (time.monotonic() - t0)
+    finally:
+        await _stop(proc)
 
 
 app = one_command_app()
@@ -162,6 +188,8 @@ def main(
         f"{r['mapped_per_s']:.1f}/s, sustained {r['sustained_per_s']:.1f}/s over "
         f"{r['seconds']:.0f} s; one process at {r['cpu_share']:.0%} of a core"
     )
+    if r["idle_cpu_share"] is not None:
+        print(f"idle, no traffic: {r['idle_cpu_share']:.1%} of a core over {IDLE_S:.0f} s")
     for name, s in r["sinks"].items():
         kept = "kept up" if s["kept_up"] else "fell behind"
         print(f"  {name:28s} backlog {s['lag_start']:,} -> {s['lag_end']:,} ({kept})")

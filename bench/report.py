@@ -231,7 +231,18 @@ def _make_run_rows(r: dict[str, Any]) -> list[Row]:
             _num(r["sustained_per_s"], 1),
             target="≥ 200",
             met=_met(r["sustained_per_s"] >= 200),
-        )
+        ),
+        *(
+            [
+                _row(
+                    f"`make run` idle CPU (share of a core; `run all` with no traffic, every "
+                    f"sink and the checker on, over {r['idle_seconds']:.0f} s)",
+                    f"{r['idle_cpu_share']:.1%}",
+                )
+            ]
+            if r.get("idle_cpu_share") is not None
+            else []
+        ),
     ]
 
 
