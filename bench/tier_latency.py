@@ -53,7 +53,15 @@ import typer
 import yaml
 from redis.asyncio import Redis
 
-from bench.common import REPO, Topics, first_line, one_command_app, percentile, stack_env
+from bench.common import (
+    REPO,
+    Topics,
+    first_line,
+    one_command_app,
+    percentile,
+    runnable_sinks,
+    stack_env,
+)
 from cachesync.consumers.ops.publish import EventPublisher, new_event
 from cachesync.consumers.settings import Settings, load_settings, region_var
 from deploy.local.standins.aws import create_distribution, moto_server
@@ -344,34 +352,48 @@ class Observers:
         """Observations still expected from the events published so far."""
         return sum(len(waiting) for waiting in self.pending.values())
 
-    async def redis(self, redis: Redis, subscribed: asyncio.Event) -> None:
+    async def redis(self, url: str, subscribed: asyncio.Event) -> None:
         """Each event's keys deleted, as Redis itself announces it: its keyspace
         notifications (`del` on `__keyspace@0__:<key>`), pushed as the sink's script
-        deletes them. Polling EXISTS every 2 ms cost the observer and Redis 500 calls a
-        second on the cores the pipeline uses, and put up to 2 ms into each figure."""
+        deletes them, and stamped by a process of their own (`watch_keyspace`), not in this
+        one, where the Cloudflare API's and moto's threads, the probes and the publisher
+        share the GIL with the stamping (runs minutes apart: p50 31 and 29 ms either way; p99 66
+        and 61 against 96 and 117). Polling EXISTS every 2 ms cost the observer and Redis
+        500 calls a second on the cores the pipeline uses, and put up to 2 ms into each
+        figure."""
         left = {e.index: set(e.redis_keys) for e in self.events}
         by_key = {k: e for e in self.events for k in e.redis_keys}
-        pubsub = redis.pubsub(ignore_subscribe_messages=True)
-        prefix = len("__keyspace@0__:")
         patterns = {f"__keyspace@0__:{k.split(self.run.run)[0]}{self.run.run}-*" for k in by_key}
-        await pubsub.psubscribe(*sorted(patterns))
-        subscribed.set()
+        watch = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "bench.tier_latency", "--watch-redis", url),
+            *(arg for pattern in sorted(patterns) for arg in ("--pattern", pattern)),
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert watch.stdout is not None
         try:
+            line = await asyncio.wait_for(watch.stdout.readline(), timeout=30)
+            if line.strip() != b"READY":
+                raise SystemExit("the keyspace watcher did not start")
+            subscribed.set()
             while not self.done.is_set():
-                message = await pubsub.get_message(timeout=0.05)
-                if message is None or message.get("data") not in (b"del", "del"):
+                try:
+                    line = await asyncio.wait_for(watch.stdout.readline(), timeout=0.05)
+                except TimeoutError:
                     continue
-                at = now_ms()
-                channel = message["channel"]
-                key = (channel.decode() if isinstance(channel, bytes) else channel)[prefix:]
+                if not line:
+                    raise SystemExit("the keyspace watcher exited")
+                key, at = line.decode().split()
                 e = by_key.get(key)
                 if e is None or e.index not in self.pending["redis"]:
                     continue
                 left[e.index].discard(key)
                 if not left[e.index]:
-                    self.saw("redis", e, at)
+                    self.saw("redis", e, float(at))
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            if watch.returncode is None:
+                watch.terminate()
+            await watch.wait()
 
     async def edge_purges(self, probe: Probe) -> None:
         """The album page: gone from the edge (504 to a probe) or another generation."""
@@ -504,15 +526,21 @@ class Run:
 
 
 class Pipeline:
-    """The mapper, and one process per region of `sink_regions` running that region's five
-    sinks; each says READY on stdout once its consumers hold their partitions."""
+    """The mapper, and one process per sink of each region of `sink_regions` (as the chart
+    deploys them: `cachesync run sink --region R --sink KIND`); each says READY on stdout
+    once its consumers hold their partitions."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def start(self) -> None:
-        roles = ["mapper", *(f"sinks:{r}" for r in self.run.sink_regions)]
+        sinks = [
+            f"sink:{kind}:{region}"
+            for region, kind in runnable_sinks(self.run.env())
+            if region in self.run.sink_regions
+        ]
+        roles = ["mapper", *sinks]
         for role in roles:
             with (self.run.edges.dir / f"{role.replace(':', '-')}.log").open("wb") as log:
                 proc = await asyncio.create_subprocess_exec(
@@ -715,7 +743,7 @@ async def measure(
                 observers = Observers(run, events)
                 subscribed = asyncio.Event()
                 async with _tasks(
-                    observers.redis(redis, subscribed),
+                    observers.redis(settings.region_redis_urls[OBSERVED], subscribed),
                     observers.edge_purges(probe),
                     observers.edge_warms(probe),
                     observers.cloudflare(stub),
@@ -769,8 +797,8 @@ def _provider_calls(
 
 
 async def run_role(role: str) -> None:
-    """A process of the benchmark's pipeline: `mapper`, or `sinks:<region>` (every sink of
-    that region); READY on stdout once its consumers hold their partitions, until SIGTERM."""
+    """A process of the benchmark's pipeline: `mapper`, or `sink:<kind>:<region>`; READY on
+    stdout once its consumers hold their partitions, until SIGTERM."""
     from cachesync.consumers.pipeline.assemble import tune_gc
     from cachesync.consumers.pipeline.roles import MapperRole, Role, SinkRole, run_roles
     from cachesync.consumers.sinks import registry
@@ -783,13 +811,9 @@ async def run_role(role: str) -> None:
     if role == "mapper":
         roles = [MapperRole(settings)]
     else:
-        region = role.removeprefix("sinks:")
-        roles = [
-            SinkRole(
-                settings, registry.build_sink(settings, region, kind), auto_offset_reset="latest"
-            )
-            for kind in registry.available(settings, region, registry.SINK_KINDS)
-        ]
+        kind, region = role.removeprefix("sink:").split(":")
+        sink = registry.build_sink(settings, region, kind)
+        roles = [SinkRole(settings, sink, auto_offset_reset="latest")]
     tune_gc()  # as `cachesync run` does
     task = asyncio.create_task(run_roles(roles, stop))
     while not all(r.consumer.assignment() for r in roles):
@@ -801,6 +825,32 @@ async def run_role(role: str) -> None:
             await r.consumer.position(tp)
     print("READY", flush=True)
     await task
+
+
+def watch_keyspace(url: str, patterns: list[str]) -> None:
+    """Subscribe to `patterns` of keyspace notifications; print READY once subscribed,
+    then `<key> <epoch ms>` for each key deleted, stamped as it arrives. Until SIGTERM."""
+    import redis as sync_redis
+
+    client = sync_redis.Redis.from_url(url)
+    pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+    pubsub.psubscribe(*patterns)
+    confirmed = 0
+    while confirmed < len(patterns):
+        message = pubsub.get_message(timeout=10)
+        if message is None:
+            raise SystemExit("no subscription confirmed in 10 s")
+        confirmed += message["type"] == "psubscribe"
+    print("READY", flush=True)
+    prefix = len("__keyspace@0__:")
+    for message in pubsub.listen():
+        if message["type"] != "pmessage" or message["data"] not in (b"del", "del"):
+            continue
+        at = now_ms()
+        channel = message["channel"]
+        key = (channel.decode() if isinstance(channel, bytes) else channel)[prefix:]
+        sys.stdout.write(f"{key} {at:.3f}\n")
+        sys.stdout.flush()
 
 
 async def bench_tiers(rate: float, seconds: float = 30.0) -> dict[str, Any]:
@@ -847,9 +897,14 @@ def main(
         ),
     ] = False,
     role: Annotated[str | None, typer.Option(hidden=True)] = None,
+    watch_redis: Annotated[str | None, typer.Option(hidden=True)] = None,
+    pattern: Annotated[list[str] | None, typer.Option(hidden=True)] = None,
 ) -> None:
     if role is not None:  # one process of the pipeline this benchmark starts
         asyncio.run(run_role(role))
+        return
+    if watch_redis is not None:  # the Redis tier's observer (Observers.redis)
+        watch_keyspace(watch_redis, pattern or [])
         return
     # moto's server logs every request.
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
