@@ -16,7 +16,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from cachesync.consumers.errors import RetryAfter, TransientError
 from cachesync.consumers.pipeline import loop as loop_module
 from cachesync.consumers.pipeline.kafka import Record
-from cachesync.consumers.pipeline.loop import Backoff, CommitAfterEffect
+from cachesync.consumers.pipeline.loop import CONFIRM_RECORDS, Backoff, CommitAfterEffect
 
 TP0 = TopicPartition("cache.commands.eu-west", 0)
 TP1 = TopicPartition("cache.commands.eu-west", 1)
@@ -543,14 +543,26 @@ async def test_a_batch_due_with_stale_high_water_marks_asks_the_broker_what_is_b
     none). Before a batch that looks complete is handed over, the broker's end offsets
     say what is written behind it, in its partitions and in those it has no record of
     yet, and the batch takes those records: no flush of its own for them (a CDN call)."""
-    consumer, _, runner = make({TP0: list(range(10)), TP1: [20, 21, 22, 23, 24]})
-    consumer.fetch_size = 3  # the first fetch brings TP0's first 3 only
+    consumer, _, runner = make({TP0: list(range(30)), TP1: [40, 41, 42, 43, 44]})
+    consumer.fetch_size = CONFIRM_RECORDS  # the first fetch brings TP0's first ones only
     runner.linger_for = lambda count, oldest_ms, newest_ms, quiet_s: 0.0  # due at once
     merged = await runner._linger(await take(consumer), asyncio.Event())
 
-    assert [r.offset for r in merged[TP0]] == list(range(10))
-    assert [r.offset for r in merged.get(TP1, [])] == [20, 21, 22, 23, 24]
+    assert [r.offset for r in merged[TP0]] == list(range(30))
+    assert [r.offset for r in merged.get(TP1, [])] == [40, 41, 42, 43, 44]
     assert consumer.end_offset_asks == 1  # asked once per batch, not per poll
+
+
+async def test_a_trickle_batch_is_handed_over_without_asking_the_broker() -> None:
+    """A batch of fewer than CONFIRM_RECORDS (a trickle's record or two) costs no
+    ListOffsets round trip: what is behind it waits for the next batch."""
+    consumer, _, runner = make({TP0: list(range(30))})
+    consumer.fetch_size = CONFIRM_RECORDS - 1
+    runner.linger_for = lambda count, oldest_ms, newest_ms, quiet_s: 0.0  # due at once
+    merged = await runner._linger(await take(consumer), asyncio.Event())
+
+    assert [r.offset for r in merged[TP0]] == list(range(CONFIRM_RECORDS - 1))
+    assert consumer.end_offset_asks == 0
 
 
 async def test_with_read_ahead_the_next_batch_is_prepared_while_the_handler_waits() -> None:
