@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import math
 import os
 import re
 import secrets
+import signal
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
@@ -231,3 +234,17 @@ def runnable_sinks(env: dict[str, str]) -> list[tuple[str, str]]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+async def stop_process(
+    proc: asyncio.subprocess.Process, sig: signal.Signals = signal.SIGINT, wait_s: float = 60
+) -> None:
+    """`sig` (a drain), then SIGKILL if it has not exited within `wait_s`."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+    try:
+        await asyncio.wait_for(proc.wait(), timeout=wait_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 import time
 import uuid
@@ -38,6 +37,7 @@ from bench.common import (
     one_command_app,
     runnable_sinks,
     stack_env,
+    stop_process,
 )
 from bench.harness import Lag
 from cachesync.topology.admin import delete_topics
@@ -101,7 +101,7 @@ async def bench_make_run(rate: int, seconds: float) -> dict[str, Any]:
             await asyncio.sleep(seconds)
             cpu1, t1, last = _cpu_s(proc.pid), time.monotonic(), await sample()
     finally:
-        await _stop(proc)
+        await stop_process(proc)
         with contextlib.suppress(Exception):
             await delete_topics(settings.kafka_bootstrap_servers, settings.topic_prefix)
     window = t1 - t0
@@ -145,17 +145,6 @@ async def _start(
         return await asyncio.create_subprocess_exec(cli, *args, env=env, stdout=out, stderr=out)
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    """SIGINT (drain), then SIGKILL if it has not exited within a minute."""
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGINT)
-    try:
-        await asyncio.wait_for(proc.wait(), timeout=60)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-
-
 async def _idle_cpu_share(cli: str, env: dict[str, str], log: Path) -> float | None:
     """`run all` without traffic (every sink and the checker on): its share of a core over
     IDLE_S, once started (WARM_UP_S). None if it exited."""
@@ -168,7 +157,7 @@ async def _idle_cpu_share(cli: str, env: dict[str, str], log: Path) -> float | N
         await asyncio.sleep(IDLE_S)
         return (_cpu_s(proc.pid) - cpu0) / (time.monotonic() - t0)
     finally:
-        await _stop(proc)
+        await stop_process(proc)
 
 
 app = one_command_app()

@@ -61,6 +61,7 @@ from bench.common import (
     percentile,
     runnable_sinks,
     stack_env,
+    stop_process,
 )
 from cachesync.consumers.ops.publish import EventPublisher, new_event
 from cachesync.consumers.settings import Settings, load_settings, region_var
@@ -561,15 +562,7 @@ class Pipeline:
                 raise SystemExit(f"{role} did not start: see {self.run.edges.dir}")
 
     async def stop(self) -> None:
-        for proc in self.procs:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=60)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await asyncio.gather(*(stop_process(proc, signal.SIGTERM) for proc in self.procs))
 
 
 async def _prepare(redis: Redis, events: list[Tracked], probe: Probe) -> None:

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from cachesync.consumers.pipeline.kafka import Record
     from cachesync.consumers.pipeline.roles import Role
     from cachesync.consumers.settings import Settings
-    from cachesync.consumers.sinks.base import Sink
     from cachesync.schemas import Codec
 
 
@@ -132,10 +131,9 @@ async def _wait_assigned(consumers: list[Any], task: asyncio.Task[Any] | None = 
 
 
 def _build_roles(settings: Settings, specs: list[str]) -> list[Role]:
-    """`mapper` is the MapperRole; `redis:REGION` a SinkRole with that region's RedisSink;
-    `KIND:REGION` any other sink as `cachesync run sink` builds it (the registry)."""
+    """`mapper` is the MapperRole; `KIND:REGION` (`redis:eu-west`) a SinkRole with that
+    region's sink, as `cachesync run sink` builds it (the registry)."""
     from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
-    from cachesync.consumers.sinks.redis import RedisSink
     from cachesync.consumers.sinks.registry import build_sink
 
     roles: list[Role] = []
@@ -144,12 +142,7 @@ def _build_roles(settings: Settings, specs: list[str]) -> list[Role]:
             roles.append(MapperRole(settings))
             continue
         kind, _, region = spec.partition(":")
-        sink: Sink
-        if kind == "redis":
-            sink = RedisSink(region, settings.region_redis_urls[region])
-        else:
-            sink = build_sink(settings, region, kind)
-        roles.append(SinkRole(settings, sink))
+        roles.append(SinkRole(settings, build_sink(settings, region, kind)))
     return roles
 
 

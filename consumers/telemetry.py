@@ -342,11 +342,12 @@ def message_trace(headers: Sequence[tuple[str, bytes]] | None) -> MessageTrace:
                     return MessageTrace(None, match[2].decode())
                 break
     context = extract_context(headers)
-    span_context = trace.get_current_span(context).get_span_context()
+    carried = trace.get_current_span(context)
+    span_context = carried.get_span_context()
     if not span_context.is_valid:
         return MessageTrace(context, None)
-    trace_id = format(span_context.trace_id, "032x")  # as trace_id_hex
-    return MessageTrace(context if span_context.trace_flags.sampled else None, trace_id)
+    sampled = span_context.trace_flags.sampled
+    return MessageTrace(context if sampled else None, trace_id_hex(carried))
 
 
 def _reads_traceparent() -> bool:

@@ -137,8 +137,8 @@ class BatchIndex:
     `prefetch` loads the sets the batch's events name; each read then comes from
     memory, updated by the batch's own earlier writes in event order (read your
     writes), so every event sees what the per-event index would have shown it. The
-    writes are queued and `flush` applies them, in order, atomically, in one script call. A set
-    that was not prefetched is read from Redis on first use. A batch that fails before
+    writes are queued and `flush` applies them, in order, atomically, in one script call.
+    A set that was not prefetched is read from Redis on first use. A batch that fails before
     `flush` leaves the index as it was, so its retry maps exactly as the first attempt:
     the mapper flushes only once every command of the batch is acknowledged. Each write
     is tagged with the `origin` set when it was queued (the event's place in its batch),

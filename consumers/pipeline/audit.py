@@ -10,10 +10,9 @@ command (sink) either way (`decode_audits`, `AuditRecord.expand`).
 
 Records are keyed by the origin event id, so `cachesync trace EVENT_ID` reads a single
 partition: a batch's events and a flush's commands are grouped by the partition their
-event id hashes to, and
-a record about several is keyed by its first event id (the others share its partition)
-and marked with the `headers.AUDIT_BATCH` header, so that `trace` decodes it although
-its key names another event.
+event id hashes to, and a record about several is keyed by its first event id (the
+others share its partition) and marked with the `headers.AUDIT_BATCH` header, so that
+`trace` decodes it although its key names another event.
 """
 
 from __future__ import annotations

@@ -40,22 +40,22 @@ Linger = Callable[[int, int, int, float], float]
 # sinks of 3 regions in one process on 2 cores) took 0.4 to 0.65 s to fetch the rest.
 CATCH_UP_MAX_S = 2.0
 
-# A lingering batch of fewer records is handed over without asking the broker what is
-# written behind it (`_written_behind`): at 100 events/s each CDN sink flushes a record or
-# two at a time, and a ListOffsets round trip per flush was CPU on a machine the pipeline
-# already fills; a burst taken for a trickle costs a call more only once it is this large.
-CONFIRM_RECORDS = 10
+# A batch of fewer records is a trickle's (a record or two at a time: at 100 events/s each
+# event is a batch of its own in every process), and pays for no extra round trip: it is
+# not topped up (`_top_up`; read late by a busy process it would wait for nothing, and at
+# 100 events/s the Redis tier's p50 is some 20 ms: 5 ms would be a quarter of it), nor,
+# lingering, checked against the broker's end offsets (`_written_behind`: a ListOffsets
+# per CDN flush was CPU on a machine the pipeline already fills; a burst taken for a
+# trickle costs a provider call more only once its batch is this large).
+TRICKLE_RECORDS = 10
 
 # A batch whose newest record was written longer ago than this is stale: the consumer
 # fetched it while the last batch was being handled (aiokafka fetches a partition again
 # only once what it buffered is consumed), and what was written since waits on the broker
 # for the next fetch, a whole batch later. One more poll of at most this long takes it in
 # this batch (`_top_up`). At 1,000 events/s the mapper's batches took ~45 ms and events
-# waited about two of them. Only a batch of TOP_UP_RECORDS or more: a trickle's batches
-# are a record or two, and one read late by a busy process would wait for nothing (at 100
-# events/s, the Redis tier's p50 is some 20 ms; the 5 ms would be a quarter of it).
+# waited about two of them.
 TOP_UP_MS = 5
-TOP_UP_RECORDS = 10
 
 # 2 ** 62 times any sane base is past any cap: doubling further changes nothing.
 _MAX_EXPONENT = 62
@@ -201,11 +201,11 @@ class CommitAfterEffect:
     async def _top_up(
         self, batch: dict[TopicPartition, list[Record]]
     ) -> dict[TopicPartition, list[Record]]:
-        """A stale batch of TOP_UP_RECORDS or more (TOP_UP_MS) with the records written
+        """A stale batch (TOP_UP_MS) of TRICKLE_RECORDS or more with the records written
         since, if one more short poll brings them (the records are consecutive: the poll
         continues where the batch ends)."""
         count = sum(len(p) for p in batch.values())
-        if not TOP_UP_RECORDS <= count < self.max_records:
+        if not TRICKLE_RECORDS <= count < self.max_records:
             return batch
         newest = max((p[-1].timestamp for p in batch.values() if p), default=0)
         if time.time() * 1000 - newest < TOP_UP_MS:
@@ -278,7 +278,7 @@ class CommitAfterEffect:
                 if left_ms <= 0 and due is None:
                     if behind:
                         due = (self._highwaters(merged), time.monotonic() + CATCH_UP_MAX_S)
-                    elif not confirmed and count >= CONFIRM_RECORDS:
+                    elif not confirmed and count >= TRICKLE_RECORDS:
                         confirmed = True
                         due = await self._written_behind(merged)
                 if left_ms <= 0 and due is not None:
@@ -314,7 +314,7 @@ class CommitAfterEffect:
         a CloudFront sink sharing its process with the burst's publisher saw ~200 commands
         and nothing behind them two seconds into the burst, took the burst for a trickle
         and made two calls more than the minimum. Costs one ListOffsets round trip per
-        flush of a lingering (CDN) sink."""
+        flush of TRICKLE_RECORDS or more of a lingering (CDN) sink."""
         assigned = [tp for tp in self.consumer.assignment() if tp not in self._paused_until]
         if not assigned:
             return None

@@ -16,7 +16,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from cachesync.consumers.errors import RetryAfter, TransientError
 from cachesync.consumers.pipeline import loop as loop_module
 from cachesync.consumers.pipeline.kafka import Record
-from cachesync.consumers.pipeline.loop import CONFIRM_RECORDS, Backoff, CommitAfterEffect
+from cachesync.consumers.pipeline.loop import TRICKLE_RECORDS, Backoff, CommitAfterEffect
 
 TP0 = TopicPartition("cache.commands.eu-west", 0)
 TP1 = TopicPartition("cache.commands.eu-west", 1)
@@ -544,7 +544,7 @@ async def test_a_batch_due_with_stale_high_water_marks_asks_the_broker_what_is_b
     say what is written behind it, in its partitions and in those it has no record of
     yet, and the batch takes those records: no flush of its own for them (a CDN call)."""
     consumer, _, runner = make({TP0: list(range(30)), TP1: [40, 41, 42, 43, 44]})
-    consumer.fetch_size = CONFIRM_RECORDS  # the first fetch brings TP0's first ones only
+    consumer.fetch_size = TRICKLE_RECORDS  # the first fetch brings TP0's first ones only
     runner.linger_for = lambda count, oldest_ms, newest_ms, quiet_s: 0.0  # due at once
     merged = await runner._linger(await take(consumer), asyncio.Event())
 
@@ -554,14 +554,14 @@ async def test_a_batch_due_with_stale_high_water_marks_asks_the_broker_what_is_b
 
 
 async def test_a_trickle_batch_is_handed_over_without_asking_the_broker() -> None:
-    """A batch of fewer than CONFIRM_RECORDS (a trickle's record or two) costs no
+    """A batch of fewer than TRICKLE_RECORDS (a trickle's record or two) costs no
     ListOffsets round trip: what is behind it waits for the next batch."""
     consumer, _, runner = make({TP0: list(range(30))})
-    consumer.fetch_size = CONFIRM_RECORDS - 1
+    consumer.fetch_size = TRICKLE_RECORDS - 1
     runner.linger_for = lambda count, oldest_ms, newest_ms, quiet_s: 0.0  # due at once
     merged = await runner._linger(await take(consumer), asyncio.Event())
 
-    assert [r.offset for r in merged[TP0]] == list(range(CONFIRM_RECORDS - 1))
+    assert [r.offset for r in merged[TP0]] == list(range(TRICKLE_RECORDS - 1))
     assert consumer.end_offset_asks == 0
 
 
@@ -622,10 +622,10 @@ async def test_a_batch_put_back_with_read_ahead_loses_nothing_read_ahead() -> No
 async def test_a_stale_batch_takes_the_records_written_since_in_one_more_poll(
     monkeypatch: pytest.MonkeyPatch, age_ms: int, fetched: int, first_batch: int
 ) -> None:
-    """A batch of TOP_UP_RECORDS or more whose newest record is older than TOP_UP_MS was
+    """A batch of TRICKLE_RECORDS or more whose newest record is older than TOP_UP_MS was
     fetched while the last one was handled: one more poll adds what came since, instead of
     leaving it a batch behind. A fresh batch, or a trickle's record or two, goes as it is."""
-    monkeypatch.setattr(loop_module, "TOP_UP_RECORDS", 2)
+    monkeypatch.setattr(loop_module, "TRICKLE_RECORDS", 2)
     consumer, handler, runner = make({TP0: [1, 2, 3, 4, 5, 6]})
     written = int(time.time() * 1000) - age_ms
     consumer.logs[TP0] = [replace(r, timestamp=written) for r in consumer.logs[TP0]]
