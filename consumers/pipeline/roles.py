@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -636,14 +636,18 @@ class CommandCache:
 
     def __init__(self, size: int = 8192) -> None:
         self.size = size
-        self._by_value: dict[bytes, Command] = {}
+        # An OrderedDict, not a dict: a dict finds its oldest entry by scanning past the
+        # slots its earlier deletions left at its start (`next(iter(d))`), 5.7 us per put
+        # once full, against 0.5 us for `popitem(last=False)`: a tenth of the Redis sink's
+        # CPU in its benchmark's profile.
+        self._by_value: OrderedDict[bytes, Command] = OrderedDict()
 
     def get(self, value: bytes) -> Command | None:
         return self._by_value.get(value)
 
     def put(self, value: bytes, command: Command) -> None:
         if len(self._by_value) >= self.size:
-            del self._by_value[next(iter(self._by_value))]
+            self._by_value.popitem(last=False)
         self._by_value[value] = command
 
 

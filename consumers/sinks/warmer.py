@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, Self
@@ -146,7 +146,9 @@ class WarmerSink(Sink):
         self._overdue: set[str] = set()
         self.results: deque[WarmResult] = deque(maxlen=10_000)
         self.dropped: deque[tuple[str, str]] = deque(maxlen=10_000)  # (command_id, reason)
-        self._counted: dict[str, None] = {}  # command ids already in the metrics, oldest first
+        # Command ids already in the metrics, oldest first (an OrderedDict: a dict's oldest
+        # entry is found by scanning the slots its deletions left, see CommandCache).
+        self._counted: OrderedDict[str, None] = OrderedDict()
 
     @classmethod
     def from_settings(cls, settings: Settings, region: str) -> Self:
@@ -246,7 +248,7 @@ class WarmerSink(Sink):
             return False
         self._counted[command_id] = None
         if len(self._counted) > _COUNTED_KEPT:
-            del self._counted[next(iter(self._counted))]
+            self._counted.popitem(last=False)
         return True
 
     async def _triage(
