@@ -29,6 +29,7 @@ from cachesync.consumers.ops.platform_cache import cache_put
 from cachesync.consumers.ops.publish import EventPublisher, new_event
 from cachesync.consumers.ops.window import TimeWindow
 from cachesync.consumers.pipeline import headers
+from cachesync.consumers.pipeline.audit import decode_audits
 from cachesync.consumers.pipeline.dead_letters import KEPT_VALUE_BYTES
 from cachesync.consumers.pipeline.kafka import Record
 from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
@@ -471,3 +472,103 @@ async def test_a_command_the_broker_refuses_dead_letters_its_event_and_the_mappe
     }
     assert by_region["us-east"] == ids - {events["huge"]["event_id"]}
     assert by_region["eu-west"] == by_region["ap-southeast"] == ids
+
+
+class _AuditAckFailsOnce:
+    """The broker does not acknowledge the mapper's next audit record (a future that fails,
+    as aiokafka's does when its request is lost); everything else goes through."""
+
+    def __init__(self, role: MapperRole) -> None:
+        self.real = role.producer.send
+        self.topic = role.settings.audit_topic
+        self.armed = True
+        self.failed = 0
+        role.producer.send = self  # type: ignore[method-assign]
+
+    async def __call__(self, topic: str, *args: Any, **kwargs: Any) -> Any:
+        if self.armed and topic == self.topic:
+            self.armed = False
+            self.failed += 1
+            lost: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            lost.set_exception(KafkaConnectionError("injected: audit request lost"))
+            return lost
+        return await self.real(topic, *args, **kwargs)
+
+
+async def test_an_audit_record_not_acknowledged_keeps_its_batch_uncommitted_until_it_is_written(
+    settings: Settings, topics: list[str], run_roles_bg: Any
+) -> None:
+    """A batch that writes no relationship hands its audit records over without waiting
+    for their acks. When one is lost, the batch is not committed, not even after the next
+    batch found the loss (put back, before writing the index): it is read, mapped and
+    audited again, and the next batch writes the index only then."""
+    run = uuid.uuid4().hex[:8]
+    since = int(time.time() * 1000)
+    # No commit falls due between the batches by time; only one found the loss by waiting.
+    settings = settings.model_copy(update={"commit_interval_ms": 60_000})
+    state = Redis.from_url(str(settings.state_redis_url))
+    mapper = MapperRole(settings)
+    failure = _AuditAckFailsOnce(mapper)
+    failure.armed = False
+
+    def photo(n: int) -> dict[str, Any]:
+        return new_event(
+            "photo.uploaded",
+            wedding_id=f"w-{run}",
+            photo_id=f"p-{run}-{n}",
+            album_id=f"a-{run}",
+            path=f"/weddings/w-{run}/photos/p-{run}-{n}.jpg",
+            content_type="image/jpeg",
+            size_bytes=1000,
+        )
+
+    first, lost = photo(0), photo(1)
+    link = new_event("vendor.linked", vendor_id=f"v-{run}", wedding_id=f"w-{run}", role="band")
+    pub = EventPublisher(settings)
+    await pub.start()
+    # The batch whose records are lost is followed at once by one that writes the index:
+    # the link is published before the loop gets back from the photo's batch.
+    handle = mapper.loop.handler
+
+    async def then_link(records: list[Record]) -> None:
+        await handle(records)
+        # (The event's id is in its Avro body as it is, a string.)
+        if any(str(lost["event_id"]).encode() in (r.value or b"") for r in records):
+            await pub.publish("vendor.linked", link)
+
+    mapper.loop.handler = then_link
+    await run_roles_bg([mapper])
+
+    async def audited() -> set[str]:
+        found: set[str] = set()
+        for record in await _records(settings, [settings.audit_topic], since):
+            found |= {a.event_id for a in decode_audits(mapper.codec, record.value or b"")}
+        return found
+
+    try:
+        await pub.publish("photo.uploaded", first)  # committed at once: the interval starts
+
+        async def committed() -> bool:
+            return mapper.loop.records_committed >= 1
+
+        await eventually(committed, what="the first batch committed")
+        failure.armed = True
+        await pub.publish("photo.uploaded", lost)
+        await eventually(
+            lambda: state.sismember(keys.vendor_weddings(f"v-{run}"), f"w-{run}"),
+            what="the link in the relationship index",
+        )
+        assert failure.failed == 1, "the injected failure did not happen"
+
+        async def all_audited() -> bool:
+            return {str(e["event_id"]) for e in (first, lost, link)} <= await audited()
+
+        await eventually(all_audited, what="each event's audit record, the lost one written again")
+        found = await _commands(settings, mapper.codec, {str(lost["event_id"])}, since)
+        assert len({c.command_id for c, _ in found}) == len(settings.topology.regions) + 1, (
+            "mapped again into the same commands: one purge per region and the warm"
+        )
+    finally:
+        await pub.stop()
+        await state.delete(keys.vendor_weddings(f"v-{run}"), keys.wedding_vendors(f"w-{run}"))
+        await state.aclose()
