@@ -28,7 +28,7 @@ from opentelemetry.trace import (
 from redis.asyncio import Redis
 
 from cachesync.consumers import telemetry
-from cachesync.consumers.commands import COMMAND_TYPES, Command, to_millis
+from cachesync.consumers.commands import COMMAND_TYPES, Command, PurgeCommand, to_millis
 from cachesync.consumers.errors import (
     BadInput,
     CommandRefused,
@@ -537,10 +537,16 @@ class SinkRole(_Role):
             raise
         self.stats.applied += result.applied
         if self.announcer is not None:
-            # At once, before the audit records: the tiers after this one are waiting.
+            # At once, before the audit records: the tiers after this one are waiting. Only
+            # events whose purge is applied in full (a split purge's last part): those after
+            # take an announcement for the event's marker (TierWatch).
             refused = {r.command.command_id for r in result.rejected}
             await self.announcer.applied(
-                a.command.origin_event_id for cid, a in accepted.items() if cid not in refused
+                a.command.origin_event_id
+                for cid, a in accepted.items()
+                if cid not in refused
+                and isinstance(a.command, PurgeCommand)
+                and a.command.parts_after == 0
             )
         rejected = {r.command.command_id: r.error for r in result.rejected}
         applied = Note()

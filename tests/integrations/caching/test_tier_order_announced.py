@@ -20,14 +20,18 @@ import httpx
 from redis.asyncio import Redis
 
 from cachesync.consumers import keys
+from cachesync.consumers.commands import PurgeCommand
 from cachesync.consumers.ops.publish import EventPublisher, new_event
 from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
+from cachesync.consumers.pipeline.tiers import TierWatch
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.http_purge import HttpPurgeSink
 from cachesync.consumers.sinks.redis import RedisSink
 from cachesync.consumers.sinks.registry import build_sink
+from cachesync.topology.admin import delete_topics
 from cachesync.topology.model import CdnPolicy
 from tests.helpers import eventually
+from tests.integrations.caching.crashes import own_topics, send_commands
 
 EU = "eu-west"
 # A wedding whose guests were never described is warmed in the default region.
@@ -242,3 +246,105 @@ async def test_a_stopped_redis_sink_holds_the_edge_only_up_to_the_configured_bou
         await eventually(purged, within=bound + 10, what="the edge never let go of the purge")
     waited = time.monotonic() - published
     assert bound - 0.5 <= waited <= bound + 5, waited
+
+
+async def test_an_announced_event_is_taken_as_applied_without_reading_its_marker(
+    settings: Settings,
+) -> None:
+    """An announcement goes out after the markers of the events it names are written, so
+    the watch takes it as theirs: an event heard of costs no marker read, and one not heard
+    of is read once, at the start of the wait (and again only per recheck)."""
+    run = uuid.uuid4().hex[:8]
+    url = settings.region_redis_urls[DEFAULT]
+    redis = Redis.from_url(url)
+    watch = TierWatch(url, DEFAULT, ["redis"], recheck_s=5.0)
+    reads: list[list[str]] = []
+    not_applied = watch.markers.not_applied
+
+    async def counted(sinks: Any, event_ids: list[str]) -> set[str]:
+        reads.append(list(event_ids))
+        return await not_applied(sinks, event_ids)
+
+    watch.markers.not_applied = counted  # type: ignore[method-assign]
+    heard, marked, neither = f"ev-{run}-heard", f"ev-{run}-marked", f"ev-{run}-neither"
+    try:
+        await watch.start()
+        await asyncio.wait_for(watch.subscribed.wait(), timeout=10)
+        # No marker: only the announcement says it (as it would, a moment after the marker).
+        await redis.publish(keys.tier_applied(DEFAULT, "redis"), heard)
+        await eventually(lambda: _true(watch.announcements >= 1), what="the announcement")
+        assert await watch.wait({heard}, timeout_s=1.0) == set()
+        assert reads == [], "an announced event's marker was read"
+
+        await redis.set(keys.applied_event("redis", marked), 1, ex=60)
+        assert await watch.wait({marked, heard}, timeout_s=1.0) == set()
+        assert reads == [[marked]], "only the event not heard of is read, once"
+
+        assert await watch.wait({neither}, timeout_s=0.3) == {neither}
+    finally:
+        await watch.close()
+        await redis.delete(keys.applied_event("redis", marked))
+        await redis.aclose()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_split_purge_is_announced_only_once_its_last_part_is_applied(
+    settings: Settings,
+) -> None:
+    """The Redis sink announces an event when its event marker is set: at the purge's last
+    part, not at an earlier one (a follower takes the announcement for the marker)."""
+    own = await own_topics(settings, "split-announced")
+    run = uuid.uuid4().hex[:8]
+    event = f"ev-{run}-split"
+    parts = [
+        PurgeCommand(
+            command_id=f"cmd-{run}-{n}",
+            origin_event_id=event,
+            origin_event_type="vendor.updated",
+            origin_occurred_at=100,
+            region=DEFAULT,
+            entity=f"vendor:{run}",
+            version=100,
+            issued_at=int(time.time() * 1000),
+            scope="vendor",
+            keys=(f"wedding:{run}-{n}:vendors",),
+            parts_after=1 - n,
+        )
+        for n in range(2)
+    ]
+    redis = Redis.from_url(own.region_redis_urls[DEFAULT])
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(keys.tier_applied(DEFAULT, "redis"))
+    role = SinkRole(own, RedisSink.from_settings(own, DEFAULT))
+    stop = asyncio.Event()
+    await role.start()
+    task = asyncio.create_task(role.loop.run(stop))
+    heard: list[set[str]] = []
+
+    async def announced() -> bool:
+        while (message := await pubsub.get_message(timeout=0.05)) is not None:
+            heard.append(set(message["data"].decode().split("\n")))
+        return bool(heard)
+
+    try:
+        await send_commands(own, parts[:1])
+        await eventually(
+            lambda: _true(role.loop.records_committed >= 1 or role.stats.applied >= 1),
+            what="the first part applied",
+        )
+        await asyncio.sleep(0.3)
+        assert not await announced(), f"announced before its last part: {heard}"
+        await send_commands(own, parts[1:])
+        await eventually(announced, what="the announcement of the whole purge")
+        assert heard == [{event}]
+    finally:
+        stop.set()
+        await task
+        await role.stop()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await redis.delete(keys.applied_event("redis", event))
+        await redis.aclose()
+        await delete_topics(own.kafka_bootstrap_servers, own.topic_prefix)
