@@ -28,7 +28,7 @@ from opentelemetry.trace import (
 from redis.asyncio import Redis
 
 from cachesync.consumers import telemetry
-from cachesync.consumers.commands import COMMAND_TYPES, Command, PurgeCommand, to_millis
+from cachesync.consumers.commands import COMMAND_TYPES, Command, to_millis
 from cachesync.consumers.errors import (
     BadInput,
     CommandRefused,
@@ -57,10 +57,10 @@ from cachesync.consumers.pipeline.kafka import (
     make_producer,
 )
 from cachesync.consumers.pipeline.loop import CommitAfterEffect
-from cachesync.consumers.pipeline.tiers import TierAnnouncer, TierWatch
+from cachesync.consumers.pipeline.tiers import TierWatch
 from cachesync.consumers.pipeline.writer import CommandWriter
 from cachesync.consumers.settings import Settings
-from cachesync.consumers.sinks.base import FlushResult, Note, Position, PurgeSink, Sink
+from cachesync.consumers.sinks.base import FlushResult, Note, Position, Sink
 from cachesync.consumers.sinks.cdn import CdnPurgeSink
 from cachesync.schemas import Codec, Decoded
 
@@ -445,16 +445,6 @@ class SinkRole(_Role):
         )
         # The events a held batch still waits for (empty when none is held).
         self.held_events: set[str] = set()
-        # A purge sink announces, after each flush, the events it applied.
-        self.announcer = (
-            TierAnnouncer(
-                Redis.from_url(region_redis, socket_timeout=5, socket_connect_timeout=3),
-                sink.region,
-                sink.kind,
-            )
-            if isinstance(sink, PurgeSink)
-            else None
-        )
         if isinstance(sink, CdnPurgeSink):
             # Adaptive coalescing: the loop gathers records only while the provider's budget
             # says to wait (a call in flight, its bucket empty, a burst), within the window.
@@ -472,8 +462,6 @@ class SinkRole(_Role):
         await self.sink.close()
         if self.tiers is not None:
             await self.tiers.close()
-        if self.announcer is not None:
-            await self.announcer.close()
 
     async def handle(self, records: list[Record]) -> None:
         candidates: list[tuple[Record, Command]] = []
@@ -536,18 +524,6 @@ class SinkRole(_Role):
                 span.end()
             raise
         self.stats.applied += result.applied
-        if self.announcer is not None:
-            # At once, before the audit records: the tiers after this one are waiting. Only
-            # events whose purge is applied in full (a split purge's last part): those after
-            # take an announcement for the event's marker (TierWatch).
-            refused = {r.command.command_id for r in result.rejected}
-            await self.announcer.applied(
-                a.command.origin_event_id
-                for cid, a in accepted.items()
-                if cid not in refused
-                and isinstance(a.command, PurgeCommand)
-                and a.command.parts_after == 0
-            )
         rejected = {r.command.command_id: r.error for r in result.rejected}
         applied = Note()
         handled: list[tuple[Command, Note, str | None]] = []

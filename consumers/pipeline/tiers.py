@@ -1,25 +1,26 @@
-"""Tier order without polling: a purge sink's runner announces what it applied, and the
-runners of the sinks after it wait for that announcement instead of re-reading markers.
+"""Tier order without polling: a purge sink announces what it applied, and the runners of
+the sinks after it wait for that announcement instead of re-reading markers.
 
 Within a region, an edge acts on an event only after the region's Redis sink has applied
 it, and the warmer only after the tier it warms through has (pipeline/roles.py). The
 applied markers in the region's Redis (sinks/ledger.py) are the truth; this module only
 says when to look at them again:
 
-- `TierAnnouncer`: after each flush, a purge sink's runner publishes the ids of the
-  events it applied on the region's Redis, one channel per (region, sink)
-  (`keys.tier_applied`). One PUBLISH per flush, whatever the batch, whose answer the
-  flush does not wait for.
+- the announcement: a purge sink publishes the ids of the events whose purge it applied
+  in full on the region's Redis, one channel per (region, sink) (`keys.tier_applied`),
+  inside the script call that writes their markers (the Redis sink's purge script,
+  sinks/redis.py; a CDN sink's ledger record, sinks/ledger.py): after the markers, atomic
+  with them, and without a command or a round trip of its own.
 - `TierWatch`: the runner of a later tier subscribes to the channels of the tiers it
-  follows. `wait` reads the markers once, then again only when an announcement names one
-  of the events it waits for, until all are applied or its time is up. An announcement
+  follows. `wait` takes an event announced as applied, and reads the markers of the others
+  once, until all are announced or its time is up. An announcement
   can be lost (Pub/Sub keeps nothing for a subscriber that is reconnecting), so the
   markers are also read every `recheck_s` while a wait goes on: the safety net, not the
   way events are learnt.
 
 Why Pub/Sub on the region's Redis rather than keyspace notifications or a blocking list:
 it needs no server configuration (managed Redis often forbids CONFIG SET), costs the
-Redis sink one command per flush, and holds nothing when nobody listens.
+sinks one command inside a call they make anyway, and holds nothing when nobody listens.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -41,44 +42,6 @@ log = logging.getLogger(__name__)
 
 # How long a subscriber that lost its connection waits before subscribing again, at most.
 _RESUBSCRIBE_MAX_S = 5.0
-
-
-class TierAnnouncer:
-    """Publishes, for one sink in one region, the events each flush applied."""
-
-    def __init__(self, redis: Redis, region: str, sink: str) -> None:
-        self.redis = redis
-        self.channel = keys.tier_applied(region, sink)
-        self._announcing: asyncio.Task[None] | None = None
-
-    async def applied(self, event_ids: Iterable[str]) -> None:
-        """Announce the events whose purges the flush applied. The PUBLISH has gone out when
-        this returns, but its answer is not waited for: a flush does not pay a round trip
-        for a wake-up call (the next announcement waits for it, so they stay in order, and
-        so does `close`). A failure is only logged: the followers find the markers at
-        their next re-check."""
-        payload = "\n".join(sorted(set(event_ids)))
-        if not payload:
-            return
-        await self.answered()
-        self._announcing = asyncio.create_task(self._publish(payload), name=self.channel)
-        await asyncio.sleep(0)  # the task sends it now, not after the caller's next step
-
-    async def answered(self) -> None:
-        """Until the last announcement was answered (or failed)."""
-        if self._announcing is not None:
-            announcing, self._announcing = self._announcing, None
-            await announcing
-
-    async def _publish(self, payload: str) -> None:
-        try:
-            await self.redis.publish(self.channel, payload)
-        except (RedisError, OSError) as exc:
-            log.debug("%s: announcement not sent: %s", self.channel, exc)
-
-    async def close(self) -> None:
-        await self.answered()
-        await self.redis.aclose()
 
 
 class _Waiter:

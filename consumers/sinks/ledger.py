@@ -90,7 +90,9 @@ end
 # [4] offset TTL, [5] the markers' prefix, [6] the markers (packed: what follows the
 # prefix), [7] the fences' prefix, [8] the fences (packed entity, version pairs), then for
 # each KEYS[i] the offset and record time it moves to (as ledger._ADVANCE_OFFSET: past its
-# offset, or a record newer than any applied; the newest record time is kept).
+# offset, or a record newer than any applied; the newest record time is kept); last, the
+# channel to announce on and the events to announce (newline-separated, maybe none): those
+# whose purge the call records in full (pipeline/tiers.py), published after their markers.
 _RECORD = (
     _UNPACK
     + """
@@ -117,6 +119,10 @@ for i = 1, #KEYS do
     redis.call('HSET', KEYS[i], 'offset', offset, 'record_ts', newest, 'applied_at', now)
   end
   redis.call('EXPIRE', KEYS[i], offset_ttl)
+end
+local channel, announced = ARGV[9 + 2 * #KEYS], ARGV[10 + 2 * #KEYS]
+if announced ~= '' then
+  redis.call('PUBLISH', channel, announced)
 end
 return 0
 """
@@ -259,6 +265,8 @@ class PurgeLedger:
         self._marker_prefix = keys.prefix(lambda i: keys.applied(sink, i))
         self._event_marker = keys.APPLIED_EVENT.format(event_id="")
         self._fence_prefix = keys.prefix(lambda i: keys.purge_version(sink, i))
+        # Where the sinks after this one hear what it applied (pipeline/tiers.py).
+        self._channel = keys.tier_applied(region, sink)
 
     async def record(
         self,
@@ -302,6 +310,10 @@ class PurgeLedger:
             offset_args = (
                 [v for p in offsets.values() for v in (p.offset, p.timestamp)] if last else []
             )
+            # Announced with their markers: the events this chunk's purges complete.
+            announced = "\n".join(
+                dict.fromkeys(cmd.origin_event_id for cmd in chunk if cmd.parts_after == 0)
+            )
             calls.append(
                 (
                     offset_keys,
@@ -315,6 +327,8 @@ class PurgeLedger:
                         self._fence_prefix,
                         fence_args,
                         *offset_args,
+                        self._channel,
+                        announced,
                     ],
                 )
             )

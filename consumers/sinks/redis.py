@@ -62,6 +62,11 @@ from cachesync.consumers.sinks.ledger import Applied, applied_at, redelivered
 #       set: a split purge's later tiers wait for all of its parts); then each fence's
 #       version. One argument per command rather than six: the client packs each argument
 #       it sends.
+#       After the fences: the channel to announce on (keys.tier_applied) and the length of
+#       the event markers' prefix (what precedes the event id in their key).
+# Then the events whose purge is applied in full (a last part: applied now or before) are
+# announced on the channel (pipeline/tiers.py), in the call: after their markers, and
+# without a round trip of its own.
 # Reply: how many keys were deleted, then per command two numbers: when it was applied
 #        (ms), 1 if it was applied in this call, 2 if before exactly then, 0 if before at
 #        the latest then.
@@ -91,6 +96,8 @@ for c = 1, ncmd do
   k = k + 2 + nk + nt
 end
 local fence_start = k
+local channel, event_prefix = ARGV[8 + ncmd + nfence], tonumber(ARGV[9 + ncmd + nfence])
+local announced, named = {}, {}
 local markers = redis.call('MGET', unpack(marker_keys))
 local set_here = {}
 local purged_tags = {}
@@ -133,6 +140,13 @@ for c = 1, ncmd do
     end
     reply[#reply + 1] = tonumber(now); reply[#reply + 1] = 1
   end
+  if cmd.last_part == '1' then
+    local event = string.sub(KEYS[cmd.k + 1], event_prefix + 1)
+    if not named[event] then
+      named[event] = true
+      announced[#announced + 1] = event
+    end
+  end
   if not covered and cmd.at > 0 then
     if p.record_ts == nil or p.record_ts == false or tonumber(cmd.record_ts) > tonumber(p.record_ts) then
       p.record_ts = cmd.record_ts
@@ -162,6 +176,9 @@ for i = 1, noff do
     redis.call('HSET', KEYS[i], 'offset', p.offset, 'record_ts', p.record_ts, 'applied_at', now)
     redis.call('EXPIRE', KEYS[i], offset_ttl)
   end
+end
+if #announced > 0 then
+  redis.call('PUBLISH', channel, table.concat(announced, '\\n'))
 end
 return reply
 """
@@ -197,11 +214,16 @@ class _KeyPrefixes:
 
 
 def _calls(
-    sink: str, pending: list[PurgeCommand], positions: Mapping[str, Position], now_ms: int
+    sink: str,
+    region: str,
+    pending: list[PurgeCommand],
+    positions: Mapping[str, Position],
+    now_ms: int,
 ) -> list[_Call]:
     """The script calls (KEYS, ARGV) that apply `pending` in order, each of at most
     MAX_KEYS_PER_CALL keys unless one command alone has more."""
     names = _KeyPrefixes.of(sink)
+    announce_on = keys.tier_applied(region, sink)
     applied, applied_event, tag_index = names.applied, names.applied_event, names.tag_index
     fence = names.fence
     calls: list[_Call] = []
@@ -221,7 +243,12 @@ def _calls(
             len(command_args),
             len(fences),
         ]
-        calls.append((head + command_keys + list(fences), args + command_args + [*fences.values()]))
+        calls.append(
+            (
+                head + command_keys + list(fences),
+                args + command_args + [*fences.values(), announce_on, len(applied_event)],
+            )
+        )
 
     # A command read twice in the flush (a copy at a later offset) has the later position
     # (`PurgeSink.read_from`); only its last occurrence moves the offset there. Moved at
@@ -309,7 +336,7 @@ class RedisSink(PurgeSink):
         if not pending:
             return FlushResult()
         now_ms = int(time.time() * 1000)
-        calls = _calls(self.kind, pending, positions, now_ms)
+        calls = _calls(self.kind, self.region, pending, positions, now_ms)
         with redis_errors(f"redis {self.region}: purge"):
             try:
                 replies = await self._run(calls)

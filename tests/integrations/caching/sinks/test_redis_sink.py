@@ -332,7 +332,7 @@ async def test_a_flush_cut_into_several_calls_applies_them_in_order(
     read = [(c, Position(topic, 2, 100 + n, 5_000 + n)) for n, c in enumerate(commands)]
     # The first command again, at a later offset (a mirror's duplicate), in the last call.
     read.append((commands[0], Position(topic, 2, 105, 5_005)))
-    assert len(redis_sink._calls("redis", [c for c, _ in read], {}, 0)) > 2
+    assert len(redis_sink._calls("redis", REGION, [c for c, _ in read], {}, 0)) > 2
 
     result = await apply_read(sink, *read)
 
