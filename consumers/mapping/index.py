@@ -226,10 +226,6 @@ class BatchIndex:
     def _queue(self, command: str, key: str, members: tuple[str, ...] = ()) -> None:
         self._writes.append((self.origin, command, key, members))
 
-    def writes(self, *, skip: Collection[int] = ()) -> bool:
-        """Whether `flush` has anything to write (leaving out the events in `skip`)."""
-        return any(w[0] not in skip for w in self._writes)
-
     async def flush(self, *, skip: Collection[int] = ()) -> None:
         """Apply the batch's writes, in event order, atomically; not those of the events
         (origins) in `skip`."""

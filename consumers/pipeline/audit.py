@@ -243,14 +243,6 @@ class AuditLog:
         # Why records of batches already handled were not handed over, for `acked`.
         self._lost: TransientError | None = None
 
-    def using(self, producer: AIOKafkaProducer) -> AuditLog:
-        """This log on another producer (the mapper renews its own after a refusal): the
-        records handed over on the old one are still waited for by `acked`."""
-        log = AuditLog(producer, self.topic, self.codec)
-        log._handled, log._in_flight, log._lost = self._handled, self._in_flight, self._lost
-        self._handled, self._in_flight, self._lost = [], [], None
-        return log
-
     async def mapped_all(self, events: Iterable[MappedEvent]) -> None:
         """What a batch's events became, written at the next `flush`: one record per audit
         partition of their event ids (of at most ENTRIES_PER_RECORD events and RECORD_BYTES;

@@ -36,7 +36,6 @@ from cachesync.consumers.errors import (
     PermanentSinkError,
     ProduceRefused,
     RetryAfter,
-    TransientError,
 )
 from cachesync.consumers.mapping.index import RelationshipIndex
 from cachesync.consumers.mapping.mapper import Mapper
@@ -193,9 +192,6 @@ class MapperRole(_Role):
         self.mapper = Mapper(
             settings.topology, RelationshipIndex(self._state_redis, settings.topology)
         )
-        # Why audit records handed over were not acknowledged, until a commit has seen it.
-        self._audit_lost: TransientError | None = None
-        self.loop.before_commit = self._before_commit
 
     async def _close(self) -> None:
         await self._state_redis.aclose()
@@ -204,14 +200,12 @@ class MapperRole(_Role):
         """Map the batch, send its commands, and only then write the relationship index.
 
         The index is written last, once every command of the batch is acknowledged (and
-        every audit record so far too): a batch that fails before that is re-read and mapped
+        the audit records too): a batch that fails before that is re-read and mapped
         against the index as the first attempt saw it, so the retry yields exactly the
         same commands (a retried `vendor.deleted` still reaches its weddings). Within the
         batch the index view reads its own writes, so a `vendor.linked` is seen by a
         `vendor.updated` after it. If the index write itself fails, the retry sends the
         same commands again under the same ids, which sinks apply at most once in effect.
-        A batch that writes nothing to the index (most: a photo changes no relationship)
-        does not wait for its audit records' acks; the loop does, before it commits.
         """
         # Decode the whole batch first, so that the relationship index is read for all of
         # it in one round trip and written in one (index.flush) instead of per event.
@@ -314,44 +308,12 @@ class MapperRole(_Role):
             for (kind, region), n in out.items():
                 self.stats.produced[region] += n
                 telemetry.commands_out.add(n, {"kind": kind, "region": region})
-            if index.writes(skip=refused):
-                # The index is written only once nothing can make the batch be read again:
-                # its audit records (and any handed over before them) acknowledged.
-                await self._audit_acked()
-                with telemetry.untraced():
-                    await index.flush(skip=refused)
-            else:
-                # Nothing to write after them (most events: a photo changes no
-                # relationship): the records are handed over, and the loop waits for their
-                # acks before it commits (`_audit_acked`), as a sink's are. The batch's
-                # round trip for them left the mapper's critical path.
-                await self.audit.hand_over()
+            await self.audit.flush()
+            with telemetry.untraced():
+                await index.flush(skip=refused)
         finally:
             for span in spans:
                 span.end()
-
-    async def _audit_acked(self) -> None:
-        """Every audit record handed over so far acknowledged; TransientError if one was
-        not. The error stays until the loop's next commit has seen it (`before_commit`):
-        raised to a later batch that waited for them (put back), it must still keep the
-        batches those records are about from being committed, so that they are read,
-        mapped and audited again."""
-        if self._audit_lost is None:
-            try:
-                await self.audit.acked()
-            except TransientError as exc:
-                self._audit_lost = exc
-        lost = self._audit_lost
-        if lost is not None:
-            raise lost
-
-    async def _before_commit(self) -> None:
-        """The loop's check before a commit: the audit records of the batches it covers
-        acknowledged (`_audit_acked`); an error it raises is the last of its kind."""
-        try:
-            await self._audit_acked()
-        finally:
-            self._audit_lost = None
 
     async def _send(self, writer: CommandWriter) -> dict[int, str]:
         """Send the batch's commands; the events (by position) whose commands the broker
@@ -373,8 +335,8 @@ class MapperRole(_Role):
         old = self.producer
         self.producer = make_producer(self.kafka, client_id=f"cachesync-{self.name}")
         await self.producer.start()
-        # The audit log holds the producer; records it handed over are still waited for.
-        self.audit = self.audit.using(self.producer)
+        # The audit log holds the producer; it has nothing pending while commands are sent.
+        self.audit = AuditLog(self.producer, self.settings.audit_topic, self.codec)
         try:
             await old.stop()
         except Exception:  # the old producer has nothing left to deliver
