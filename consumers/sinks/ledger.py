@@ -295,11 +295,10 @@ class PurgeLedger:
         calls: list[tuple[list[str], list[int | str | bytes]]] = []
         for c in range(n_calls):
             chunk = commands[c * per : (c + 1) * per]
-            # The event's marker only at its last part: later tiers wait for the whole purge.
-            markers = pack(
-                [cmd.command_id for cmd in chunk]
-                + [event + cmd.origin_event_id for cmd in chunk if cmd.parts_after == 0]
-            )
+            # The events this chunk's purges complete (their last parts): only they get an
+            # event marker (later tiers wait for the whole purge), and are announced.
+            completed = [cmd.origin_event_id for cmd in chunk if cmd.parts_after == 0]
+            markers = pack([cmd.command_id for cmd in chunk] + [event + e for e in completed])
             fence_args = pack(
                 item
                 for entity, version in fences[c * per : (c + 1) * per]
@@ -309,10 +308,6 @@ class PurgeLedger:
             offset_keys = [keys.applied_offset(self.sink, t, p) for t, p in offsets] if last else []
             offset_args = (
                 [v for p in offsets.values() for v in (p.offset, p.timestamp)] if last else []
-            )
-            # Announced with their markers: the events this chunk's purges complete.
-            announced = "\n".join(
-                dict.fromkeys(cmd.origin_event_id for cmd in chunk if cmd.parts_after == 0)
             )
             calls.append(
                 (
@@ -328,7 +323,7 @@ class PurgeLedger:
                         fence_args,
                         *offset_args,
                         self._channel,
-                        announced,
+                        "\n".join(dict.fromkeys(completed)),
                     ],
                 )
             )
