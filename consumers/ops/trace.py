@@ -127,6 +127,12 @@ def _add(view: TraceView, audit: AuditRecord) -> None:
     view.occurred_at = audit.occurred_at
     if audit.trace_id:
         view.trace_ids.add(audit.trace_id)
+    if audit.stage == "mapper" and audit.outcome != "mapped":
+        # Dead-lettered after it was audited as mapped (a command the broker refused):
+        # what the mapper record said is taken back, and the dead letter says why.
+        view.mapper = None
+        view.commands = {i: c for i, c in view.commands.items() if c.sinks}
+        return
     if audit.stage == "mapper":
         view.mapper = audit
         for ref in audit.commands:
@@ -335,7 +341,9 @@ async def _add_audits(
                     event = events.get(audit.event_id)
                     if event is None:
                         continue
-                    if audit.stage == "mapper":
+                    if audit.stage == "mapper" and audit.outcome != "mapped":
+                        event.mapper, event.commands = None, Counter()  # as in `_add`
+                    elif audit.stage == "mapper":
                         if event.mapper is None:
                             event.mapper = audit
                         else:  # a fan-out's commands span several records

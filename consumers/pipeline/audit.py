@@ -187,13 +187,15 @@ COMMANDS_PER_ENTRY = 2_000
 
 @dataclass(frozen=True, slots=True)
 class MappedEvent:
-    """What the mapper made of one event, for its audit entry."""
+    """What the mapper made of one event, for its audit entry; `detail` says why, for an
+    event dead-lettered after it was audited as mapped."""
 
     event_id: str
     event_type: str
     occurred_at: int
     commands: Sequence[Command]
     trace_id: str | None
+    detail: str = ""
 
 
 def decode_audit(codec: Codec, value: bytes) -> AuditRecord | None:
@@ -243,11 +245,15 @@ class AuditLog:
         # Why records of batches already handled were not handed over, for `acked`.
         self._lost: TransientError | None = None
 
-    async def mapped_all(self, events: Iterable[MappedEvent]) -> None:
+    async def mapped_all(self, events: Iterable[MappedEvent], *, outcome: str = "mapped") -> None:
         """What a batch's events became, written at the next `flush`: one record per audit
         partition of their event ids (of at most ENTRIES_PER_RECORD events and RECORD_BYTES;
         an event's commands in entries of at most COMMANDS_PER_ENTRY), not one per event:
-        encoding and producing a record per event was a tenth of the mapper's work."""
+        encoding and producing a record per event was a tenth of the mapper's work.
+
+        `outcome` "dead_lettered" takes back what an earlier "mapped" record of the same
+        events said (readers keep the newest mapper record of an event: one event's
+        records share a partition, so they are read in the order written)."""
         partitions = await self._partitions()
         partition_of = self._batch.partitioner
         groups: dict[int, list[dict[str, Any]]] = {}
@@ -263,6 +269,7 @@ class AuditLog:
                         "occurred_at": e.occurred_at,
                         "commands": refs[start : start + COMMANDS_PER_ENTRY],
                         "trace_id": e.trace_id,
+                        "detail": e.detail[:DETAIL_CHARS],
                     }
                 )
         now = int(time.time() * 1000)
@@ -272,7 +279,7 @@ class AuditLog:
             "region": None,
             "sink": None,
             "kind": "event",
-            "outcome": "mapped",
+            "outcome": outcome,
             "recorded_at": now,
         }
         for entries in groups.values():

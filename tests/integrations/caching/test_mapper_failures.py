@@ -27,8 +27,10 @@ from cachesync.consumers.mapping.index import RelationshipIndex
 from cachesync.consumers.mapping.mapper import Mapper
 from cachesync.consumers.ops.platform_cache import cache_put
 from cachesync.consumers.ops.publish import EventPublisher, new_event
+from cachesync.consumers.ops.trace import read_trace
 from cachesync.consumers.ops.window import TimeWindow
 from cachesync.consumers.pipeline import headers
+from cachesync.consumers.pipeline.audit import decode_audits
 from cachesync.consumers.pipeline.dead_letters import KEPT_VALUE_BYTES
 from cachesync.consumers.pipeline.kafka import Record
 from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
@@ -471,3 +473,22 @@ async def test_a_command_the_broker_refuses_dead_letters_its_event_and_the_mappe
     }
     assert by_region["us-east"] == ids - {events["huge"]["event_id"]}
     assert by_region["eu-west"] == by_region["ap-southeast"] == ids
+
+    # The audit says the same: the refused event's mapper record (written with its
+    # commands, before the broker answered) is taken back, the others stand.
+    huge = str(events["huge"]["event_id"])
+    view = await read_trace(settings, huge, since_ms=since)
+    assert view.mapper is None and len(view.dead_letters) == 1
+    assert all(c.sinks for c in view.commands.values())  # only commands a sink reported on
+    taken_back = [
+        a
+        for r in await _records(settings, [settings.audit_topic], since)
+        for a in decode_audits(mapper.codec, r.value or b"")
+        if a.event_id == huge and a.stage == "mapper"
+    ]
+    assert [a.outcome for a in taken_back] == ["mapped", "dead_lettered"]
+    assert "command_refused" in taken_back[-1].detail
+    for name in ("before", "after"):
+        view = await read_trace(settings, str(events[name]["event_id"]), since_ms=since)
+        assert view.mapper is not None and view.mapper.outcome == "mapped"
+        assert len(view.commands) == len(view.mapper.commands) > 0
