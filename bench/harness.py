@@ -92,6 +92,8 @@ class Plan:
     latency_low_rate: int
     latency_low_seconds: float
     latency_every_sink: bool  # the plan's rate again, with every sink running (reported only)
+    tier_seconds: float  # latency per tier (bench/tier_latency.py) at latency_low_rate:
+    tier_reps: int  # runs of this long, their medians reported
     drain_cap_s: float
     backlog_sizes: tuple[int, int]
     cdn_events: int
@@ -114,6 +116,8 @@ FULL = Plan(
     latency_low_rate=100,
     latency_low_seconds=20,
     latency_every_sink=True,
+    tier_seconds=20,
+    tier_reps=3,
     drain_cap_s=20,
     backlog_sizes=(10_000, 100_000),
     cdn_events=10_000,
@@ -135,6 +139,8 @@ SMOKE = Plan(
     latency_low_rate=0,
     latency_low_seconds=0,
     latency_every_sink=False,
+    tier_seconds=0,
+    tier_reps=1,
     drain_cap_s=15,
     backlog_sizes=(500, 2_000),
     cdn_events=0,  # the CDN burst brings up stubs and moto: too slow for the smoke run
@@ -957,7 +963,9 @@ async def run_all(plan: Plan, smoke: bool) -> dict[str, Any]:
         say(f"latency per tier at {plan.latency_low_rate}/s (bench/tier_latency.py)")
         from bench.tier_latency import bench_tiers
 
-        out["tiers"] = await bench_tiers(plan.latency_low_rate)
+        out["tiers"] = await bench_tiers(
+            plan.latency_low_rate, plan.tier_seconds, reps=plan.tier_reps
+        )
         say(f"  {out['tiers']['status']}")
         say("HTTP purge sink and warmer against Varnish (bench/http_purge.py)")
         from bench.http_purge import bench_http_purge

@@ -179,17 +179,25 @@ def _tier_rows(tiers: dict[str, Any]) -> list[Row]:
         )
         return [_row("Latency per tier (bench/tier_latency.py)", status)]
     rows: list[Row] = []
-    where = f"{tiers['rate']:.0f} events/s for {tiers['seconds']:.0f} s, {tiers['region']}"
+    reps = tiers.get("reps", 1)
+    seconds = f"{tiers['seconds']:.0f} s"
+    runs = f"median of {reps} runs of {seconds}" if reps > 1 else f"for {seconds}"
+    where = f"{tiers['rate']:.0f} events/s, {runs}, {tiers['region']}"
     for t in tiers["tiers"].values():
         missed = t["events"] - t["observed"]
         note = f"; {missed:,} of {t['events']:,} not seen" if missed else ""
-        for q in ("p50", "p99"):
+        for i, q in enumerate(("p50", "p99")):
+            if "per_run" in t:
+                each = " / ".join(_num(run[i]) for run in t["per_run"])
+                note_q = f"{note}; runs: {each}"
+            else:
+                note_q = note
             target = t[f"target_{q}"]
             value = t[q]
             met = value is not None and value == value and value < target and not missed
             rows.append(
                 _row(
-                    f"Latency {q}, {t['label']} (ms; event → acknowledged, {where}{note})",
+                    f"Latency {q}, {t['label']} (ms; event → acknowledged, {where}{note_q})",
                     _num(value),
                     target=f"< {target:,.0f}",
                     met=_met(met),
