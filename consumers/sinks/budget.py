@@ -102,6 +102,12 @@ class TokenBucket:
         need = 1.0 if self.tokens >= self.reserve else self.reserve
         return 0.0 if self.tokens >= need else (need - self.tokens) / self.rate
 
+    def holds(self, calls: int) -> bool:
+        """`calls` tokens are free now above the reserve (and no 429 holds the zone): they
+        can go out together without taking what a burst needs."""
+        now = self._refill()
+        return now >= self.blocked_until and self.tokens - calls >= self.reserve
+
     def idle(self) -> bool:
         """Full: no call for as long as the bucket takes to refill (a quiet spell)."""
         now = self._refill()

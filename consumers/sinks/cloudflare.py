@@ -3,7 +3,8 @@
 Each flush coalesces its window's commands through the purge budget, then sends one
 purge type per request (files, tags, prefixes, or hosts when escalation reached the
 host root), at most `max_items_per_request` items each, paced by a token bucket per
-zone. A 429 becomes `RetryAfter` (the runner pauses the partition for Retry-After);
+zone, up to CONCURRENT_REQUESTS of them in flight at once while the bucket has
+tokens to spare. A 429 becomes `RetryAfter` (the runner pauses the partition for Retry-After);
 5xx and timeouts are retried with jittered backoff (stamina) and then become
 `TransientError`. A refusal of the sink itself is not the commands' fault: a 401/403
 or an authentication error code (a revoked, rotated or under-privileged token) raises
@@ -20,6 +21,7 @@ The flush itself (ledger, budget plan, progress, retries) is the CDN template's
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -51,6 +53,11 @@ log = logging.getLogger(__name__)
 # headers) and the zone (7003 unknown object identifier, 7000 no route).
 _CREDENTIAL_CODES = frozenset({10000, 9103, 9106, 9109, 6003, 6111})
 _ZONE_CODES = frozenset({7000, 7003})
+# A flush's requests in flight at once, when the bucket has tokens to spare (`send`). Each
+# still takes its token before it goes, so the rate and the number of calls are what they
+# were one at a time; only the round trips overlap. One at a time, a photo event's flush
+# (its album's tag, then its pages) took two round trips before the pages were purged.
+CONCURRENT_REQUESTS = 4
 
 
 class CloudflareSink(CdnPurgeSink):
@@ -122,11 +129,34 @@ class CloudflareSink(CdnPurgeSink):
         return {"Authorization": f"Bearer {self._token.get_secret_value()}"}
 
     async def send(self, plan: budget.PurgePlan, todo: Sequence[PurgeCommand]) -> Sent:
+        """The plan's requests, up to CONCURRENT_REQUESTS at once when the zone's bucket
+        holds a token for each above its reserve (a trickle's flush); one at a time
+        otherwise: in a burst the rate is the limit, and calls together only met more
+        429s (the 10,000-event burst against zones allowing 4 of the plan's 10 calls a
+        second: 49-61 429s per region against 6-18, acknowledged 14 s later at p50), and
+        while the sink is blocked (a single probe per wait). After a failure no request
+        starts, and those under way finish before it is raised: one cancelled mid-call
+        could be applied by Cloudflare yet not acknowledged here, and sent again."""
         rejected: dict[str, str] = {}
-        for request in plan.requests():
-            if request.command_ids <= rejected.keys():
-                continue
-            await self._apply(request, plan, rejected)  # raises TransientError / RetryAfter
+        requests = plan.requests()
+        together = not self.outage.blocked and (
+            self.bucket is None or self.bucket.holds(len(requests))
+        )
+        slots = asyncio.Semaphore(CONCURRENT_REQUESTS if together else 1)
+        failures: list[BaseException] = []
+
+        async def send_one(request: budget.PurgeRequest) -> None:
+            async with slots:
+                if failures or request.command_ids <= rejected.keys():
+                    return
+                try:
+                    await self._apply(request, plan, rejected)
+                except Exception as exc:
+                    failures.append(exc)
+
+        await asyncio.gather(*(send_one(r) for r in requests))
+        if failures:
+            raise failures[0]
         return Sent(rejected, ref=self.zone)
 
     def payloads(self, request: budget.PurgeRequest) -> list[dict[str, Any]]:

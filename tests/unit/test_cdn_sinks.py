@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import uuid
@@ -139,6 +141,71 @@ async def test_cloudflare_429_raises_retry_after_and_the_retry_sends_only_the_re
         {"files": ["https://eu.weddings.example/weddings/w1/gallery"]},
         {"files": ["https://eu.weddings.example/weddings/w1/gallery"]},
     ]
+    await sink.close()
+
+
+class Overlap:
+    """An API that answers a call only once `wanted` calls are in flight together (or after
+    `patience` seconds): the most it saw at once says whether a flush's calls overlap."""
+
+    def __init__(self, wanted: int, patience: float = 2.0) -> None:
+        self.wanted, self.patience = wanted, patience
+        self.in_flight = self.most = 0
+        self.bodies: list[dict[str, list[str]]] = []
+        self._together = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.bodies.append(json.loads(request.content))
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        if self.in_flight >= self.wanted:
+            self._together.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._together.wait(), self.patience)
+        self.in_flight -= 1
+        return ok(request)
+
+
+def _cloudflare_on(api: Overlap) -> CloudflareSink:
+    return CloudflareSink(
+        "eu-west",
+        zone=f"zone-{uuid.uuid4().hex[:8]}",
+        token=SecretStr(TOKEN),
+        public_url="https://eu.weddings.example",
+        policy=CdnPolicy(cloudflare=CloudflarePolicy(rate_per_s=1000.0, burst=50)),
+        api_url="https://cf.test",
+        transport=httpx.MockTransport(api),
+    )
+
+
+async def test_cloudflare_sends_a_flushs_calls_together_one_at_a_time_while_blocked() -> None:
+    """A photo event's flush is a call for its album's tag and one for its pages: both in
+    flight at once (one after the other, the pages waited a whole round trip for the tag).
+    With the bucket at its reserve, or while the sink is blocked (its token refused, the
+    flush a probe), one at a time."""
+    api = Overlap(wanted=2)
+    sink = _cloudflare_on(api)
+    sink.add(purge(urls=("/weddings/w1/gallery",), tags=("album:a1",)))
+    assert (await sink.flush()).applied == 1
+    assert api.most == 2 and len(api.bodies) == 2
+    await sink.close()
+
+    # A bucket down to its reserve (a burst): one at a time, as the rate allows anyway.
+    api = Overlap(wanted=2, patience=0.2)
+    sink = _cloudflare_on(api)
+    sink.bucket.tokens = sink.bucket.reserve + 1
+    sink.add(purge(urls=("/weddings/w1/gallery",), tags=("album:a1",)))
+    assert (await sink.flush()).applied == 1
+    assert api.most == 1 and len(api.bodies) == 2
+    await sink.close()
+
+    api = Overlap(wanted=2, patience=0.2)
+    sink = _cloudflare_on(api)
+    sink.outage.refused(CredentialsRejected("token refused"))
+    sink.outage._next_try = 0  # the wait is over: this flush is the probe
+    sink.add(purge(urls=("/weddings/w1/gallery",), tags=("album:a1",)))
+    assert (await sink.flush()).applied == 1
+    assert api.most == 1 and len(api.bodies) == 2
     await sink.close()
 
 
