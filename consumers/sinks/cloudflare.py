@@ -4,8 +4,8 @@ Each flush coalesces its window's commands through the purge budget, then sends 
 purge type per request (files, tags, prefixes, or hosts when escalation reached the
 host root), at most `max_items_per_request` items each, paced by a token bucket per
 zone, up to CONCURRENT_REQUESTS of them in flight at once while the bucket has
-tokens to spare. A 429 becomes `RetryAfter` (the runner pauses the partition for Retry-After);
-5xx and timeouts are retried with jittered backoff (stamina) and then become
+tokens to spare. A 429 becomes `RetryAfter` (the runner pauses the partition for
+Retry-After); 5xx and timeouts are retried with jittered backoff (stamina) and then become
 `TransientError`. A refusal of the sink itself is not the commands' fault: a 401/403
 or an authentication error code (a revoked, rotated or under-privileged token) raises
 `CredentialsRejected`, an unknown zone (404, 7003) `SinkMisconfigured`, and the batch

@@ -8,6 +8,7 @@ import itertools
 import json
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -71,7 +72,9 @@ class Recorder:
         return [json.loads(r.content) for r in self.requests]
 
 
-def cloudflare(recorder: Recorder, *, rate: float = 1000.0, **policy: int) -> CloudflareSink:
+def cloudflare(
+    recorder: Callable[[httpx.Request], Any], *, rate: float = 1000.0, **policy: int
+) -> CloudflareSink:
     cdn = CdnPolicy(cloudflare=CloudflarePolicy(rate_per_s=rate, burst=50, **policy))
     return CloudflareSink(
         "eu-west",
@@ -166,16 +169,20 @@ class Overlap:
         return ok(request)
 
 
-def _cloudflare_on(api: Overlap) -> CloudflareSink:
-    return CloudflareSink(
-        "eu-west",
-        zone=f"zone-{uuid.uuid4().hex[:8]}",
-        token=SecretStr(TOKEN),
-        public_url="https://eu.weddings.example",
-        policy=CdnPolicy(cloudflare=CloudflarePolicy(rate_per_s=1000.0, burst=50)),
-        api_url="https://cf.test",
-        transport=httpx.MockTransport(api),
-    )
+async def _most_at_once(api: Overlap, prepare: Callable[[CloudflareSink], None]) -> int:
+    """The most calls in flight together for a photo event's flush (tag and pages)."""
+    sink = cloudflare(api)
+    prepare(sink)
+    sink.add(purge(urls=("/weddings/w1/gallery",), tags=("album:a1",)))
+    assert (await sink.flush()).applied == 1
+    assert len(api.bodies) == 2
+    await sink.close()
+    return api.most
+
+
+def _probing(sink: CloudflareSink) -> None:
+    sink.outage.refused(CredentialsRejected("token refused"))
+    sink.outage._next_try = 0  # the wait is over: this flush is the probe
 
 
 async def test_cloudflare_sends_a_flushs_calls_together_one_at_a_time_while_blocked() -> None:
@@ -183,30 +190,14 @@ async def test_cloudflare_sends_a_flushs_calls_together_one_at_a_time_while_bloc
     flight at once (one after the other, the pages waited a whole round trip for the tag).
     With the bucket at its reserve, or while the sink is blocked (its token refused, the
     flush a probe), one at a time."""
-    api = Overlap(wanted=2)
-    sink = _cloudflare_on(api)
-    sink.add(purge(urls=("/weddings/w1/gallery",), tags=("album:a1",)))
-    assert (await sink.flush()).applied == 1
-    assert api.most == 2 and len(api.bodies) == 2
-    await sink.close()
+    assert await _most_at_once(Overlap(wanted=2), lambda sink: None) == 2
 
     # A bucket down to its reserve (a burst): one at a time, as the rate allows anyway.
-    api = Overlap(wanted=2, patience=0.2)
-    sink = _cloudflare_on(api)
-    sink.bucket.tokens = sink.bucket.reserve + 1
-    sink.add(purge(urls=("/weddings/w1/gallery",), tags=("album:a1",)))
-    assert (await sink.flush()).applied == 1
-    assert api.most == 1 and len(api.bodies) == 2
-    await sink.close()
+    def at_reserve(sink: CloudflareSink) -> None:
+        sink.bucket.tokens = sink.bucket.reserve + 1
 
-    api = Overlap(wanted=2, patience=0.2)
-    sink = _cloudflare_on(api)
-    sink.outage.refused(CredentialsRejected("token refused"))
-    sink.outage._next_try = 0  # the wait is over: this flush is the probe
-    sink.add(purge(urls=("/weddings/w1/gallery",), tags=("album:a1",)))
-    assert (await sink.flush()).applied == 1
-    assert api.most == 1 and len(api.bodies) == 2
-    await sink.close()
+    assert await _most_at_once(Overlap(wanted=2, patience=0.2), at_reserve) == 1
+    assert await _most_at_once(Overlap(wanted=2, patience=0.2), _probing) == 1
 
 
 async def test_cloudflare_retries_5xx_then_succeeds() -> None:
