@@ -34,6 +34,32 @@ async def cache_put(
     )
 
 
+# One entry after another: SET the value and its write stamp with the TTL, add the key to
+# each tag's index set and give the set the TTL too. KEYS, per entry: the key, its stamp
+# key, its tags' index sets; ARGV: the TTL, the stamp, then per entry its value and its
+# number of tags. One call writes a chunk atomically, where a pipeline of the same commands
+# cost a command and a reply each: the demo's guest fills (about 100 commands a fill) were
+# a fifth of `make run`'s CPU that way.
+_PUT = """
+local ttl, stamp, k = ARGV[1], ARGV[2], 1
+for i = 3, #ARGV, 2 do
+  local key, tags = KEYS[k], tonumber(ARGV[i + 1])
+  redis.call('SET', key, ARGV[i], 'EX', ttl)
+  redis.call('SET', KEYS[k + 1], stamp, 'EX', ttl)
+  for j = 1, tags do
+    redis.call('SADD', KEYS[k + 1 + j], key)
+    redis.call('EXPIRE', KEYS[k + 1 + j], ttl)
+  end
+  k = k + 2 + tags
+end
+return k - 1
+"""
+
+# Entries per script call: a call blocks the Redis server while it runs, so a large fill
+# (a test's or a benchmark's 100,000 keys) goes out as several, in one pipeline.
+_PUT_CHUNK = 500
+
+
 async def cache_put_many(
     redis: Redis,
     entries: Iterable[tuple[str, bytes | str, list[str]]],
@@ -43,11 +69,18 @@ async def cache_put_many(
 ) -> None:
     """`cache_put` for many (key, value, tags) entries in one round trip."""
     stamp = written_at_ms or int(time.time() * 1000)
-    pipe = redis.pipeline(transaction=False)
-    for key, value, tags in entries:
-        pipe.set(key, value, ex=ttl_s)
-        pipe.set(keys.written_at(key), stamp, ex=ttl_s)
-        for tag in tags:
-            pipe.sadd(keys.tag_index(tag), key)
-            pipe.expire(keys.tag_index(tag), ttl_s)
-    await pipe.execute()
+    calls: list[tuple[list[str], list[bytes | str | int]]] = []
+    for n, (key, value, tags) in enumerate(entries):
+        if n % _PUT_CHUNK == 0:
+            calls.append(([], [ttl_s, stamp]))
+        call_keys, call_args = calls[-1]
+        call_keys += (key, keys.written_at(key), *(keys.tag_index(tag) for tag in tags))
+        call_args += (value, len(tags))
+    put = redis.register_script(_PUT)
+    if len(calls) == 1:
+        await put(keys=calls[0][0], args=calls[0][1])
+    elif calls:
+        pipe = redis.pipeline(transaction=False)
+        for call_keys, call_args in calls:
+            await put(keys=call_keys, args=call_args, client=pipe)
+        await pipe.execute()
