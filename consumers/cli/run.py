@@ -19,6 +19,7 @@ from cachesync.consumers.cli.common import (
 from cachesync.consumers.cli.consistency import consistency_table, stale_table
 from cachesync.consumers.cli.terminal import Commands, Verbose
 from cachesync.consumers.errors import ConfigError
+from cachesync.consumers.ops.demo import DEMO_SAMPLED
 from cachesync.consumers.pipeline import assemble
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.registry import SINK_KINDS
@@ -127,6 +128,9 @@ def run_all(
     demo: Annotated[bool, typer.Option(help="Also produce demo traffic")] = False,
     rate: Annotated[float, typer.Option(help="Demo events per second")] = 20.0,
     weddings: Annotated[int, typer.Option(help="Demo weddings")] = 20,
+    sampled: Annotated[
+        float, typer.Option(help="Share of demo events whose traces the platform samples")
+    ] = DEMO_SAMPLED,
     consistency: Annotated[
         float, typer.Option(help="Share of purges the background checker reads back (0: off)")
     ] = 0.2,
@@ -146,6 +150,7 @@ def run_all(
             sinks=sinks,
             demo_rate=rate if demo else None,
             weddings=weddings,
+            sampled=sampled,
             consistency=consistency,
         ),
         grace_s=settings.shutdown_grace_s,
@@ -160,6 +165,7 @@ async def _run(
     sinks: list[tuple[str, str]],
     demo_rate: float | None = None,
     weddings: int = 20,
+    sampled: float = DEMO_SAMPLED,
     consistency: float = 0.0,
 ) -> None:
     from cachesync.consumers.ops.consistency import ConsistencyChecker
@@ -183,9 +189,14 @@ async def _run(
         )
         companions.append(checker.run)
     if demo_rate is not None:
-        console.print(f"[green]demo[/green]: {weddings} weddings, {demo_rate:g} events/s")
+        console.print(
+            f"[green]demo[/green]: {weddings} weddings, {demo_rate:g} events/s, "
+            f"{sampled:.0%} of their traces sampled"
+        )
         companions.append(
-            lambda stop: run_demo(settings, stop, rate=demo_rate, weddings=weddings, stats=demo)
+            lambda stop: run_demo(
+                settings, stop, rate=demo_rate, weddings=weddings, stats=demo, sampled=sampled
+            )
         )
     if mapper and sinks:  # run all: each cache tier's own hit ratios (and, with --demo, guests)
         from cachesync.consumers.ops.effectiveness.live import effectiveness_companions

@@ -18,6 +18,7 @@ from cachesync.consumers.cli.common import (
     run_until_signal,
     setup_logging,
 )
+from cachesync.consumers.ops.demo import DEMO_SAMPLED
 
 
 def replay_cmd(
@@ -125,6 +126,9 @@ def demo(
         ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed for a repeatable run")] = None,
+    sampled: Annotated[
+        float, typer.Option(help="Share of events whose traces the platform samples")
+    ] = DEMO_SAMPLED,
 ) -> None:
     """Produce realistic wedding traffic to the content topics."""
     from cachesync.consumers.ops.demo import DemoStats, run_demo
@@ -150,6 +154,7 @@ def demo(
             seed=seed,
             stats=stats,
             on_event=show,
+            sampled=sampled,
         )
     )
     console.print(f"produced {stats.produced} events ({stats.produced - stats.traffic} opening)")

@@ -24,6 +24,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from cachesync.consumers import telemetry
 from cachesync.consumers.ops.platform_cache import cache_put_many
 from cachesync.consumers.ops.publish import EventPublisher, new_event
 from cachesync.consumers.settings import Settings
@@ -237,6 +238,11 @@ class DemoWorld:
 CATCH_UP_S = 1.0
 
 
+# The share of the demo's events whose traces the platform samples: a platform's tracing
+# keeps a share, not every request. Sampling all of them costs `make run` a fifth of its
+# events per second (the spans of every command in every sink).
+DEMO_SAMPLED = 0.1
+
 # How many guests' cache fills may be under way at once; the next one waits for a slot,
 # so a slow Redis slows the demo down rather than piling up fills.
 MAX_FILLS_IN_FLIGHT = 8
@@ -315,12 +321,20 @@ async def run_demo(
     seed: int | None = None,
     stats: DemoStats | None = None,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    sampled: float = DEMO_SAMPLED,
 ) -> DemoStats:
     """Publish the opening events, then the traffic mix at `rate` events/s until stopped
-    or `limit` events (all of them counted) are out."""
+    or `limit` events (all of them counted) are out.
+
+    Each event starts a trace, as the platform's would, sampled at the share
+    `sampled`: the pipeline honours that decision (spans for a sampled event, none for
+    the others; the audit trail, and so `trace`, has every event either way). The
+    event offered to follow (`stats.last_event`) is a sampled one."""
     stats = stats or DemoStats()
     stats.rate_asked = rate
     world = DemoWorld(weddings=weddings, vendors=max(10, weddings * 2), seed=seed)
+    # Trace ids and sampling draws of their own, so that a seed gives the same events.
+    trace_ids = random.Random(None if seed is None else seed + 1)
     publisher = EventPublisher(settings)
     regions = {r: Redis.from_url(u) for r, u in settings.region_redis_urls.items()}
     fills = _Fills(MAX_FILLS_IN_FLIGHT)
@@ -329,22 +343,26 @@ async def run_demo(
         for event_type, record in world.opening_events():
             if stop.is_set() or (limit is not None and stats.produced >= limit):
                 break
-            await publisher.publish(event_type, record, wait=False)
+            headers = telemetry.new_trace_headers(trace_ids, sampled=trace_ids.random() < sampled)
+            await publisher.publish(event_type, record, headers=headers, wait=False)
             stats.produced += 1
         await publisher.flush()
         interval = 1.0 / rate if rate > 0 else 0.0
         next_at = stats.traffic_started = time.monotonic()
         while not stop.is_set() and (limit is None or stats.produced < limit):
             event_type, record = world.next_event()
-            await publisher.publish(event_type, record, wait=False)
+            traced = trace_ids.random() < sampled
+            headers = telemetry.new_trace_headers(trace_ids, sampled=traced)
+            await publisher.publish(event_type, record, headers=headers, wait=False)
             stats.produced += 1
             stats.traffic += 1
-            entity = (
-                f"--wedding {record['wedding_id']}"
-                if record.get("wedding_id")
-                else f"--vendor {record.get('vendor_id')}"
-            )
-            stats.last_event = (event_type, str(record["event_id"]), entity)
+            if traced or stats.last_event is None:
+                entity = (
+                    f"--wedding {record['wedding_id']}"
+                    if record.get("wedding_id")
+                    else f"--vendor {record.get('vendor_id')}"
+                )
+                stats.last_event = (event_type, str(record["event_id"]), entity)
             if on_event is not None:
                 on_event(event_type, record)
             if world.rng.random() < 0.2:

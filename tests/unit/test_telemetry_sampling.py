@@ -3,12 +3,19 @@ context is read as the tracecontext propagator reads it (its unsampled fast path
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from cachesync.consumers.telemetry import extract_context, message_trace, trace_sampler
+from cachesync.consumers.telemetry import (
+    extract_context,
+    message_trace,
+    new_trace_headers,
+    trace_sampler,
+)
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 SPAN = "b7ad6b7169203331"
@@ -98,3 +105,15 @@ def test_the_sampler_follows_the_parents_decision(
 def test_other_samplers_are_left_to_the_sdk(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", name)
     assert trace_sampler() is None
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_a_trace_started_upstream_carries_its_decision(sampled: bool) -> None:
+    """The demo's events start their traces as the platform's would: a new trace per
+    event, sampled or not, and read back as such by the consumers."""
+    ids = random.Random(3)
+    first = new_trace_headers(ids, sampled=sampled)
+    second = new_trace_headers(ids, sampled=sampled)
+    assert reference(first) == (sampled, message_trace(first).trace_id)
+    assert (message_trace(first).parent is not None) is sampled
+    assert message_trace(first).trace_id != message_trace(second).trace_id

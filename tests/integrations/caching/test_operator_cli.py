@@ -14,9 +14,11 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from opentelemetry import trace
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -31,6 +33,7 @@ from cachesync.consumers.pipeline.kafka import partitions_of
 from cachesync.consumers.pipeline.roles import MapperRole, SinkRole
 from cachesync.consumers.settings import Settings
 from cachesync.consumers.sinks.redis import RedisSink
+from cachesync.consumers.telemetry import extract_context
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -56,6 +59,26 @@ async def _ends(settings: Settings, topics: list[str]) -> dict[TopicPartition, i
         parts = await partitions_of(settings.kafka_bootstrap_servers, topics)
         ends: dict[TopicPartition, int] = await consumer.end_offsets(parts)
         return ends
+    finally:
+        await consumer.stop()
+
+
+async def _read(
+    settings: Settings, start: dict[TopicPartition, int], end: dict[TopicPartition, int]
+) -> list[Any]:
+    """The records between two sets of end offsets."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await consumer.start()
+    try:
+        parts = [tp for tp in end if end[tp] > start.get(tp, 0)]
+        consumer.assign(parts)
+        for tp in parts:
+            consumer.seek(tp, start.get(tp, 0))
+        records: list[Any] = []
+        while len(records) < _sent(start, end):
+            for tp, batch in (await consumer.getmany(timeout_ms=1000)).items():
+                records += [r for r in batch if r.offset < end[tp]]
+        return records
     finally:
         await consumer.stop()
 
@@ -241,9 +264,20 @@ async def test_the_demo_limit_counts_every_event_it_produces(
     # Twenty weddings open with more than 40 events: the limit cut the opening short.
     assert stats.traffic == 0
     more = DemoStats()
-    await run_demo(settings, asyncio.Event(), rate=50, weddings=2, limit=30, seed=7, stats=more)
-    assert _sent(after, await _ends(settings, settings.content_topics)) == 30
+    await run_demo(
+        settings, asyncio.Event(), rate=50, weddings=2, limit=30, seed=7, stats=more, sampled=0.5
+    )
+    end = await _ends(settings, settings.content_topics)
+    assert _sent(after, end) == 30
     assert more.traffic > 0 and more.achieved_rate is not None
+    # Each event starts a trace whose sampling the platform decided, at about the share
+    # asked (the seed fixes the draw; any share but 0 and 1 would pass this bound).
+    flags = [
+        trace.get_current_span(extract_context(r.headers)).get_span_context().trace_flags
+        for r in await _read(settings, after, end)
+    ]
+    assert len(flags) == 30
+    assert 5 <= sum(f.sampled for f in flags) <= 25
 
 
 # -- item 7 ---------------------------------------------------------------------------------
