@@ -262,13 +262,15 @@ class WarmerSink(Sink):
         with a wedding changing every second, every warm had a newer purge somewhere.)
         """
         now_ms = time.time() * 1000
+        versions = [
+            keys.purge_version(sink, keys.url_target(url))
+            for warm in warms
+            for sink in self.fenced_by
+            for url in warm.urls
+        ]
         with redis_errors(f"warmer {self.region}: reading purge versions"):
-            pipe = self.redis.pipeline(transaction=False)
-            for warm in warms:
-                for sink in self.fenced_by:
-                    for url in warm.urls:
-                        pipe.get(keys.purge_version(sink, keys.url_target(url)))
-            values = iter(await pipe.execute())
+            # One MGET, not a GET each: a reply to parse instead of one per URL and sink.
+            values = iter(await self.redis.mget(versions) if versions else [])
         ready: list[tuple[WarmCommand, tuple[str, ...]]] = []
         dropped: list[tuple[WarmCommand, str]] = []
         for warm in warms:
