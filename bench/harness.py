@@ -123,7 +123,7 @@ FULL = Plan(
     cdn_events=10_000,
     cdn_weddings=500,
     profile=True,
-    run_rate=200,
+    run_rate=250,  # above the 200/s target: the figure is what is kept up with
     run_seconds=30,
 )
 SMOKE = Plan(

@@ -8,13 +8,16 @@ window, the broker says:
 - how many events the demo published (the content topics' end offsets);
 - how many of them the mapper handled (its group's committed offsets);
 - how far behind each sink's group is at the start and at the end of the window: a
-  backlog that grows is a rate not sustained.
+  backlog that grows by more than the sink may hold by design is a rate not sustained.
 
 The sustained rate is what the mapper handled per second, if no sink fell further behind
 over the window (else the rate the slowest sink group kept up with). The process's CPU
 share comes from /proc.
 
-    .venv/bin/python -m bench.make_run [--rate 200] [--seconds 30]
+    .venv/bin/python -m bench.make_run [--rate 250] [--seconds 30]
+
+`make bench` asks for more than the 200 events/s the target names, so that the figure is
+what the process keeps up with rather than the rate it was asked for.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from bench.common import (
     stop_process,
 )
 from bench.harness import Lag
+from cachesync.consumers.settings import Settings
 from cachesync.topology.admin import delete_topics
 
 WARM_UP_S = 15.0
@@ -112,15 +116,18 @@ async def bench_make_run(rate: int, seconds: float) -> dict[str, Any]:
         for name in sink_groups
         if name in first
     }
-    # A sink group kept up if its backlog grew by less than 2 s of its own traffic (its
-    # offsets are committed once a second, so its backlog read from the broker swings by
-    # that much); otherwise the rate sustained is the mapper's scaled by the share of its
-    # commands that sink applied.
+    # A sink group kept up if its backlog grew by less than what it may hold by design:
+    # its offsets are committed once a second (so its backlog read from the broker swings
+    # by that much, and by as much again between two readings), and a CDN sink holds a
+    # coalesced batch uncommitted for up to its window (CloudFront's is 10 s), so two
+    # readings can fall on a trough and a peak of that saw. Otherwise the rate sustained
+    # is the mapper's scaled by the share of its commands that sink applied.
     sustained = mapper_done / window
     for name, s in sinks.items():
         done = last[name][0] - first[name][0]
         grew = s["lag_end"] - s["lag_start"]
-        s["kept_up"] = grew <= 2 * (done + grew) / window
+        s["may_hold_s"] = may_hold = _may_hold_s(settings, name.split("/")[1])
+        s["kept_up"] = grew <= may_hold * (done + grew) / window
         if not s["kept_up"]:
             sustained = min(sustained, mapper_done / window * done / (done + grew))
     return {
@@ -135,6 +142,18 @@ async def bench_make_run(rate: int, seconds: float) -> dict[str, Any]:
         "idle_cpu_share": idle,
         "idle_seconds": IDLE_S,
     }
+
+
+def _may_hold_s(settings: Settings, kind: str) -> float:
+    """How many seconds of its traffic a sink of `kind` may hold uncommitted by design:
+    the commit interval twice, plus a CDN sink's coalescing window."""
+    held_s = 2 * settings.commit_interval_ms / 1000
+    if kind == "redis":
+        return held_s
+    window_ms = settings.topology.cdn.window_ms
+    if kind == "cloudfront":
+        window_ms = max(window_ms, settings.topology.cdn.cloudfront.window_ms)
+    return held_s + window_ms / 1000
 
 
 async def _start(
@@ -165,7 +184,7 @@ app = one_command_app()
 
 @app.command()
 def main(
-    rate: Annotated[int, typer.Option(help="the demo's events per second")] = 200,
+    rate: Annotated[int, typer.Option(help="the demo's events per second")] = 250,
     seconds: Annotated[float, typer.Option(help="the measured window")] = 30.0,
 ) -> None:
     """`make run`'s sustained demo rate, measured from the broker."""
@@ -181,7 +200,10 @@ def main(
         print(f"idle, no traffic: {r['idle_cpu_share']:.1%} of a core over {IDLE_S:.0f} s")
     for name, s in r["sinks"].items():
         kept = "kept up" if s["kept_up"] else "fell behind"
-        print(f"  {name:28s} backlog {s['lag_start']:,} -> {s['lag_end']:,} ({kept})")
+        print(
+            f"  {name:28s} backlog {s['lag_start']:,} -> {s['lag_end']:,} "
+            f"(may hold {s['may_hold_s']:g} s; {kept})"
+        )
 
 
 if __name__ == "__main__":
