@@ -36,25 +36,31 @@ async def cache_put(
 
 # One entry after another: SET the value and its write stamp with the TTL, add the key to
 # each tag's index set and give the set the TTL too. KEYS, per entry: the key, its stamp
-# key, its tags' index sets; ARGV: the TTL, the stamp, then per entry its value and its
-# number of tags. One call writes a chunk atomically, where a pipeline of the same commands
+# key, its tags' index sets; ARGV: the TTL, the stamp, whether to write only the keys not
+# cached ("1"), then per entry its value and its number of tags. One call writes a chunk atomically, where a pipeline of the same commands
 # cost a command and a reply each: the demo's guest fills (about 100 commands a fill) were
 # a fifth of `make run`'s CPU that way.
 _PUT = """
-local ttl, stamp, k = ARGV[1], ARGV[2], 1
-for i = 3, #ARGV, 2 do
+local ttl, stamp, missing, k = ARGV[1], ARGV[2], ARGV[3] == '1', 1
+for i = 4, #ARGV, 2 do
   local key, tags = KEYS[k], tonumber(ARGV[i + 1])
-  redis.call('SET', key, ARGV[i], 'EX', ttl)
-  redis.call('SET', KEYS[k + 1], stamp, 'EX', ttl)
-  for j = 1, tags do
-    redis.call('SADD', KEYS[k + 1 + j], key)
-    redis.call('EXPIRE', KEYS[k + 1 + j], ttl)
+  local written
+  if missing then
+    written = redis.call('SET', key, ARGV[i], 'EX', ttl, 'NX')
+  else
+    written = redis.call('SET', key, ARGV[i], 'EX', ttl)
+  end
+  if written then
+    redis.call('SET', KEYS[k + 1], stamp, 'EX', ttl)
+    for j = 1, tags do
+      redis.call('SADD', KEYS[k + 1 + j], key)
+      redis.call('EXPIRE', KEYS[k + 1 + j], ttl)
+    end
   end
   k = k + 2 + tags
 end
 return k - 1
 """
-
 # Entries per script call: a call blocks the Redis server while it runs, so a large fill
 # (a test's or a benchmark's 100,000 keys) goes out as several, in one pipeline.
 _PUT_CHUNK = 500
@@ -66,13 +72,17 @@ async def cache_put_many(
     *,
     ttl_s: int = 3600,
     written_at_ms: int | None = None,
+    only_missing: bool = False,
 ) -> None:
-    """`cache_put` for many (key, value, tags) entries in one round trip."""
+    """`cache_put` for many (key, value, tags) entries in one round trip.
+
+    `only_missing`: write only the entries not cached (what a cache-aside read does after
+    its misses); an entry still cached keeps its value, TTL, stamp and tags."""
     stamp = written_at_ms or int(time.time() * 1000)
     calls: list[tuple[list[str], list[bytes | str | int]]] = []
     for n, (key, value, tags) in enumerate(entries):
         if n % _PUT_CHUNK == 0:
-            calls.append(([], [ttl_s, stamp]))
+            calls.append(([], [ttl_s, stamp, "1" if only_missing else "0"]))
         call_keys, call_args = calls[-1]
         call_keys += (key, keys.written_at(key), *(keys.tag_index(tag) for tag in tags))
         call_args += (value, len(tags))

@@ -39,3 +39,25 @@ async def test_every_entry_its_stamp_and_its_tags(region_redis: dict[str, Redis]
     tagged_all = [key for key, _, tags in entries if f"pc:{run}:all" in tags]
     members = await redis.smembers(keys.tag_index(f"pc:{run}:all"))
     assert sorted(m.decode() for m in members) == sorted(tagged_all)
+
+
+async def test_only_missing_writes_what_is_not_cached(region_redis: dict[str, Redis]) -> None:
+    """A cache-aside fill: the entry still cached keeps its value, stamp and tags; the
+    missing one is written with its stamp and tags."""
+    redis = next(iter(region_redis.values()))
+    run = uuid.uuid4().hex[:8]
+    cached, missing = f"pc:{run}:cached", f"pc:{run}:missing"
+    await cache_put_many(redis, [(cached, b"old", [f"pc:{run}:a"])], ttl_s=600, written_at_ms=1)
+    await cache_put_many(
+        redis,
+        [(cached, b"new", [f"pc:{run}:b"]), (missing, b"new", [f"pc:{run}:b"])],
+        ttl_s=600,
+        written_at_ms=2,
+        only_missing=True,
+    )
+    assert await redis.get(cached) == b"old"
+    assert await redis.get(keys.written_at(cached)) == b"1"
+    assert await redis.get(missing) == b"new"
+    assert await redis.get(keys.written_at(missing)) == b"2"
+    assert await redis.smembers(keys.tag_index(f"pc:{run}:b")) == {missing.encode()}
+    assert await redis.smembers(keys.tag_index(f"pc:{run}:a")) == {cached.encode()}
