@@ -334,11 +334,12 @@ class MapperRole(_Role):
         (the rest are acked). Handed over in the same turn of the event loop, so that the
         producer's sender takes them into one request."""
         sent, audited = await asyncio.gather(writer.send(), audit.flush(), return_exceptions=True)
-        for outcome in (sent, audited):
-            if isinstance(outcome, ProduceRefused):
-                continue
-            if isinstance(outcome, BaseException):
-                raise outcome
+        # Only the commands' send reports a refusal as ProduceRefused; any other failure,
+        # of either, fails the batch.
+        if isinstance(sent, BaseException) and not isinstance(sent, ProduceRefused):
+            raise sent
+        if isinstance(audited, BaseException):
+            raise audited
         return sent.refused if isinstance(sent, ProduceRefused) else {}
 
     async def _dead_letter(self, record: Record, error: BadInput) -> None:
