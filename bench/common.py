@@ -161,6 +161,24 @@ async def produce_all(
             await producer.stop()
 
 
+# The stack's extras that `make test` starts and `make bench` does not use
+# (deploy/local/up.d/secure.sh, two-clusters.sh): two more brokers and MirrorMaker 2,
+# some 9 % of this 2-core machine between them, left running until `make down`.
+TEST_EXTRAS = ("kafka-secure", "kafka-eu-west", "mm2")
+
+
+def extras_running() -> list[str]:
+    """Which of TEST_EXTRAS are running now (their PID files under .stack/run/)."""
+    running = []
+    for name in TEST_EXTRAS:
+        try:
+            os.kill(int((REPO / ".stack" / "run" / f"{name}.pid").read_text().strip()), 0)
+        except (OSError, ValueError):
+            continue
+        running.append(name)
+    return running
+
+
 def measured_commit() -> str:
     """The commit a run measures: `git rev-parse --short HEAD`, plus "+dirty" when the
     tree differs from it. Read when the run starts: what it measures is the code loaded

@@ -54,6 +54,7 @@ from bench.common import (
     World,
     cdn_env,
     encode_events,
+    extras_running,
     measured_commit,
     now_ms,
     one_command_app,
@@ -946,8 +947,14 @@ async def run_all(plan: Plan, smoke: bool) -> dict[str, Any]:
         "plan": asdict(plan),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "pinned_cpu": _cpu(), "python": sys.version.split()[0]},
+        "extras_running": extras_running(),
     }
     say = Progress()
+    if out["extras_running"]:
+        say(
+            f"the test extras are running ({', '.join(out['extras_running'])}): the figures "
+            "are from a busier machine; `make down` first to measure without them"
+        )
     async with _scenarios(run) as topics:
         out["mapper"], out["sink"] = await _throughput(plan, run, topics, say)
         latency = await _latency(plan, run, topics, say)

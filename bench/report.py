@@ -277,6 +277,15 @@ def markdown(out: dict[str, Any], rows: list[Row]) -> str:
         f"{out['machine']['pinned_cpu']}. Values are the median (min-max) of "
         f"{out['plan']['reps']} repeats (latency: {out['plan']['latency_reps']}), each ceiling "
         "measured in the same run. Plot: [latest.png](latest.png).",
+        *(
+            [
+                "",
+                f"**The stack's test extras were running** ({', '.join(extras)}): these "
+                "figures come from a busier machine than `make bench` alone makes.",
+            ]
+            if (extras := out.get("extras_running"))
+            else []
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",
