@@ -22,7 +22,7 @@ async def test_key_events_bring_the_platforms_fills_and_misses_and_not_cachesync
     task = asyncio.create_task(events.run(stop))
     run = uuid.uuid4().hex[:8]
     try:
-        await eventually(lambda: _true(events.listening), within=10, what="listening")
+        await eventually(lambda: events.listening, within=10, what="listening")
         await redis.set(f"cachesync:applied:redis:{run}", 1, ex=60)
         await redis.set(f"cachesync{run}", 1, ex=60)  # not cachesync's prefix: the platform's
         await redis.set(f"photo:{run}", b"jpeg", ex=60)
@@ -44,7 +44,3 @@ async def test_key_events_bring_the_platforms_fills_and_misses_and_not_cachesync
         (f"photo:{run}-absent", "miss"),
         (f"photo:{run}-last", "fill"),
     ]
-
-
-async def _true(value: bool) -> bool:
-    return value

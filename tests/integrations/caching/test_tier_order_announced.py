@@ -272,7 +272,7 @@ async def test_an_announced_event_is_taken_as_applied_without_reading_its_marker
         await asyncio.wait_for(watch.subscribed.wait(), timeout=10)
         # No marker: only the announcement says it (as it would, a moment after the marker).
         await redis.publish(keys.tier_applied(DEFAULT, "redis"), heard)
-        await eventually(lambda: _true(watch.announcements >= 1), what="the announcement")
+        await eventually(lambda: watch.announcements >= 1, what="the announcement")
         assert await watch.wait({heard}, timeout_s=1.0) == set()
         assert reads == [], "an announced event's marker was read"
 
@@ -285,10 +285,6 @@ async def test_an_announced_event_is_taken_as_applied_without_reading_its_marker
         await watch.close()
         await redis.delete(keys.applied_event("redis", marked))
         await redis.aclose()
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_a_split_purge_is_announced_only_once_its_last_part_is_applied(
@@ -332,7 +328,7 @@ async def test_a_split_purge_is_announced_only_once_its_last_part_is_applied(
     try:
         await send_commands(own, parts[:1])
         await eventually(
-            lambda: _true(role.loop.records_committed >= 1 or role.stats.applied >= 1),
+            lambda: role.loop.records_committed >= 1 or role.stats.applied >= 1,
             what="the first part applied",
         )
         await asyncio.sleep(0.3)
