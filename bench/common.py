@@ -7,8 +7,8 @@ import contextlib
 import itertools
 import math
 import os
+import random
 import re
-import secrets
 import signal
 import subprocess
 import time
@@ -19,6 +19,7 @@ from typing import Any
 import typer
 from aiokafka import AIOKafkaProducer
 
+from cachesync.consumers import telemetry
 from cachesync.consumers.ops.demo import DemoWorld
 from cachesync.consumers.ops.publish import event_key
 from cachesync.consumers.pipeline.codecs import codec_for
@@ -40,14 +41,14 @@ _ID = re.compile(r"\b(w|v|ph|a)-(\d+)")
 # sampler: a span per event per stage, which no deployment at 1,000 events/s runs with.
 PLATFORM_SAMPLED_EVERY = 100
 _TRACE_SEQ = itertools.count()
+_TRACE_IDS = random.SystemRandom()
 
 
 def platform_trace() -> list[tuple[str, bytes]]:
     """The headers of the platform's next traced message (a fresh trace id each)."""
-    n = next(_TRACE_SEQ)
-    flags = "01" if n % PLATFORM_SAMPLED_EVERY == 0 else "00"
-    traceparent = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-{flags}"
-    return [("traceparent", traceparent.encode())]
+    return telemetry.new_trace_headers(
+        _TRACE_IDS, sampled=next(_TRACE_SEQ) % PLATFORM_SAMPLED_EVERY == 0
+    )
 
 
 def one_command_app() -> typer.Typer:

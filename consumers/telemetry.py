@@ -283,27 +283,21 @@ def untraced() -> AbstractContextManager[object]:
     return suppress_instrumentation()
 
 
-def inject_context(headers: list[tuple[str, bytes]], context: Context | None = None) -> None:
-    """Put the current span's context (or `context`'s) in outgoing headers (W3C
-    traceparent/tracestate).
+def inject_context(headers: list[tuple[str, bytes]]) -> None:
+    """Put the current span's context in outgoing headers (W3C traceparent/tracestate).
 
     Done by hand, not left to the aiokafka instrumentation: commands go out in
     batches (`BatchedSends`), which it does not see."""
-    propagate.inject(headers, context=context, setter=KAFKA_HEADERS)
+    propagate.inject(headers, setter=KAFKA_HEADERS)
 
 
 def new_trace_headers(ids: random.Random, *, sampled: bool) -> list[tuple[str, bytes]]:
     """The headers of an event that starts a trace upstream of cachesync, with the
-    sampling decision made there (what the platform's own producer attaches)."""
-    span_context = trace.SpanContext(
-        trace_id=ids.getrandbits(128) or 1,
-        span_id=ids.getrandbits(64) or 1,
-        is_remote=False,
-        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED if sampled else 0),
-    )
-    headers: list[tuple[str, bytes]] = []
-    inject_context(headers, trace.set_span_in_context(trace.NonRecordingSpan(span_context)))
-    return headers
+    sampling decision made there (what the platform's own producer attaches): a W3C
+    traceparent, version 00, as the tracecontext propagator writes one."""
+    trace_id, span_id = ids.getrandbits(128) or 1, ids.getrandbits(64) or 1
+    traceparent = f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
+    return [("traceparent", traceparent.encode())]
 
 
 # The W3C traceparent, as the tracecontext propagator reads it (version 00, no extra field).

@@ -419,13 +419,8 @@ class ConsistencyChecker:
             heapq.heappush(self._queue, probe)
 
     def _on_report(self, audit: AuditRecord) -> None:
-        if (
-            audit.stage != "sink"
-            or audit.kind != "purge"
-            or audit.command_id is None
-            or audit.sink is None
-            or not self._wanted(audit.command_id, audit.event_id)
-        ):
+        """A sink's purge report the checker follows (`_decode_audits` kept only those)."""
+        if audit.command_id is None or audit.sink is None:
             return
         report = Report(audit.outcome, audit.detail, audit.recorded_at)
         key = (audit.command_id, audit.sink)

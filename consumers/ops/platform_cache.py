@@ -37,9 +37,9 @@ async def cache_put(
 # One entry after another: SET the value and its write stamp with the TTL, add the key to
 # each tag's index set and give the set the TTL too. KEYS, per entry: the key, its stamp
 # key, its tags' index sets; ARGV: the TTL, the stamp, whether to write only the keys not
-# cached ("1"), then per entry its value and its number of tags. One call writes a chunk atomically, where a pipeline of the same commands
-# cost a command and a reply each: the demo's guest fills (about 100 commands a fill) were
-# a fifth of `make run`'s CPU that way.
+# cached ("1"), then per entry its value and its number of tags. One call writes a chunk
+# atomically, where a pipeline of the same commands cost a command and a reply each: the
+# demo's guest fills (about 100 commands a fill) were a fifth of `make run`'s CPU that way.
 _PUT = """
 local ttl, stamp, missing, k = ARGV[1], ARGV[2], ARGV[3] == '1', 1
 for i = 4, #ARGV, 2 do
