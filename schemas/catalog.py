@@ -41,7 +41,7 @@ class SchemaVersion:
     reading: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "reading", fastavro.parse_schema(_millis_as_longs(self.raw)))
+        object.__setattr__(self, "reading", fastavro.parse_schema(millis_as_longs(self.raw)))
 
     def with_datetimes(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """A decoded record with its top-level timestamps as UTC datetimes, for people to
@@ -64,14 +64,14 @@ def is_timestamp(avro_type: Any) -> bool:
     return any(isinstance(t, dict) and t.get("logicalType") == "timestamp-millis" for t in types)
 
 
-def _millis_as_longs(schema: Any) -> Any:
+def millis_as_longs(schema: Any) -> Any:
     """`schema` with every `timestamp-millis` logical type dropped (its longs stay)."""
     if isinstance(schema, list):
-        return [_millis_as_longs(s) for s in schema]
+        return [millis_as_longs(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
     return {
-        key: _millis_as_longs(value)
+        key: millis_as_longs(value)
         for key, value in schema.items()
         if not (key == "logicalType" and value == "timestamp-millis")
     }

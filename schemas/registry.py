@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +25,7 @@ from cachesync.schemas.serde import (
     UndecodableMessage,
     UnknownSchema,
     read_body,
+    write_bodies,
     write_body,
     writer_schema,
 )
@@ -78,12 +80,24 @@ class ConfluentCodec:
         self, type_name: str, record: dict[str, Any], *, version: int | None = None
     ) -> bytes:
         writer = writer_schema(self.catalog, type_name, version)
-        schema_id = self._id_of.get((type_name, writer.version))
+        return self._head(writer) + write_body(writer, record)
+
+    def encode_alike(
+        self, type_name: str, records: Sequence[dict[str, Any]], varying: tuple[str, ...]
+    ) -> list[bytes]:
+        """`encode` of each record, in order, with the newest schema; see `write_bodies`."""
+        writer = writer_schema(self.catalog, type_name, None)
+        head = self._head(writer)
+        return [head + body for body in write_bodies(writer, records, varying)]
+
+    def _head(self, writer: SchemaVersion) -> bytes:
+        """The wire format's magic byte and the writer schema's registry id."""
+        schema_id = self._id_of.get((writer.type_name, writer.version))
         if schema_id is None:
             raise UnknownSchema(
-                f"{type_name} v{writer.version} is not registered (start() not run?)"
+                f"{writer.type_name} v{writer.version} is not registered (start() not run?)"
             )
-        return b"\x00" + struct.pack(">I", schema_id) + write_body(writer, record)
+        return b"\x00" + struct.pack(">I", schema_id)
 
     def decode(self, data: bytes) -> Decoded:
         schema_id = self._schema_id(data)

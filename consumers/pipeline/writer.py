@@ -18,6 +18,8 @@ from cachesync.consumers.pipeline.sends import BatchedSends, Renew
 from cachesync.schemas import Codec
 
 _KIND_HEADERS = {kind: (headers.KIND, kind.encode()) for kind in COMMAND_TYPES}
+# What differs between an event's commands of one kind, apart from a split purge's parts.
+_VARYING = ("command_id", "region")
 
 
 class CommandWriter:
@@ -69,7 +71,8 @@ class CommandWriter:
         topics = self._topics
         shared = [*context, *self._marks]
         event_ids: dict[str, tuple[str, bytes]] = {}  # one event's commands share theirs
-        for command in commands:
+        commands = list(commands)
+        for command, value in zip(commands, self._encode(commands), strict=True):
             topic = topics.get(command.region)
             if topic is None:
                 topic = topics[command.region] = self.topic_for(command.region)
@@ -82,10 +85,27 @@ class CommandWriter:
             self._sends.add(
                 topic,
                 command.entity.encode(),
-                self.codec.encode(command.schema_type, command.to_record()),
+                value,
                 [_KIND_HEADERS[command.kind], event_id, *shared],
             )
             self._origins.append(origin)
+
+    def _encode(self, commands: list[Command]) -> list[bytes]:
+        """The commands' messages, in order. Those of one kind are encoded together: an
+        event's purges differ only in their region and id, as do a wedding's warms, and
+        what they share is encoded once (`Codec.encode_alike`: a fifth of the mapper's
+        CPU was encoding commands)."""
+        values: list[bytes] = []
+        start = 0
+        for end in range(1, len(commands) + 1):
+            if end == len(commands) or commands[end].kind != commands[start].kind:
+                values += self.codec.encode_alike(
+                    commands[start].schema_type,
+                    [c.to_record() for c in commands[start:end]],
+                    _VARYING,
+                )
+                start = end
+        return values
 
     def __len__(self) -> int:
         return len(self._sends)

@@ -32,6 +32,18 @@ async def test_round_trip_every_schema(type_name: str) -> None:
         await codec.close()
 
 
+async def test_encode_alike_is_encode_of_each() -> None:
+    """Commands alike but for their id and region: each as `encode` frames it alone."""
+    codec = await _codec(RegistryStub())
+    try:
+        record = sample_record("purge")
+        records = [record | {"command_id": f"id-{r}", "region": r} for r in ("a", "b", "c")]
+        data = codec.encode_alike("purge", records, ("command_id", "region"))
+        assert data == [codec.encode("purge", r) for r in records]
+    finally:
+        await codec.close()
+
+
 async def test_unknown_id_is_fetched_once_then_decoded() -> None:
     """A schema another producer registered (not one of ours) is fetched and read with our reader."""
     stub = RegistryStub()
