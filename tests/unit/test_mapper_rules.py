@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cachesync.consumers.commands import PurgeCommand, WarmCommand
+from cachesync.consumers.commands import PurgeCommand, WarmCommand, command_id
 from cachesync.consumers.errors import RuleError
 from cachesync.consumers.mapping.index import RelationshipIndex
 from cachesync.consumers.mapping.mapper import Mapper
@@ -286,6 +286,13 @@ async def test_command_ids_are_deterministic() -> None:
     b = await mapper.map_event("photo.uploaded", _event("photo.uploaded", **PHOTO))
     assert [c.command_id for c in a] == [c.command_id for c in b]
     assert len({c.command_id for c in a}) == len(a)
+
+
+def test_command_ids_stay_what_earlier_versions_made() -> None:
+    """An id is a keyed BLAKE2b of the event, region, kind and part, in UUID form: a
+    replay of topics written by an earlier version must name its commands the same."""
+    assert command_id("e1", "eu-west", "purge") == "6a77d3d6-6c20-1e1d-8869-493e5439e031"
+    assert command_id("e1", "eu-west", "purge", "#part1") != command_id("e1", "eu-west", "purge")
 
 
 async def test_a_new_rule_needs_no_code_change(tmp_path: Path) -> None:
