@@ -89,7 +89,9 @@ def _latency_rows(out: dict[str, Any]) -> list[Row]:
     for lat, rate, seconds, reps, target_ms in runs:
         missed = sum(r["incomplete"] for r in reps)
         events = sum(r["events"] + r["incomplete"] for r in reps)
-        note = f"; {missed:,} of {events:,} not applied within the run" if missed else ""
+        note = f", median of {len(reps)} runs" if len(reps) > 1 else ""
+        within = "the run" if len(reps) == 1 else "their runs"
+        note += f"; {missed:,} of {events:,} not applied within {within}" if missed else ""
         if target_ms is None:
             sinks = len(reps[0]["processes"]) - 1
             note += f"; every sink running, {sinks} sink processes: reported, not a target"
