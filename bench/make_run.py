@@ -108,6 +108,7 @@ async def bench_make_run(rate: int, seconds: float) -> dict[str, Any]:
         await stop_process(proc)
         with contextlib.suppress(Exception):
             await delete_topics(settings.kafka_bootstrap_servers, settings.topic_prefix)
+    _forget_logs(log, idle_too=idle is not None)
     window = t1 - t0
     mapper_done = last["mapper"][0] - first["mapper"][0]
     published = mapper_done + last["mapper"][1] - first["mapper"][1]
@@ -142,6 +143,14 @@ async def bench_make_run(rate: int, seconds: float) -> dict[str, Any]:
         "idle_cpu_share": idle,
         "idle_seconds": IDLE_S,
     }
+
+
+def _forget_logs(log: Path, *, idle_too: bool) -> None:
+    """The logs of a run that went well: only a failed process's log is kept, for
+    whoever reads why (they piled up in .stack/, one pair per run)."""
+    log.unlink(missing_ok=True)
+    if idle_too:
+        log.with_suffix(".idle.log").unlink(missing_ok=True)
 
 
 def _may_hold_s(settings: Settings, kind: str) -> float:
