@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,21 @@ def _throughput_rows(s: dict[str, Any]) -> list[Row]:
     return rows
 
 
-def _one_run(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A single latency run's quantiles as a spread (median, min, max) of one."""
-    return {q: {"median": r[q], "min": r[q], "max": r[q]} for q in ("p50", "p99", "max")}
+def _quantiles(reps: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Latency runs' quantiles, each as a spread (median, min, max) over the runs."""
+    return {
+        q: {
+            "median": statistics.median(r[q] for r in reps),
+            "min": min(r[q] for r in reps),
+            "max": max(r[q] for r in reps),
+        }
+        for q in ("p50", "p99", "max")
+    }
+
+
+def _median_run(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run whose p99 is the median one: the curve of the figure the table quotes."""
+    return sorted(reps, key=lambda r: r["p99"])[len(reps) // 2]
 
 
 def _latency_rows(out: dict[str, Any]) -> list[Row]:
@@ -78,13 +91,13 @@ def _latency_rows(out: dict[str, Any]) -> list[Row]:
             100,
         )
     ]
-    if out.get("latency_low"):
-        low = out["latency_low"]
-        runs.append((_one_run(low), low["rate"], low["seconds"], [low], 50))
+    low = out.get("latency_low")
+    if low:
+        runs.append((_quantiles(low), low[0]["rate"], low[0]["seconds"], low, 50))
     # Issue 13: the same figures with every sink running, reported, not a target.
     every = out.get("latency_every_sink")
     if every:
-        runs.append((_one_run(every), every["rate"], every["seconds"], [every], None))
+        runs.append((_quantiles([every]), every["rate"], every["seconds"], [every], None))
     rows: list[Row] = []
     for lat, rate, seconds, reps, target_ms in runs:
         missed = sum(r["incomplete"] for r in reps)
@@ -326,14 +339,12 @@ def plot(out: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
-    reps = out["latency"]
-    # The repeat whose p99 is the median one, so the curve is the figure the table quotes.
-    rep = sorted(reps, key=lambda r: r["p99"])[len(reps) // 2]
+    rep = _median_run(out["latency"])
     t = [row[0] for row in rep["timeline"]]
     for col, label, style in ((1, "p50", "-"), (2, "p99", "-"), (3, "max", ":")):
         ax1.plot(t, [row[col] for row in rep["timeline"]], style, label=label)
-    low = out.get("latency_low")
-    if low:
+    if out.get("latency_low"):
+        low = _median_run(out["latency_low"])
         lt = [row[0] for row in low["timeline"]]
         ax1.plot(lt, [row[2] for row in low["timeline"]], "--", label=f"p99 at {low['rate']:,}/s")
     ax1.axhline(100, color="red", linestyle="--", linewidth=1, label="p99 target 100 ms")
