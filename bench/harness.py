@@ -863,37 +863,28 @@ async def _throughput(
     return mapper, sink
 
 
-async def _latency(plan: Plan, run: str, topics: Topics, say: Progress) -> list[dict[str, Any]]:
-    """End-to-end latency at the plan's rate, `plan.latency_reps` times."""
-    latency: list[dict[str, Any]] = []
+async def _latency_runs(
+    plan: Plan,
+    run: str,
+    topics: Topics,
+    say: Progress,
+    rate: int,
+    seconds: float,
+    *,
+    first_rep: int = 0,
+    why: str = "",
+) -> list[dict[str, Any]]:
+    """End-to-end latency at `rate` for `seconds`, `plan.latency_reps` times; the runs are
+    numbered from `first_rep` (each run's topics are its own)."""
+    runs: list[dict[str, Any]] = []
     for rep in range(plan.latency_reps):
         say(
-            f"end-to-end latency at {plan.latency_rate:,}/s for {plan.latency_seconds:.0f}s, "
+            f"end-to-end latency at {rate:,}/s for {seconds:.0f}s{why}, "
             f"repeat {rep + 1}/{plan.latency_reps}"
         )
-        latency.append(
-            await bench_latency(plan, run, topics, rep, plan.latency_rate, plan.latency_seconds)
-        )
-        say(f"  {_lat_line(latency[-1])}")
-    return latency
-
-
-async def _latency_low(plan: Plan, run: str, topics: Topics, say: Progress) -> list[dict[str, Any]]:
-    """End-to-end latency again at a rate this machine sustains, `plan.latency_reps` times."""
-    low: list[dict[str, Any]] = []
-    for rep in range(plan.latency_reps):
-        say(
-            f"end-to-end latency at {plan.latency_low_rate:,}/s for "
-            f"{plan.latency_low_seconds:.0f}s (a rate this machine sustains), "
-            f"repeat {rep + 1}/{plan.latency_reps}"
-        )
-        low.append(
-            await bench_latency(
-                plan, run, topics, 50 + rep, plan.latency_low_rate, plan.latency_low_seconds
-            )
-        )
-        say(f"  {_lat_line(low[-1])}")
-    return low
+        runs.append(await bench_latency(plan, run, topics, first_rep + rep, rate, seconds))
+        say(f"  {_lat_line(runs[-1])}")
+    return runs
 
 
 async def _latency_every_sink(
@@ -965,9 +956,20 @@ async def run_all(plan: Plan, smoke: bool) -> dict[str, Any]:
         )
     async with _scenarios(run) as topics:
         out["mapper"], out["sink"] = await _throughput(plan, run, topics, say)
-        latency = await _latency(plan, run, topics, say)
+        latency = await _latency_runs(
+            plan, run, topics, say, plan.latency_rate, plan.latency_seconds
+        )
         if plan.latency_low_rate:
-            out["latency_low"] = await _latency_low(plan, run, topics, say)
+            out["latency_low"] = await _latency_runs(
+                plan,
+                run,
+                topics,
+                say,
+                plan.latency_low_rate,
+                plan.latency_low_seconds,
+                first_rep=50,
+                why=" (a rate this machine sustains)",
+            )
         if plan.latency_every_sink:
             out["latency_every_sink"] = await _latency_every_sink(plan, run, topics, say)
         out["latency"] = latency
