@@ -394,20 +394,28 @@ async def bench_mapper(
     )
     if profile:
         return {"mapper": mapper}
-    # On the same topics, after the mapper: it reads back what the mapper sent.
-    ceiling = await run_worker("kafka-ceiling", "ceiling", *common, "--count", plan.mapper_count)
+    from bench.worker import output_ends
+
+    # On the same topics, after the mapper: each reads back what the mapper sent.
+    upto = ["--count", plan.mapper_count, "--upto", json.dumps(await output_ends(settings))]
+    ceiling = await run_worker("kafka-ceiling", "ceiling", *common, *upto)
+    # The ceiling's loop with the mapper's codec work added (bench/CEILINGS.md).
+    floor = await run_worker("codec-floor", "codec-floor", *common, *upto)
     produced = sum(mapper["roles"]["mapper"]["produced"].values())
-    planned = {kind: t["messages"] for kind, t in ceiling["planned"].items()}
-    if ceiling["sent"] != planned or planned["commands"] != produced:
-        raise BenchError(
-            f"kafka-ceiling sent {ceiling['sent']} of {planned}; the mapper sent {produced} commands"
-        )
+    for name, loop in (("kafka-ceiling", ceiling), ("codec-floor", floor)):
+        planned = {kind: t["messages"] for kind, t in loop["planned"].items()}
+        if loop["sent"] != planned or planned["commands"] != produced:
+            raise BenchError(
+                f"{name} sent {loop['sent']} of {planned}; the mapper sent {produced} commands"
+            )
     return {
         "value": mapper["window"]["rate"],
         "ceiling": ceiling["window"]["rate"],
+        "floor": floor["window"]["rate"],
         "moved": {"inputs": total, **ceiling["planned"]},
         "mapper": mapper,
         "kafka_ceiling": ceiling,
+        "codec_floor": floor,
     }
 
 
@@ -856,7 +864,10 @@ async def _throughput(
     for rep in range(plan.reps):
         say(f"mapper throughput, repeat {rep + 1}/{plan.reps}")
         mapper.append(await bench_mapper(plan, run, topics, rep))
-        say(f"  mapper {mapper[-1]['value']:,.0f} ev/s, ceiling {mapper[-1]['ceiling']:,.0f} ev/s")
+        say(
+            f"  mapper {mapper[-1]['value']:,.0f} ev/s, ceiling {mapper[-1]['ceiling']:,.0f} "
+            f"ev/s, codec floor {mapper[-1]['floor']:,.0f} ev/s"
+        )
         say(f"sink apply rate, repeat {rep + 1}/{plan.reps}")
         sink.append(await bench_sink(plan, run, topics, rep))
         say(f"  sink {sink[-1]['value']:,.0f} cmd/s, ceiling {sink[-1]['ceiling']:,.0f} cmd/s")
@@ -1000,6 +1011,16 @@ async def run_all(plan: Plan, smoke: bool) -> dict[str, Any]:
     return out
 
 
+def codec_floor(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mapper's codec floor, and its share of the ceiling: the highest mapper ratio
+    fastavro leaves room for (bench/CEILINGS.md)."""
+    return {
+        "floor": _spread([r["floor"] for r in reps]),
+        "floor_ratio": _spread([r["floor"] / r["ceiling"] for r in reps]),
+        "of_floor": _spread([r["value"] / r["floor"] for r in reps]),
+    }
+
+
 def summarize(out: dict[str, Any]) -> dict[str, Any]:
     def ratio_of(reps: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -1011,7 +1032,7 @@ def summarize(out: dict[str, Any]) -> dict[str, Any]:
     lat = out["latency"]
     small, large = out["backlog"]
     return {
-        "mapper": ratio_of(out["mapper"]),
+        "mapper": ratio_of(out["mapper"]) | codec_floor(out["mapper"]),
         "sink": ratio_of(out["sink"]),
         "latency": {k: _spread([r[k] for r in lat]) for k in ("p50", "p99", "max")},
         "backlog": {
@@ -1097,6 +1118,14 @@ def _write_only(out: dict[str, Any]) -> None:
             f"{spread['ratio']['median']:.2f} "
             f"({spread['ratio']['min']:.2f}-{spread['ratio']['max']:.2f})"
         )
+    floor = codec_floor(out["mapper"])
+    print(
+        f"mapper codec floor: {floor['floor']['median']:,.0f} "
+        f"({floor['floor']['min']:,.0f}-{floor['floor']['max']:,.0f}), of the ceiling "
+        f"{floor['floor_ratio']['median']:.2f} "
+        f"({floor['floor_ratio']['min']:.2f}-{floor['floor_ratio']['max']:.2f}); the mapper "
+        f"is {floor['of_floor']['median']:.2f} of it"
+    )
     fd, path = tempfile.mkstemp(prefix=f"bench-{out['only']}-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(_finite(out), f, indent=2)

@@ -57,6 +57,18 @@ def _throughput_rows(s: dict[str, Any]) -> list[Row]:
                 met=_met(f["ratio"]["median"] >= target),
             )
         )
+        if key == "mapper" and "floor" in f:
+            rows.append(
+                _row(
+                    "Mapper codec floor, 1 core (events/s; the ceiling's loop plus the mapper's "
+                    "fastavro decode of each event and encode of each message it sends: the "
+                    "most a mapper on fastavro can do, whatever its rules cost; the mapper "
+                    f"runs at {_spread(f['of_floor'], 2)} of it)",
+                    _spread(f["floor"]),
+                    ceiling=_spread(f["ceiling"]) + " (bare aiokafka loop)",
+                    ratio=_spread(f["floor_ratio"], 2),
+                )
+            )
     return rows
 
 

@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -225,8 +226,11 @@ Where = tuple[str, int, int]  # an input record: topic, partition, offset
 Message = tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]  # topic, key, value, headers
 
 
-async def _read_back(settings: Settings, topics: list[str]) -> list[Record]:
-    """Every record of `topics`, from the start to their current end (no consumer group)."""
+async def _read_back(
+    settings: Settings, topics: list[str], upto: Mapping[str, int] | None = None
+) -> list[Record]:
+    """Every record of `topics`, from the start to their current end, or to the offset
+    `upto` gives a partition ("topic:partition"), if lower (no consumer group)."""
     from aiokafka import AIOKafkaConsumer
 
     from cachesync.consumers.pipeline.kafka import partitions_of
@@ -243,16 +247,40 @@ async def _read_back(settings: Settings, topics: list[str]) -> list[Record]:
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         ends = await consumer.end_offsets(parts)
+        for tp in parts:
+            ends[tp] = min(ends[tp], (upto or {}).get(f"{tp.topic}:{tp.partition}", ends[tp]))
         left = {tp for tp in parts if ends[tp] > 0}
         while left:
             batch = await consumer.getmany(*left, timeout_ms=1000, max_records=5000)
             for tp, records in batch.items():
-                out += records
+                out += [r for r in records if r.offset < ends[tp]]
                 if records and records[-1].offset + 1 >= ends[tp]:
                     left.discard(tp)
     finally:
         await consumer.stop()
     return out
+
+
+async def output_ends(settings: Settings) -> dict[str, int]:
+    """Where the mapper's output ends, per "topic:partition" of the command and audit
+    topics: what the ceilings read back, sent after it (they send to the same topics), is
+    not the mapper's."""
+    from aiokafka import AIOKafkaConsumer
+
+    from cachesync.consumers.pipeline.kafka import partitions_of
+
+    topics = [settings.commands_topic(r) for r in settings.topology.regions]
+    parts = await partitions_of(settings.kafka_bootstrap_servers, [*topics, settings.audit_topic])
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        consumer.assign(parts)
+        ends = await consumer.end_offsets(parts)
+    finally:
+        await consumer.stop()
+    return {f"{tp.topic}:{tp.partition}": end for tp, end in ends.items()}
 
 
 def _message(record: Record) -> Message:
@@ -268,7 +296,9 @@ class MapperOutputs:
     audit: dict[Where, list[Message]]
 
     @classmethod
-    async def read_back(cls, settings: Settings, codec: Codec) -> MapperOutputs:
+    async def read_back(
+        cls, settings: Settings, codec: Codec, upto: Mapping[str, int] | None = None
+    ) -> MapperOutputs:
         """From the scenario's topics, after the mapper ran: a command names its event in a
         header, an audit record in its key; each event is found by its id in the inputs."""
         from cachesync.consumers.pipeline.headers import EVENT_ID, header
@@ -280,10 +310,10 @@ class MapperOutputs:
             where[event_id] = (r.topic, r.partition, r.offset)
         commands: dict[Where, list[Message]] = defaultdict(list)
         regions = [settings.commands_topic(region) for region in settings.topology.regions]
-        for r in await _read_back(settings, regions):
+        for r in await _read_back(settings, regions, upto):
             commands[where[(header(r, EVENT_ID) or b"").decode()]].append(_message(r))
         audit: dict[Where, list[Message]] = defaultdict(list)
-        for r in await _read_back(settings, [settings.audit_topic]):
+        for r in await _read_back(settings, [settings.audit_topic], upto):
             audit[where[(r.key or b"").decode()]].append(_message(r))
         return cls(dict(commands), dict(audit))
 
@@ -361,11 +391,51 @@ class IntervalCommits:
             await self.consumer.commit(offsets)
 
 
+class CodecWork:
+    """The mapper's codec work for each input event, done again by the codec floor: the
+    decoded records of the very messages the mapper sent for it, encoded as the mapper
+    encodes them (an event's commands of one kind together, `Codec.encode_alike`, as
+    `pipeline/writer.py` does; each audit record whole)."""
+
+    def __init__(self, codec: Codec, outputs: MapperOutputs) -> None:
+        self.codec = codec
+        self.commands = {w: [self._decoded(m) for m in ms] for w, ms in outputs.commands.items()}
+        self.audit = {w: [self._decoded(m) for m in ms] for w, ms in outputs.audit.items()}
+        # The floor must send the mapper's bytes, or it would time other work.
+        for where, messages in outputs.commands.items():
+            if [m[2] for m in messages] != self.encode_commands(where):
+                raise RuntimeError(f"codec floor: {where} does not encode to the mapper's bytes")
+
+    def _decoded(self, message: Message) -> tuple[str, dict[str, Any]]:
+        decoded = self.codec.decode(message[2])
+        return decoded.type_name, decoded.record
+
+    def encode_commands(self, where: Where) -> list[bytes]:
+        from cachesync.consumers.pipeline.writer import encode_commands
+
+        return encode_commands(self.codec, self.commands.get(where, []))
+
+    def encode_audit(self, where: Where) -> list[bytes]:
+        return [self.codec.encode(t, r) for t, r in self.audit.get(where, [])]
+
+
 async def run_kafka_ceiling(
-    prefix: str, warmup: int, count: int | None, limit_s: float
+    prefix: str,
+    warmup: int,
+    count: int | None,
+    limit_s: float,
+    *,
+    upto: Mapping[str, int] | None = None,
+    codec_work: bool = False,
 ) -> dict[str, Any]:
     """The mapper's ceiling: consume -> produce -> commit, with the mapper's clients and
-    batching, sending for each input event the very messages the mapper sent for it."""
+    batching, sending for each input event the very messages the mapper sent for it (those
+    below `upto`, see `output_ends`).
+
+    With `codec_work`, the codec floor: the same loop, which also decodes each event and
+    encodes each message it sends, with the mapper's codec, as the mapper does: what any
+    mapper on fastavro pays, whatever its rules cost."""
+    from cachesync.consumers.pipeline.assemble import tune_gc
     from cachesync.consumers.pipeline.codecs import close_codec, codec_for, start_codec
     from cachesync.consumers.pipeline.kafka import make_consumer, make_producer
 
@@ -373,15 +443,17 @@ async def run_kafka_ceiling(
     codec = codec_for(settings)
     await start_codec(codec)
     try:
-        outputs = await MapperOutputs.read_back(settings, codec)
+        outputs = await MapperOutputs.read_back(settings, codec, upto)
+        work = CodecWork(codec, outputs) if codec_work else None
     finally:
         await close_codec(codec)
-    producer = make_producer(settings.kafka_bootstrap_servers, client_id="cachesync-bench-ceiling")
+    name = "codec-floor" if codec_work else "ceiling"
+    producer = make_producer(settings.kafka_bootstrap_servers, client_id=f"cachesync-bench-{name}")
     consumer = make_consumer(
         settings.kafka_bootstrap_servers,
         *settings.content_topics,
-        group_id=settings.group_id("ceiling"),
-        client_id="cachesync-bench-ceiling",
+        group_id=settings.group_id(name),
+        client_id=f"cachesync-bench-{name}",
     )
     stop = asyncio.Event()
     _stop_on_signals(stop)
@@ -390,6 +462,9 @@ async def run_kafka_ceiling(
     sent = {"commands": PartitionBatches(producer), "audit": PartitionBatches(producer)}
     await producer.start()
     await consumer.start()
+    # As `cachesync run` does (and the roles worker): the mapper's messages read back
+    # above are kept for the run, and a collector that scanned them would time the bench.
+    tune_gc()
     try:
         await _wait_assigned([consumer])
         _emit("READY")
@@ -405,8 +480,15 @@ async def run_kafka_ceiling(
             for tp, part in batch.items():
                 for record in part:
                     where = (tp.topic, tp.partition, record.offset)
-                    commands += outputs.commands.get(where, ())
-                    audit += outputs.audit.get(where, ())
+                    if work is None:
+                        commands += outputs.commands.get(where, ())
+                        audit += outputs.audit.get(where, ())
+                        continue
+                    codec.decode(record.value or b"")
+                    commands += _with_values(
+                        outputs.commands.get(where, ()), work.encode_commands(where)
+                    )
+                    audit += _with_values(outputs.audit.get(where, ()), work.encode_audit(where))
             # As the mapper: the audit records go out once the commands are acked (they
             # say what was sent), and the offsets are committed once both are.
             await sent["commands"].send(commands)
@@ -423,6 +505,10 @@ async def run_kafka_ceiling(
         "sent": {kind: s.sent for kind, s in sent.items()},
         "peak_rss_mb": _peak_rss_mb(),
     }
+
+
+def _with_values(messages: Sequence[Message], values: list[bytes]) -> list[Message]:
+    return [(t, k, v, h) for (t, k, _, h), v in zip(messages, values, strict=True)]
 
 
 # Each tag index set's members and the set itself, deleted in one step: a key tagged
@@ -509,6 +595,7 @@ async def run_redis_ceiling(
 class Mode(StrEnum):
     ROLES = "roles"
     CEILING = "ceiling"
+    CODEC_FLOOR = "codec-floor"
     REDIS_CEILING = "redis-ceiling"
 
 
@@ -526,6 +613,7 @@ def main(
     timeout: float = 600.0,
     region: str = "eu-west",
     profile: str = "",
+    upto: str = "",
 ) -> None:
     _pin(cpu)
     stack_env()
@@ -533,8 +621,17 @@ def main(
         result = asyncio.run(
             run_roles_worker(prefix, roles.split(","), warmup, count, timeout, profile)
         )
-    elif mode is Mode.CEILING:
-        result = asyncio.run(run_kafka_ceiling(prefix, warmup, count, timeout))
+    elif mode in (Mode.CEILING, Mode.CODEC_FLOOR):
+        result = asyncio.run(
+            run_kafka_ceiling(
+                prefix,
+                warmup,
+                count,
+                timeout,
+                upto=json.loads(upto) if upto else None,
+                codec_work=mode is Mode.CODEC_FLOOR,
+            )
+        )
     else:
         result = asyncio.run(run_redis_ceiling(prefix, region, warmup, count, timeout))
     _emit("RESULT", result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,7 +48,7 @@ async def _committed_all(settings: Settings, group: str, topics: list[str]) -> N
     raise AssertionError(f"{group} did not commit everything within 30 s")
 
 
-async def test_mapper_ceiling_sends_each_events_messages_to_the_same_partitions(
+async def test_mapper_ceiling_and_codec_floor_send_each_events_messages_to_the_same_partitions(
     bench_run: tuple[str, harness.Topics],
     run_roles_bg: Callable[[list[Any]], Awaitable[asyncio.Event]],
 ) -> None:
@@ -58,23 +59,28 @@ async def test_mapper_ceiling_sends_each_events_messages_to_the_same_partitions(
     await run_roles_bg([MapperRole(settings)])
     await _committed_all(settings, settings.group_id("mapper"), settings.content_topics)
 
-    result = await harness.run_worker(
-        "kafka-ceiling", "ceiling", "--prefix", prefix, "--warmup", 0, "--count", EVENTS
-    )
+    # Each reads back what the mapper sent (below these offsets), not what the other sent.
+    common = ["--prefix", prefix, "--warmup", 0, "--count", EVENTS]
+    upto = ["--upto", json.dumps(await worker.output_ends(settings))]
+    ceiling = await harness.run_worker("kafka-ceiling", "ceiling", *common, *upto)
+    floor = await harness.run_worker("codec-floor", "codec-floor", *common, *upto)
 
     out = [settings.commands_topic(r) for r in settings.topology.regions] + [settings.audit_topic]
     by_partition: dict[tuple[str, int], list[tuple[Any, ...]]] = defaultdict(list)
     for r in await worker._read_back(settings, out):
         by_partition[(r.topic, r.partition)].append((r.key, r.value, tuple(r.headers)))
-    # The mapper's messages come first on each partition, the ceiling's after: the same ones.
+    # The mapper's messages come first on each partition, then the ceiling's, then the
+    # codec floor's (which encoded its own): the same ones.
     for tp, messages in by_partition.items():
-        half = len(messages) // 2
-        assert Counter(messages[half:]) == Counter(messages[:half]), tp
+        third = len(messages) // 3
+        mapper = Counter(messages[:third])
+        assert Counter(messages[third : 2 * third]) == mapper, tp
+        assert Counter(messages[2 * third :]) == mapper, tp
     for region in settings.topology.regions:
         used = {p for t, p in by_partition if t == settings.commands_topic(region)}
         assert len(used) > 1, f"every command for {region} on one partition"
     commands = sum(len(m) for (t, _), m in by_partition.items() if t != settings.audit_topic)
-    assert result["sent"]["commands"] == commands // 2
+    assert ceiling["sent"]["commands"] == floor["sent"]["commands"] == commands // 3
 
 
 async def test_redis_ceiling_deletes_the_keys_and_tagged_keys_the_sink_deletes(
